@@ -1,0 +1,605 @@
+"""common.py: the plumbing shared by the five method files of mimlab, and nothing else.
+
+Identical for MILAN, CAE, CAE v2, MR-MAE and MaskAlign: the ViT (timm parameter names), the frozen
+Teacher, random and block-wise masking, data, torchrun/DDP setup, AdamW parameter groups, the
+warmup + cosine schedule, checkpoints and logging. Whatever a paper's ablation could change
+(samplers, decoders, losses, recipes) lives in the method file.
+Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep is sorted ascending;
+tokens are [CLS, patch_1 .. patch_N] in raster order.
+"""
+import argparse, json, math, os, random, sys, time, zipfile
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import datasets
+from torchvision.transforms import InterpolationMode, v2
+from tqdm import tqdm
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class UserError(Exception):
+    """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback."""
+
+
+def cli(main, argv=None):
+    """Entry point of every script: run main(argv); a UserError becomes one clear line."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm)
+# ---------------------------------------------------------------------------------------------
+def sincos_pos_embed(dim, grid):
+    """MAE's fixed 2-D sin-cos position embedding, [1+grid*grid, dim], CLS row all zeros.
+    Channels [0, dim/2) encode the column, [dim/2, dim) the row; each half is
+    [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k/(dim/4)), k = 0 .. dim/4-1."""
+    assert dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # [G, G] each
+    angle = lambda p: p.flatten().double()[:, None] * omega[None]  # [G*G, dim/4]
+    emb = torch.cat([angle(cols).sin(), angle(cols).cos(), angle(rows).sin(), angle(rows).cos()], 1)
+    return torch.cat([torch.zeros(1, dim), emb.float()])  # [1+G*G, dim], raster order
+
+
+def cls_attention(q, k):
+    """Softmax attention of the CLS query over all 1+N keys, averaged over heads, CLS->CLS entry
+    dropped, not renormalised: q, k [B, H, 1+N, dh] -> [B, N]."""
+    scores = q[:, :, :1].float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5  # [B, H, 1, 1+N]
+    return scores.softmax(-1).mean(1)[:, 0, 1:]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def qkv_heads(self, x):  # [B, N, C] -> q, k, v each [B, H, N, C/H]
+        B, N, C = x.shape
+        return self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x):
+        out = F.scaled_dot_product_attention(*self.qkv_heads(x))  # [B, H, N, C/H]
+        return self.proj(out.transpose(1, 2).flatten(2))  # [B, N, C]
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: zero a sample's residual branch with probability p, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    return x * x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p) / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + DropPath(LS1(Attn(LN1(x)))), then x + DropPath(LS2(MLP(LN2(x))))."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, init_values=None, eps=1e-6):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, num_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio))
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+
+    def forward(self, x):  # [B, 3, H, W] -> [B, N, D], raster order
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+VIT_CONFIGS = {  # name: (patch, width, depth, heads); nano is DESIGN.md's test size
+    "vit_nano_patch16": (16, 64, 2, 2), "vit_tiny_patch16": (16, 192, 12, 3),
+    "vit_small_patch16": (16, 384, 12, 6), "vit_base_patch16": (16, 768, 12, 12),
+    "vit_large_patch16": (16, 1024, 24, 16), "vit_huge_patch14": (14, 1280, 32, 16)}
+
+
+class ViT(nn.Module):
+    """ViT that runs on a subset of patches (the MAE encoder). forward(x, ids_keep [B, n]) embeds
+    all patches, keeps ids_keep plus CLS, runs the blocks and the final norm -> [B, 1+n, D].
+    return_hidden=True also gives each block's output (residual stream, no final norm)."""
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 drop_path=0.0, init_values=None, eps=1e-6, learned_pos=False):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, img_size // patch_size
+        self.num_patches = self.grid ** 2
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid)[None], requires_grad=learned_pos)
+        dpr = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, dpr[i], init_values, eps) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        for m in self.modules():  # MAE init: xavier linears and patch projection, N(0, 0.02) CLS
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(embed_dim, -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, x, ids_keep=None, return_hidden=False):
+        x = self.patch_embed(x) + self.pos_embed[:, 1:]  # [B, N, D]
+        if ids_keep is not None:
+            x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, n, D]
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1), x], 1)  # [B, 1+n, D]
+        hidden = []
+        for blk in self.blocks:
+            x = blk(x)
+            hidden.append(x)
+        return (self.norm(x), hidden) if return_hidden else self.norm(x)
+
+
+def build_vit(name, img_size=224, **kw):
+    patch, dim, depth, heads = VIT_CONFIGS[name]
+    return ViT(img_size, patch, dim, depth, kw.pop("num_heads", heads), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen teacher: an open_clip CLIP ViT, DINO ViT-B/16, or 'tiny' (random, for tests)
+# ---------------------------------------------------------------------------------------------
+def is_torchscript(path):
+    return zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
+
+
+def read_weights(path, flag="--teacher_weights"):
+    """A state dict from a local file: torch.save'd dict, training checkpoint, or TorchScript archive
+    (OpenAI's CLIP .pt). 'module.', 'visual.' and 'backbone.' prefixes are stripped."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file; pass a local weights file, or 'none' for random weights")
+    try:
+        sd = torch.jit.load(path, map_location="cpu").state_dict() if is_torchscript(path) else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable PyTorch weights file ({type(e).__name__})") from None
+    while isinstance(sd, dict) and any(isinstance(sd.get(k), dict) for k in ("state_dict", "model")):
+        sd = sd["state_dict"] if isinstance(sd.get("state_dict"), dict) else sd["model"]
+    if not isinstance(sd, dict):
+        raise UserError(f"{flag} {path}: holds no state dict")
+    for prefix in ("module.", "visual.", "backbone."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
+    return {k: t.float() for k, t in sd.items() if torch.is_tensor(t)}
+
+
+def resize_pos(pos, grid):
+    """[1+G0*G0, W] -> [1+grid*grid, W]: bicubic on the 2-D patch grid, CLS row kept."""
+    g0 = math.isqrt(pos.shape[0] - 1)
+    if g0 == grid:
+        return pos
+    patch = F.interpolate(pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic")
+    return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(grid * grid, -1)])  # [1+grid^2, W]
+
+
+class Teacher(nn.Module):
+    """Frozen teacher: never in DDP, always eval, no autograd (METHODS.md 'Shared teacher').
+    Takes the student's ImageNet-normalised view [B, 3, H, W], re-normalises it to its own
+    statistics and resizes it so that its patch grid equals the student's. forward returns a dict
+    with what was asked for: tokens [B, 1+N, C] (CLIP: ln_post(all tokens) @ proj; DINO: final
+    norm), hidden (list of depth [B, 1+N, W], residual stream after each block), cls_attn [B, N]
+    (last block, CLS query over the patches, see cls_attention)."""
+    def __init__(self, name="ViT-B-16", weights="openai", grid=14):
+        super().__init__()
+        self.name, self.grid, self.kind = name, grid, "dino" if name == "dino_vitb16" else "clip"
+        if self.kind == "dino":
+            if weights == "openai":
+                raise UserError("--teacher dino_vitb16 needs --teacher_weights PATH to facebookresearch/dino's "
+                                "dino_vitbase16_pretrain.pth (or 'none' for random weights)")
+            self.net, mean, std = ViT(224, 16, 768, 12, 12, learned_pos=True), IMAGENET_MEAN, IMAGENET_STD
+        else:
+            import open_clip  # only CLIP teachers need it
+            base = name.removesuffix("-quickgelu")
+            if name == "tiny":  # 2 blocks, width 64, CLIP architecture: tests and smoke runs
+                if weights == "openai":
+                    raise UserError("--teacher tiny has no pretrained weights; pass --teacher_weights none")
+                self.net = open_clip.transformer.VisionTransformer(224, 16, 64, 2, 2, 4.0, output_dim=32,
+                                                                   act_layer=open_clip.transformer.QuickGELU)
+            elif base not in open_clip.list_models():
+                raise UserError(f"--teacher {name}: unknown; use an open_clip ViT name (ViT-B-16, ViT-L-14, ...), "
+                                f"dino_vitb16, or tiny")
+            else:  # OpenAI weights need QuickGELU: loaded into a GELU config they give wrong features
+                quick = weights == "openai" or name.endswith("-quickgelu") or (os.path.isfile(weights) and is_torchscript(weights))
+                try:
+                    self.net = open_clip.create_model(base, pretrained="openai" if weights == "openai" else None,
+                                                      force_quick_gelu=quick).visual
+                except Exception as e:
+                    raise UserError(f"--teacher_weights openai: could not get OpenAI weights for {name} "
+                                    f"({type(e).__name__}); without internet, download {base}.pt elsewhere and "
+                                    f"pass --teacher_weights /path/to/{base}.pt") from None
+            mean, std = CLIP_MEAN, CLIP_STD
+        if weights not in ("openai", "none"):
+            try:
+                self.net.load_state_dict(read_weights(weights), strict=True)
+            except RuntimeError as e:
+                raise UserError(f"--teacher_weights {weights} does not fit --teacher {name} "
+                                f"({str(e).splitlines()[-1].strip()[:150]}); pass the file of that architecture") from None
+        if weights == "none":
+            print(f"WARNING: teacher {name} has RANDOM weights (--teacher_weights none): fine for tests and "
+                  f"smoke runs, meaningless for pre-training", file=sys.stderr)
+        pos = self.net.pos_embed[0] if self.kind == "dino" else self.net.positional_embedding
+        self.patch = 16 if self.kind == "dino" else self.net.patch_size[0]
+        self.register_buffer("pos", resize_pos(pos.detach().float(), grid)[None], persistent=False)  # [1, 1+N, W]
+        # ImageNet-normalised x -> teacher-normalised x * a + b, per channel
+        a, b = torch.tensor(IMAGENET_STD) / torch.tensor(std), (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        self.register_buffer("a", a.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("b", b.view(1, 3, 1, 1), persistent=False)
+        self.depth, self.width = len(self.blocks()), self.pos.shape[-1]
+        self.dim = self.width if self.kind == "dino" else self.net.proj.shape[1]  # C
+        self.requires_grad_(False).eval()
+
+    def train(self, mode=True):  # a teacher stays in eval mode
+        return super().train(False)
+
+    def blocks(self):
+        return self.net.blocks if self.kind == "dino" else self.net.transformer.resblocks
+
+    @torch.no_grad()  # not inference_mode: the targets enter the losses' autograd graphs as constants
+    def forward(self, images, tokens=True, hidden=False, cls_attn=False):
+        x, size = images * self.a + self.b, self.grid * self.patch
+        if x.shape[-2:] != (size, size):  # e.g. CLIP ViT-L/14 sees 196 px for a 14x14 grid
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        if self.kind == "dino":
+            x, cls = self.net.patch_embed(x), self.net.cls_token  # [B, N, W], [1, 1, W]
+        else:
+            x, cls = self.net.conv1(x).flatten(2).transpose(1, 2), self.net.class_embedding.view(1, 1, -1)
+        x = torch.cat([cls.expand(len(x), -1, -1).to(x.dtype), x], 1) + self.pos.to(x.dtype)  # [B, 1+N, W]
+        x = x if self.kind == "dino" else self.net.ln_pre(x)
+        out, levels, blocks = {}, [], self.blocks()
+        for i, blk in enumerate(blocks):
+            if cls_attn and i == len(blocks) - 1:  # explicit softmax: SDPA returns no weights
+                if self.kind == "dino":
+                    out["cls_attn"] = cls_attention(*blk.attn.qkv_heads(blk.norm1(x))[:2])
+                else:
+                    y = blk.ln_1(x)
+                    out["cls_attn"] = blk.attn(y, y, y, need_weights=True)[1][:, 0, 1:].float()  # head mean
+            x = blk(x)
+            levels.append(x)
+        if hidden:
+            out["hidden"] = levels
+        if tokens:
+            out["tokens"] = self.net.norm(x) if self.kind == "dino" else self.net.ln_post(x) @ self.net.proj
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking: bool mask [B, N], True = hidden from the encoder
+# ---------------------------------------------------------------------------------------------
+def num_visible(num_patches, mask_ratio):
+    """floor(N (1 - r)): the number of patches the encoder sees (49 of 196 at r = 0.75)."""
+    n = int(num_patches * (1 - mask_ratio) + 1e-6)  # + 1e-6 so that 196 * 0.25 cannot floor to 48
+    if not 0 < mask_ratio < 1 or not 0 < n < num_patches:
+        raise UserError(f"--mask_ratio {mask_ratio} must be in (0, 1) and leave 1 to {num_patches - 1} "
+                        f"of the {num_patches} patches visible")
+    return n
+
+
+def mask_from_ids(ids_keep, num_patches):
+    """ids_keep [B, n] -> bool mask [B, N], True where a patch is not kept."""
+    mask = torch.ones(len(ids_keep), num_patches, dtype=torch.bool, device=ids_keep.device)
+    return mask.scatter_(1, ids_keep, False)
+
+
+def ids_from_mask(mask, n_keep):
+    """bool mask [B, N] with n_keep False per row -> ids_keep [B, n_keep], ids_mask [B, N-n_keep], ascending."""
+    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # visible first, each part in raster order
+    return order[:, :n_keep], order[:, n_keep:]
+
+
+def random_masking(batch, num_patches, n_keep, device=None):
+    """MAE's uniform masking: every sample keeps a uniformly random set of n_keep patches."""
+    return mask_from_ids(torch.rand(batch, num_patches, device=device).argsort(1)[:, :n_keep], num_patches)
+
+
+class BlockMaskGenerator:
+    """Block-wise masking (BEiT; CAE Sec. 2.2): exactly num_masked patches of a grid x grid raster.
+    Rectangles of area U(min_patches, remaining) and log-uniform aspect in [min_aspect, 1/min_aspect]
+    are added until the count is exact (CAE's variant: no early stop). Meant for DataLoader workers,
+    whose Python `random` torch seeds. Returns bool [grid*grid], True = masked; self.blocks keeps the
+    (top, left, h, w) rectangles of the last call."""
+    def __init__(self, grid=14, num_masked=98, min_patches=16, min_aspect=0.3):
+        self.grid, self.num_masked, self.min_patches = grid, num_masked, min_patches
+        self.log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+
+    def _add_block(self, mask, max_patches):
+        for _ in range(10):
+            area = random.uniform(self.min_patches, max_patches)
+            aspect = math.exp(random.uniform(*self.log_aspect))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < h < self.grid and 0 < w < self.grid:
+                top, left = random.randint(0, self.grid - h), random.randint(0, self.grid - w)
+                delta = h * w - int(mask[top:top + h, left:left + w].sum())
+                if 0 < delta <= max_patches:
+                    mask[top:top + h, left:left + w] = True
+                    self.blocks.append((top, left, h, w))
+                    return delta
+        return 0
+
+    def __call__(self):
+        mask, count, self.blocks = np.zeros((self.grid, self.grid), dtype=bool), 0, []
+        while count < self.num_masked:
+            count += self._add_block(mask, self.num_masked - count)
+        return torch.from_numpy(mask.flatten())
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: ImageFolder (DIR/train, else DIR) or FakeData, with a DistributedSampler
+# ---------------------------------------------------------------------------------------------
+def pretrain_transform(args, color_jitter=0.0):
+    """RandomResizedCrop (bicubic) + flip (+ colour jitter) + ImageNet normalisation."""
+    ops = [v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=InterpolationMode.BICUBIC),
+           v2.RandomHorizontalFlip()] + ([v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else [])
+    return v2.Compose(ops + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class WithMask:
+    """image -> (transform(image), mask_fn()): masks are made in the DataLoader workers."""
+    def __init__(self, transform, mask_fn):
+        self.transform, self.mask_fn = transform, mask_fn
+
+    def __call__(self, img):
+        return self.transform(img), self.mask_fn()
+
+
+def build_dataset(args, transform, split="train"):
+    if args.data == "fake":  # deterministic random images; 'val' uses other indices
+        n = args.fake_size if split == "train" else max(args.fake_size // 4, args.batch_size)
+        return datasets.FakeData(n, (3, args.input_size, args.input_size), 10, transform, random_offset=(split != "train") * 10 ** 6)
+    if not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: no such directory; pass an ImageNet-style folder "
+                        f"(DIR/{split}/<class>/<image>) or --data fake")
+    root = os.path.join(args.data, split)
+    if not os.path.isdir(root) and split != "train":
+        raise UserError(f"--data {args.data}: has no '{split}' folder")
+    root = root if os.path.isdir(root) else args.data
+    try:
+        return datasets.ImageFolder(root, transform=transform)
+    except FileNotFoundError:
+        raise UserError(f"--data {args.data}: no images under {root}; expected {root}/<class>/<image>.jpg") from None
+
+
+def build_loader(dataset, args, train=True):
+    if train and len(dataset) // args.world_size < args.batch_size:
+        raise UserError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is larger than the "
+                        f"dataset ({len(dataset)} images); lower --batch_size")
+    sampler = DistributedSampler(dataset, args.world_size, args.rank, shuffle=train, seed=args.seed, drop_last=train)
+    return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers, drop_last=train,
+                      pin_memory=args.device.startswith("cuda"), persistent_workers=args.num_workers > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line, torchrun / DDP, seeds, precision
+# ---------------------------------------------------------------------------------------------
+def get_parser(description):
+    """Flags shared by all method files, spelled as in facebookresearch/mae. Each file sets its
+    paper's recipe with parser.set_defaults(...) and adds its own flags."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", "--data_path", dest="data", default="fake", help="ImageFolder root (DIR/train or DIR) or 'fake'")
+    a("--fake_size", type=int, default=256, help="number of images of --data fake")
+    a("--input_size", type=int, default=224)
+    a("--model", default="vit_base_patch16", help=", ".join(VIT_CONFIGS))
+    a("--drop_path", type=float, default=0.0)
+    a("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny (random, tests)")
+    a("--teacher_weights", default="openai", help="'openai' (downloads), a local file, or 'none' (random)")
+    a("--mask_ratio", type=float, default=0.75)
+    a("--batch_size", type=int, default=64, help="per process")
+    a("--accum_iter", type=int, default=1, help="gradient accumulation steps")
+    a("--epochs", type=int, default=400)
+    a("--warmup_epochs", type=float, default=40)
+    a("--blr", type=float, default=1.5e-4, help="lr = blr * batch_size * accum_iter * world_size / 256")
+    a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    a("--min_lr", type=float, default=0.0)
+    a("--weight_decay", type=float, default=0.05)
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    a("--clip_grad", type=float, default=None, help="max gradient norm (none: no clipping)")
+    a("--crop_min", type=float, default=0.2, help="RandomResizedCrop scale = (crop_min, 1)")
+    a("--output_dir", default="./output")
+    a("--resume", default="", help="checkpoint to continue from")
+    a("--save_freq", type=int, default=20, help="keep checkpoint-<epoch>.pth every this many epochs")
+    a("--seed", type=int, default=0)
+    a("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
+    a("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="autocast on GPU (CPU runs fp32)")
+    a("--compile", action="store_true", help="torch.compile the student (slow first steps)")
+    a("--log_every", type=int, default=20, help="steps between progress updates (the only syncs)")
+    return p
+
+
+def setup(args):
+    """Check the shared flags, join torchrun's process group if launched by it, seed, set the lr."""
+    if args.model not in VIT_CONFIGS:
+        raise UserError(f"--model {args.model}: unknown; choose one of {', '.join(VIT_CONFIGS)}")
+    patch = VIT_CONFIGS[args.model][0]
+    if args.input_size % patch:
+        raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {patch} of {args.model}")
+    num_visible((args.input_size // patch) ** 2, args.mask_ratio)
+    if args.batch_size < 1 or args.accum_iter < 1:
+        raise UserError("--batch_size and --accum_iter must be at least 1")
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file; pass a checkpoint-*.pth written by this script")
+    args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
+    args.device = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    if args.world_size > 1:  # launched by torchrun: nccl on GPUs, gloo on CPU
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if not cuda:
+        args.amp = "none"  # bf16 autocast on these CPUs is ~5x slower than fp32
+    seed = args.seed + args.rank
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    eff_batch = args.batch_size * args.accum_iter * args.world_size
+    args.lr = args.blr * eff_batch / 256 if args.lr is None else args.lr
+    if args.rank == 0:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            open(os.path.join(args.output_dir, ".write_test"), "w").close()
+            os.remove(os.path.join(args.output_dir, ".write_test"))
+        except OSError as e:
+            raise UserError(f"--output_dir {args.output_dir}: not writable ({e.strerror})") from None
+        print(json.dumps(vars(args), indent=1, default=str))
+        print(f"effective batch {eff_batch} = {args.batch_size} x accum {args.accum_iter} x {args.world_size} "
+              f"process(es); base lr {args.blr:.3g}, lr {args.lr:.4g}")
+
+
+def autocast(args):
+    if args.amp == "none" or not args.device.startswith("cuda"):
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ---------------------------------------------------------------------------------------------
+def param_groups(model, weight_decay, no_decay=()):
+    """AdamW groups: no decay on biases and norms (all tensors with ndim <= 1), cls/mask tokens,
+    pos-embed and any parameter named in no_decay (full or last name); frozen ones left out."""
+    decay, skip = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            plain = name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed") + tuple(no_decay)
+            (skip if p.ndim <= 1 or plain or name in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, args, no_decay=()):
+    return torch.optim.AdamW(param_groups(model, args.weight_decay, no_decay), lr=args.lr, betas=tuple(args.betas),
+                             fused=args.device.startswith("cuda"))
+
+
+def lr_at(epoch, args):
+    """Linear warmup to args.lr, then half-cosine to args.min_lr; epoch is fractional (per step)."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    t = min((epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8), 1.0)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and logging
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(path, **state):
+    """Atomic write (temp file + rename): a crash mid-write never damages the previous file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, method, flag="--resume"):
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{flag} {path}: not a mimlab checkpoint (no 'model' entry)")
+    if method and ckpt.get("method") != method:
+        other = ckpt.get("method", "another program")
+        raise UserError(f"{flag} {path} is a checkpoint of {other}, not {method}; resume it with the script that wrote it")
+    return ckpt
+
+
+def resume(args, model, optimizer, scaler, method):
+    """Restore model, optimizer and scaler from --resume; returns the epoch to start at."""
+    if not args.resume:
+        return 0
+    ckpt = load_checkpoint(args.resume, method)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError):
+        old = ckpt.get("args", {})
+        raise UserError(f"--resume {args.resume} was written with --model {old.get('model')} --teacher "
+                        f"{old.get('teacher')}; pass the same model flags to resume it") from None
+    scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+    print0(f"resumed from {args.resume}: epoch {ckpt['epoch']} done")
+    return ckpt["epoch"] + 1
+
+
+def save_epoch(args, epoch, method, model, optimizer, scaler):
+    """Rank 0 writes checkpoint-last.pth every epoch and keeps checkpoint-<epoch>.pth every --save_freq."""
+    if args.rank == 0:
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                     epoch=epoch, step=0, args=dict(vars(args)), method=method)
+        save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"), **state)
+        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+            save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), **state)
+
+
+def log_epoch(args, stats):
+    """Rank 0 appends one JSON line per epoch to output_dir/log.txt."""
+    if args.rank == 0:
+        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+class Meter:
+    """tqdm bar with loss, lr and images/s (rank 0). The loss stays on the device; .item() runs
+    only every --log_every steps and at the epoch end."""
+    def __init__(self, loader, epoch, args):
+        self.args, self.t0, self.images, self.sum, self.count = args, time.time(), 0, 0.0, 0
+        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=args.rank != 0, dynamic_ncols=True, mininterval=1.0)
+
+    def update(self, step, loss, lr, images):
+        self.sum, self.count, self.images = self.sum + loss.detach().float(), self.count + 1, self.images + images
+        if (step + 1) % self.args.log_every == 0:
+            rate = self.images * self.args.world_size / (time.time() - self.t0)
+            self.bar.set_postfix(loss=f"{self.check(float(self.sum / self.count), step):.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+
+    def check(self, loss, step):
+        """A non-finite loss stops the run, naming the step and the checkpoint to resume from."""
+        if not math.isfinite(loss):
+            last = os.path.join(self.args.output_dir, "checkpoint-last.pth")
+            hint = f"resume with --resume {last}" if os.path.isfile(last) else "no checkpoint yet"
+            raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none")
+        return loss
+
+    def mean_loss(self):
+        """Epoch mean over all processes (one all-reduce), checked before a checkpoint is written."""
+        total = torch.stack([torch.as_tensor(self.sum, dtype=torch.float32, device=self.args.device),
+                             torch.tensor(float(self.count), device=self.args.device)])
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return self.check((total[0] / total[1]).item(), self.count - 1)

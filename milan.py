@@ -1,0 +1,208 @@
+"""MILAN: Masked Image Pretraining on Language Assisted Representation.
+Zejiang Hou, Fei Sun, Yen-Kuang Chen, Yuan Xie, Sun-Yuan Kung, 2022. arXiv:2208.06049.
+
+Implemented: a MAE encoder on the visible patches (Sec. 2.1), CLIP image features of the intact
+image as the reconstruction target (Sec. 2.2), the prompting decoder (Sec. 2.3, Eq. 2), semantic
+aware sampling from the CLIP class-token attention (Sec. 2.4, Eq. 3), and the loss over all
+patches (Eq. 1), trained with the App. A.1 recipe.
+
+Deviations from the released code (github.com/zejiangh/MILAN @7dcfe0f), one line each:
+- the teacher gets CLIP-normalised pixels; the released code feeds ImageNet-normalised pixels to CLIP.
+- the loss averages over the N patches as Eq. 1 writes; the released code also puts the CLS token in the mean.
+- cls_token and mask_token get no weight decay; the released code decays them (timm add_weight_decay).
+- targets are ln_post(all tokens) @ proj, as the released code intends (its pretraining path builds the wrong CLIP head).
+- the teacher stays outside DDP and one-process runs work; the released code wraps CLIP in DDP and needs it.
+Kept as released, though the paper is loose: Eq. 2 writes cat(Z, X W_k); the prompts Z are projected by the
+same W_k, W_v as the mask tokens (a per-head concatenation of unprojected Z would not type-check).
+
+Paper ViT-B/16 run (App. A.1: batch 256 x accum 2 x 8 GPUs = 4096, lr = 1.5e-4 x 4096 / 256 = 2.4e-3):
+  torchrun --nproc_per_node=8 milan.py --data /imagenet --teacher_weights /path/to/ViT-B-16.pt
+(ViT-L/16: --model vit_large_patch16 --teacher ViT-L-14 --batch_size 128 --accum_iter 4.)
+Smoke run, no downloads: python milan.py --data fake --model vit_nano_patch16 --teacher tiny
+  --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT
+"""
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments: App. A.1 recipe as defaults
+# ---------------------------------------------------------------------------------------------
+def get_args(argv=None):
+    p = common.get_parser("MILAN pre-training (arXiv:2208.06049)")
+    # MILAN App. A.1: AdamW (0.9, 0.95), batch 4096 (256 per GPU x accum 2 x 8 GPUs), base lr 1.5e-4,
+    # wd 0.05, 400 epochs with 40 of linear warmup then cosine to 0, RandomResizedCrop + flip only,
+    # mask ratio 0.75, CLIP ViT-B/16 teacher (ViT-L/14 for ViT-L). Crop scale (0.2, 1) is MAE's.
+    p.set_defaults(batch_size=256, accum_iter=2, blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, epochs=400,
+                   warmup_epochs=40, min_lr=0.0, crop_min=0.2, mask_ratio=0.75, teacher="ViT-B-16")
+    p.add_argument("--mask_type", choices=["attention", "random"], default="attention",
+                   help="Sec. 2.4 semantic aware sampling, or MAE's uniform sampling (Table 5 ablation)")
+    p.add_argument("--decoder_dim", type=int, help="prompting decoder width: 512 (Sec. 2.3, released code); "
+                   "64 for the test size vit_nano_patch16")
+    p.add_argument("--decoder_depth", type=int, help="8 (released code); 2 for vit_nano_patch16")
+    p.add_argument("--decoder_heads", type=int, help="16 (released code); 2 for vit_nano_patch16")
+    args = p.parse_args(argv)
+    paper = (64, 2, 2) if args.model == "vit_nano_patch16" else (512, 8, 16)
+    args.decoder_dim, args.decoder_depth, args.decoder_heads = (
+        given or default for given, default in zip((args.decoder_dim, args.decoder_depth, args.decoder_heads), paper))
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler: semantic aware sampling (Sec. 2.4)
+# ---------------------------------------------------------------------------------------------
+def semantic_aware_sampling(cls_attn, n_keep):
+    """MILAN Sec. 2.4: the visible patches are n_keep draws without replacement from the
+    Multinomial whose probabilities are the CLIP class-token attention s_class (Eq. 3), so
+    semantically important patches stay visible more often. cls_attn [B, N] -> mask [B, N]."""
+    ids_keep = torch.multinomial(cls_attn, n_keep, replacement=False)  # [B, n_keep], p ~ s_class(i)
+    return common.mask_from_ids(ids_keep, cls_attn.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: MAE encoder + prompting decoder (Sec. 2.3)
+# ---------------------------------------------------------------------------------------------
+class PromptingAttention(nn.Module):
+    """MILAN Eq. 2: MHA(X, Z) = sum_h softmax(X W_q^h (cat(Z, X) W_k^h)^T / sqrt(d_h)) cat(Z, X) W_v^h W_o^h.
+    Queries come from the mask tokens X only; the fixed prompts Z join the keys and values."""
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, z):  # x [B, M, C] mask-token features, z [B, P, C] prompts
+        B, M, C = x.shape
+        q = self.q(x).view(B, M, self.num_heads, C // self.num_heads).transpose(1, 2)  # [B, H, M, d_h]
+        k, v = self.kv(torch.cat([z, x], 1)).view(B, -1, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, M, d_h]; softmax over the P + M keys
+        return self.proj(out.transpose(1, 2).reshape(B, M, C))  # concat heads, then W_o
+
+
+class PromptingBlock(nn.Module):
+    """MILAN Fig. 1(c): X <- X + MHA(LN1(X), Z), X <- X + FFN(LN2(X)). Only X is updated; Z is
+    neither written nor re-normalised (as released)."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), PromptingAttention(dim, num_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), common.Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, z):
+        x = x + self.attn(self.norm1(x), z)
+        return x + self.mlp(self.norm2(x))
+
+
+class MILAN(nn.Module):
+    def __init__(self, encoder, target_dim, decoder_dim=512, decoder_depth=8, decoder_heads=16):
+        super().__init__()
+        self.encoder, N = encoder, encoder.num_patches
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(common.sincos_pos_embed(decoder_dim, encoder.grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(PromptingBlock(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, target_dim)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):  # MAE init
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_encoder(self, images, ids_keep):
+        """Sec. 2.1: the encoder g_xi sees CLS + the visible patches only -> [B, 1+n, D]."""
+        return self.encoder(images, ids_keep)
+
+    def forward_decoder(self, latent, ids_keep, ids_mask):
+        """Sec. 2.3: prompts Z = decoder_embed(encoder output) + pos (CLS + visible), queries X =
+        mask token + pos (masked). Returns p_j for all N patches in raster order [B, N, C]: visible
+        ones read out of Z, masked ones out of X after the prompting blocks."""
+        B, dim = latent.shape[0], self.mask_token.shape[-1]
+        pos = self.decoder_pos_embed.expand(B, -1, -1)  # [B, 1+N, Dd]
+        ids_prompt = torch.cat([ids_keep.new_zeros(B, 1), ids_keep + 1], 1)  # CLS + visible rows of pos
+        z = self.decoder_embed(latent) + pos.gather(1, ids_prompt[..., None].expand(-1, -1, dim))  # Z [B, 1+n, Dd]
+        x = self.mask_token + pos.gather(1, (ids_mask + 1)[..., None].expand(-1, -1, dim))  # X [B, M, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x, z)  # Z is read in every layer and never updated
+        feats = torch.cat([z[:, 1:], x], 1)  # [B, N, Dd], patches in (ids_keep, ids_mask) order
+        ids_restore = torch.argsort(torch.cat([ids_keep, ids_mask], 1), 1)  # [B, N]
+        feats = feats.gather(1, ids_restore[..., None].expand(-1, -1, dim))  # [B, N, Dd], raster order
+        return self.decoder_pred(self.decoder_norm(feats))  # [B, N, C]
+
+    def forward(self, images, ids_keep, ids_mask, target):
+        pred = self.forward_decoder(self.forward_encoder(images, ids_keep), ids_keep, ids_mask)
+        return milan_loss(pred, target), pred
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss (Sec. 2.2, Eq. 1)
+# ---------------------------------------------------------------------------------------------
+def milan_loss(pred, target):
+    """MILAN Eq. 1: L = (1/N) sum_j ||p_j/||p_j|| - t_j/||t_j|| ||^2 over all N patches, masked and
+    visible (Sec. 2.2), averaged over the batch. pred, target [B, N, C]."""
+    p_bar, t_bar = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)  # l2 per token
+    return (p_bar - t_bar).pow(2).sum(-1).mean()  # sum over C, mean over N patches and B images
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    meter, N = common.Meter(loader, epoch, args), teacher.grid ** 2
+    n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
+    for step, (images, _) in enumerate(meter.bar):
+        if step % args.accum_iter == 0:  # per-iteration schedule (MAE)
+            lr = common.lr_at(epoch + step / len(loader), args)
+            common.set_lr(optimizer, lr)
+        images = images.to(args.device, non_blocking=True)
+        update = (step + 1) % args.accum_iter == 0
+        with model.no_sync() if args.world_size > 1 and not update else nullcontext():
+            with common.autocast(args):
+                # one teacher pass on the intact image: targets t_j (Sec. 2.2) and s_class (Eq. 3)
+                out = teacher(images, tokens=True, cls_attn=args.mask_type == "attention")
+                if args.mask_type == "attention":
+                    mask = semantic_aware_sampling(out["cls_attn"], n_keep)
+                else:
+                    mask = common.random_masking(len(images), N, n_keep, images.device)
+                ids_keep, ids_mask = common.ids_from_mask(mask, n_keep)  # [B, 49], [B, 147]
+                loss, _ = model(images, ids_keep, ids_mask, out["tokens"][:, 1:])  # targets of the N patches
+            scaler.scale(loss / args.accum_iter).backward()
+        if update:
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        meter.update(step, loss, lr, len(images))
+    return {"epoch": epoch, "train_loss": meter.mean_loss(), "lr": lr}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    common.setup(args)
+    loader = common.build_loader(common.build_dataset(args, common.pretrain_transform(args)), args)
+    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path)
+    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
+    model = MILAN(encoder, teacher.dim, args.decoder_dim, args.decoder_depth, args.decoder_heads).to(args.device)
+    optimizer = common.build_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+    start_epoch = common.resume(args, model, optimizer, scaler, "milan")
+    ddp = DDP(model) if args.world_size > 1 else model  # the student only
+    step_model = torch.compile(ddp) if args.compile else ddp
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(step_model, teacher, loader, optimizer, scaler, epoch, args)
+        common.save_epoch(args, epoch, "milan", model, optimizer, scaler)
+        common.log_epoch(args, stats)
+    if args.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.cli(main)
