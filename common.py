@@ -1,13 +1,10 @@
-"""common.py: the plumbing shared by the five method files of mimlab, and nothing else.
-
-Identical for MILAN, CAE, CAE v2, MR-MAE and MaskAlign: the ViT (timm parameter names), the frozen
-Teacher, random and block-wise masking, data, torchrun/DDP setup, AdamW parameter groups, the
-warmup + cosine schedule, checkpoints and logging. Whatever a paper's ablation could change
-(samplers, decoders, losses, recipes) lives in the method file.
-Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep is sorted ascending;
-tokens are [CLS, patch_1 .. patch_N] in raster order.
-"""
-import argparse, json, math, os, random, sys, time, zipfile
+"""common.py: what is identical for the five method files (MILAN, CAE, CAE v2, MR-MAE, MaskAlign):
+ViT, frozen Teacher, masking, data, torchrun/DDP, AdamW groups, schedule, checkpoints, logging.
+Whatever a paper's ablation could change (sampler, decoder, loss, recipe) lives in the method file.
+Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep sorted ascending;
+tokens [CLS, patch_1 .. patch_N] in raster order."""
+import argparse, json, math, os, random, sys, time, warnings, zipfile
+from collections import OrderedDict
 from contextlib import nullcontext
 
 import numpy as np
@@ -23,10 +20,8 @@ from tqdm import tqdm
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
-
 class UserError(Exception):
     """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback."""
-
 
 def cli(main, argv=None):
     """Entry point of every script: run main(argv); a UserError becomes one clear line."""
@@ -36,10 +31,7 @@ def cli(main, argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-
-# ---------------------------------------------------------------------------------------------
-# ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm)
-# ---------------------------------------------------------------------------------------------
+# ---- ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) ---
 def sincos_pos_embed(dim, grid):
     """MAE's fixed 2-D sin-cos position embedding, [1+grid*grid, dim], CLS row all zeros.
     Channels [0, dim/2) encode the column, [dim/2, dim) the row; each half is
@@ -50,14 +42,6 @@ def sincos_pos_embed(dim, grid):
     angle = lambda p: p.flatten().double()[:, None] * omega[None]  # [G*G, dim/4]
     emb = torch.cat([angle(cols).sin(), angle(cols).cos(), angle(rows).sin(), angle(rows).cos()], 1)
     return torch.cat([torch.zeros(1, dim), emb.float()])  # [1+G*G, dim], raster order
-
-
-def cls_attention(q, k):
-    """Softmax attention of the CLS query over all 1+N keys, averaged over heads, CLS->CLS entry
-    dropped, not renormalised: q, k [B, H, 1+N, dh] -> [B, N]."""
-    scores = q[:, :, :1].float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5  # [B, H, 1, 1+N]
-    return scores.softmax(-1).mean(1)[:, 0, 1:]
-
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads):
@@ -72,7 +56,6 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(*self.qkv_heads(x))  # [B, H, N, C/H]
         return self.proj(out.transpose(1, 2).flatten(2))  # [B, N, C]
 
-
 class LayerScale(nn.Module):
     def __init__(self, dim, init_values):
         super().__init__()
@@ -81,22 +64,14 @@ class LayerScale(nn.Module):
     def forward(self, x):
         return x * self.gamma
 
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
+def Mlp(dim, hidden):
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
 def drop_path(x, p, training):
     """Stochastic depth: zero a sample's residual branch with probability p, rescale the rest."""
     if p == 0.0 or not training:
         return x
     return x * x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p) / (1 - p)
-
 
 class Block(nn.Module):
     """Pre-norm block: x + DropPath(LS1(Attn(LN1(x)))), then x + DropPath(LS2(MLP(LN2(x))))."""
@@ -112,7 +87,6 @@ class Block(nn.Module):
         x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
         return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
 
-
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size, dim):
         super().__init__()
@@ -121,12 +95,10 @@ class PatchEmbed(nn.Module):
     def forward(self, x):  # [B, 3, H, W] -> [B, N, D], raster order
         return self.proj(x).flatten(2).transpose(1, 2)
 
-
 VIT_CONFIGS = {  # name: (patch, width, depth, heads); nano is DESIGN.md's test size
     "vit_nano_patch16": (16, 64, 2, 2), "vit_tiny_patch16": (16, 192, 12, 3),
     "vit_small_patch16": (16, 384, 12, 6), "vit_base_patch16": (16, 768, 12, 12),
     "vit_large_patch16": (16, 1024, 24, 16), "vit_huge_patch14": (14, 1280, 32, 16)}
-
 
 class ViT(nn.Module):
     """ViT that runs on a subset of patches (the MAE encoder). forward(x, ids_keep [B, n]) embeds
@@ -160,18 +132,13 @@ class ViT(nn.Module):
             hidden.append(x)
         return (self.norm(x), hidden) if return_hidden else self.norm(x)
 
-
 def build_vit(name, img_size=224, **kw):
     patch, dim, depth, heads = VIT_CONFIGS[name]
     return ViT(img_size, patch, dim, depth, kw.pop("num_heads", heads), **kw)
 
-
-# ---------------------------------------------------------------------------------------------
-# Frozen teacher: an open_clip CLIP ViT, DINO ViT-B/16, or 'tiny' (random, for tests)
-# ---------------------------------------------------------------------------------------------
+# ---- Frozen teacher: an open_clip CLIP ViT, DINO ViT-B/16, or 'tiny' (random, for tests) ----------
 def is_torchscript(path):
     return zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
-
 
 def read_weights(path, flag="--teacher_weights"):
     """A state dict from a local file: torch.save'd dict, training checkpoint, or TorchScript archive
@@ -179,8 +146,10 @@ def read_weights(path, flag="--teacher_weights"):
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file; pass a local weights file, or 'none' for random weights")
     try:
-        sd = torch.jit.load(path, map_location="cpu").state_dict() if is_torchscript(path) else \
-            torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch.jit.load is deprecated, yet OpenAI's files need it
+            warnings.simplefilter("ignore", FutureWarning)
+            sd = torch.jit.load(path, map_location="cpu").state_dict() if is_torchscript(path) else \
+                torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{flag} {path}: not a readable PyTorch weights file ({type(e).__name__})") from None
     while isinstance(sd, dict) and any(isinstance(sd.get(k), dict) for k in ("state_dict", "model")):
@@ -192,7 +161,6 @@ def read_weights(path, flag="--teacher_weights"):
             sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
     return {k: t.float() for k, t in sd.items() if torch.is_tensor(t)}
 
-
 def resize_pos(pos, grid):
     """[1+G0*G0, W] -> [1+grid*grid, W]: bicubic on the 2-D patch grid, CLS row kept."""
     g0 = math.isqrt(pos.shape[0] - 1)
@@ -201,28 +169,25 @@ def resize_pos(pos, grid):
     patch = F.interpolate(pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic")
     return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(grid * grid, -1)])  # [1+grid^2, W]
 
-
 class Teacher(nn.Module):
     """Frozen teacher: never in DDP, always eval, no autograd (METHODS.md 'Shared teacher').
     Takes the student's ImageNet-normalised view [B, 3, H, W], re-normalises it to its own
     statistics and resizes it so that its patch grid equals the student's. forward returns a dict
     with what was asked for: tokens [B, 1+N, C] (CLIP: ln_post(all tokens) @ proj; DINO: final
     norm), hidden (list of depth [B, 1+N, W], residual stream after each block), cls_attn [B, N]
-    (last block, CLS query over the patches, see cls_attention)."""
+    (last block: the CLS query's softmax over all 1+N keys, head mean, CLS->CLS dropped)."""
     def __init__(self, name="ViT-B-16", weights="openai", grid=14):
         super().__init__()
         self.name, self.grid, self.kind = name, grid, "dino" if name == "dino_vitb16" else "clip"
+        if weights == "openai" and name in ("dino_vitb16", "tiny"):
+            raise UserError(f"--teacher {name} has no 'openai' weights; pass --teacher_weights PATH (DINO: "
+                            f"facebookresearch/dino's dino_vitbase16_pretrain.pth) or none (random)")
         if self.kind == "dino":
-            if weights == "openai":
-                raise UserError("--teacher dino_vitb16 needs --teacher_weights PATH to facebookresearch/dino's "
-                                "dino_vitbase16_pretrain.pth (or 'none' for random weights)")
             self.net, mean, std = ViT(224, 16, 768, 12, 12, learned_pos=True), IMAGENET_MEAN, IMAGENET_STD
         else:
             import open_clip  # only CLIP teachers need it
             base = name.removesuffix("-quickgelu")
             if name == "tiny":  # 2 blocks, width 64, CLIP architecture: tests and smoke runs
-                if weights == "openai":
-                    raise UserError("--teacher tiny has no pretrained weights; pass --teacher_weights none")
                 self.net = open_clip.transformer.VisionTransformer(224, 16, 64, 2, 2, 4.0, output_dim=32,
                                                                    act_layer=open_clip.transformer.QuickGELU)
             elif base not in open_clip.list_models():
@@ -277,9 +242,11 @@ class Teacher(nn.Module):
         x = x if self.kind == "dino" else self.net.ln_pre(x)
         out, levels, blocks = {}, [], self.blocks()
         for i, blk in enumerate(blocks):
-            if cls_attn and i == len(blocks) - 1:  # explicit softmax: SDPA returns no weights
-                if self.kind == "dino":
-                    out["cls_attn"] = cls_attention(*blk.attn.qkv_heads(blk.norm1(x))[:2])
+            if cls_attn and i == len(blocks) - 1:  # CLS query over all 1+N keys, head mean, CLS->CLS dropped
+                if self.kind == "dino":  # explicit softmax: SDPA returns no weights
+                    q, k, _ = blk.attn.qkv_heads(blk.norm1(x))  # [B, H, 1+N, dh]
+                    a = (q[:, :, :1].float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+                    out["cls_attn"] = a.mean(1)[:, 0, 1:]  # [B, N], not renormalised
                 else:
                     y = blk.ln_1(x)
                     out["cls_attn"] = blk.attn(y, y, y, need_weights=True)[1][:, 0, 1:].float()  # head mean
@@ -291,10 +258,7 @@ class Teacher(nn.Module):
             out["tokens"] = self.net.norm(x) if self.kind == "dino" else self.net.ln_post(x) @ self.net.proj
         return out
 
-
-# ---------------------------------------------------------------------------------------------
-# Masking: bool mask [B, N], True = hidden from the encoder
-# ---------------------------------------------------------------------------------------------
+# ---- Masking: bool mask [B, N], True = hidden from the encoder ------------------------------------
 def num_visible(num_patches, mask_ratio):
     """floor(N (1 - r)): the number of patches the encoder sees (49 of 196 at r = 0.75)."""
     n = int(num_patches * (1 - mask_ratio) + 1e-6)  # + 1e-6 so that 196 * 0.25 cannot floor to 48
@@ -303,23 +267,19 @@ def num_visible(num_patches, mask_ratio):
                         f"of the {num_patches} patches visible")
     return n
 
-
 def mask_from_ids(ids_keep, num_patches):
     """ids_keep [B, n] -> bool mask [B, N], True where a patch is not kept."""
     mask = torch.ones(len(ids_keep), num_patches, dtype=torch.bool, device=ids_keep.device)
     return mask.scatter_(1, ids_keep, False)
-
 
 def ids_from_mask(mask, n_keep):
     """bool mask [B, N] with n_keep False per row -> ids_keep [B, n_keep], ids_mask [B, N-n_keep], ascending."""
     order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # visible first, each part in raster order
     return order[:, :n_keep], order[:, n_keep:]
 
-
 def random_masking(batch, num_patches, n_keep, device=None):
     """MAE's uniform masking: every sample keeps a uniformly random set of n_keep patches."""
     return mask_from_ids(torch.rand(batch, num_patches, device=device).argsort(1)[:, :n_keep], num_patches)
-
 
 class BlockMaskGenerator:
     """Block-wise masking (BEiT; CAE Sec. 2.2): exactly num_masked patches of a grid x grid raster.
@@ -351,16 +311,12 @@ class BlockMaskGenerator:
             count += self._add_block(mask, self.num_masked - count)
         return torch.from_numpy(mask.flatten())
 
-
-# ---------------------------------------------------------------------------------------------
-# Data: ImageFolder (DIR/train, else DIR) or FakeData, with a DistributedSampler
-# ---------------------------------------------------------------------------------------------
+# ---- Data: ImageFolder (DIR/train, else DIR) or FakeData, with a DistributedSampler ---------------
 def pretrain_transform(args, color_jitter=0.0):
     """RandomResizedCrop (bicubic) + flip (+ colour jitter) + ImageNet normalisation."""
     ops = [v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=InterpolationMode.BICUBIC),
            v2.RandomHorizontalFlip()] + ([v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else [])
     return v2.Compose(ops + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
 
 class WithMask:
     """image -> (transform(image), mask_fn()): masks are made in the DataLoader workers."""
@@ -369,7 +325,6 @@ class WithMask:
 
     def __call__(self, img):
         return self.transform(img), self.mask_fn()
-
 
 def build_dataset(args, transform, split="train"):
     if args.data == "fake":  # deterministic random images; 'val' uses other indices
@@ -387,7 +342,6 @@ def build_dataset(args, transform, split="train"):
     except FileNotFoundError:
         raise UserError(f"--data {args.data}: no images under {root}; expected {root}/<class>/<image>.jpg") from None
 
-
 def build_loader(dataset, args, train=True):
     if train and len(dataset) // args.world_size < args.batch_size:
         raise UserError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is larger than the "
@@ -396,10 +350,7 @@ def build_loader(dataset, args, train=True):
     return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers, drop_last=train,
                       pin_memory=args.device.startswith("cuda"), persistent_workers=args.num_workers > 0)
 
-
-# ---------------------------------------------------------------------------------------------
-# Command line, torchrun / DDP, seeds, precision
-# ---------------------------------------------------------------------------------------------
+# ---- Command line, torchrun / DDP, seeds, precision -----------------------------------------------
 def get_parser(description):
     """Flags shared by all method files, spelled as in facebookresearch/mae. Each file sets its
     paper's recipe with parser.set_defaults(...) and adds its own flags."""
@@ -433,7 +384,6 @@ def get_parser(description):
     a("--compile", action="store_true", help="torch.compile the student (slow first steps)")
     a("--log_every", type=int, default=20, help="steps between progress updates (the only syncs)")
     return p
-
 
 def setup(args):
     """Check the shared flags, join torchrun's process group if launched by it, seed, set the lr."""
@@ -472,21 +422,12 @@ def setup(args):
         print(f"effective batch {eff_batch} = {args.batch_size} x accum {args.accum_iter} x {args.world_size} "
               f"process(es); base lr {args.blr:.3g}, lr {args.lr:.4g}")
 
-
 def autocast(args):
     if args.amp == "none" or not args.device.startswith("cuda"):
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
 
-
-def print0(*a, **kw):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, **kw)
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimiser and schedule
-# ---------------------------------------------------------------------------------------------
+# ---- Optimiser and schedule -----------------------------------------------------------------------
 def param_groups(model, weight_decay, no_decay=()):
     """AdamW groups: no decay on biases and norms (all tensors with ndim <= 1), cls/mask tokens,
     pos-embed and any parameter named in no_decay (full or last name); frozen ones left out."""
@@ -497,11 +438,9 @@ def param_groups(model, weight_decay, no_decay=()):
             (skip if p.ndim <= 1 or plain or name in no_decay else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
 
-
 def build_optimizer(model, args, no_decay=()):
     return torch.optim.AdamW(param_groups(model, args.weight_decay, no_decay), lr=args.lr, betas=tuple(args.betas),
                              fused=args.device.startswith("cuda"))
-
 
 def lr_at(epoch, args):
     """Linear warmup to args.lr, then half-cosine to args.min_lr; epoch is fractional (per step)."""
@@ -510,21 +449,16 @@ def lr_at(epoch, args):
     t = min((epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8), 1.0)
     return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-
 def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints and logging
-# ---------------------------------------------------------------------------------------------
+# ---- Checkpoints and logging ----------------------------------------------------------------------
 def save_checkpoint(path, **state):
     """Atomic write (temp file + rename): a crash mid-write never damages the previous file."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
-
 
 def load_checkpoint(path, method, flag="--resume"):
     if not os.path.isfile(path):
@@ -540,7 +474,6 @@ def load_checkpoint(path, method, flag="--resume"):
         raise UserError(f"{flag} {path} is a checkpoint of {other}, not {method}; resume it with the script that wrote it")
     return ckpt
 
-
 def resume(args, model, optimizer, scaler, method):
     """Restore model, optimizer and scaler from --resume; returns the epoch to start at."""
     if not args.resume:
@@ -553,10 +486,11 @@ def resume(args, model, optimizer, scaler, method):
         old = ckpt.get("args", {})
         raise UserError(f"--resume {args.resume} was written with --model {old.get('model')} --teacher "
                         f"{old.get('teacher')}; pass the same model flags to resume it") from None
-    scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
-    print0(f"resumed from {args.resume}: epoch {ckpt['epoch']} done")
+    if ckpt.get("scaler"):  # empty when saved without fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    if args.rank == 0:
+        print(f"resumed from {args.resume}: epoch {ckpt['epoch']} done")
     return ckpt["epoch"] + 1
-
 
 def save_epoch(args, epoch, method, model, optimizer, scaler):
     """Rank 0 writes checkpoint-last.pth every epoch and keeps checkpoint-<epoch>.pth every --save_freq."""
@@ -567,13 +501,11 @@ def save_epoch(args, epoch, method, model, optimizer, scaler):
         if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
             save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), **state)
 
-
 def log_epoch(args, stats):
     """Rank 0 appends one JSON line per epoch to output_dir/log.txt."""
     if args.rank == 0:
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(stats) + "\n")
-
 
 class Meter:
     """tqdm bar with loss, lr and images/s (rank 0). The loss stays on the device; .item() runs

@@ -43,8 +43,8 @@ def get_args(argv=None):
                    warmup_epochs=40, min_lr=0.0, crop_min=0.2, mask_ratio=0.75, teacher="ViT-B-16")
     p.add_argument("--mask_type", choices=["attention", "random"], default="attention",
                    help="Sec. 2.4 semantic aware sampling, or MAE's uniform sampling (Table 5 ablation)")
-    p.add_argument("--decoder_dim", type=int, help="prompting decoder width: 512 (Sec. 2.3, released code); "
-                   "64 for the test size vit_nano_patch16")
+    p.add_argument("--decoder_dim", type=int, help="prompting decoder width: 512 (released code; the paper gives "
+                   "no decoder size); 64 for the test size vit_nano_patch16")
     p.add_argument("--decoder_depth", type=int, help="8 (released code); 2 for vit_nano_patch16")
     p.add_argument("--decoder_heads", type=int, help="16 (released code); 2 for vit_nano_patch16")
     args = p.parse_args(argv)
@@ -60,7 +60,9 @@ def get_args(argv=None):
 def semantic_aware_sampling(cls_attn, n_keep):
     """MILAN Sec. 2.4: the visible patches are n_keep draws without replacement from the
     Multinomial whose probabilities are the CLIP class-token attention s_class (Eq. 3), so
-    semantically important patches stay visible more often. cls_attn [B, N] -> mask [B, N]."""
+    semantically important patches stay visible more often. cls_attn [B, N] -> mask [B, N].
+    The CLS->CLS entry s_class(0) is not a candidate (released code; the paper's index set
+    {s_class(0) .. s_class(N)} is loose about it); weights are not renormalised (multinomial does)."""
     ids_keep = torch.multinomial(cls_attn, n_keep, replacement=False)  # [B, n_keep], p ~ s_class(i)
     return common.mask_from_ids(ids_keep, cls_attn.shape[1])
 

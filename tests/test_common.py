@@ -217,6 +217,7 @@ def test_teacher_grid_follows_the_student():
     torch.testing.assert_close(common.resize_pos(t.net.positional_embedding, 14), t.net.positional_embedding)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated; OpenAI's files are traced
 def test_teacher_weights_from_files(tmp_path, tiny_teacher):
     x = images()
     want = tiny_teacher(x)["tokens"]
