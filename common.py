@@ -202,6 +202,8 @@ class Teacher(nn.Module):
                     raise UserError(f"--teacher_weights openai: could not get OpenAI weights for {name} "
                                     f"({type(e).__name__}); without internet, download {base}.pt elsewhere and "
                                     f"pass --teacher_weights /path/to/{base}.pt") from None
+            if getattr(self.net, "attn_pool", 1) is not None or not hasattr(self.net, "class_embedding"):
+                raise UserError(f"--teacher {name}: only CLIP ViTs with a class token work here (ViT-B-16, ViT-L-14, ...)")
             mean, std = CLIP_MEAN, CLIP_STD
         if weights not in ("openai", "none"):
             try:
@@ -356,7 +358,7 @@ def get_parser(description):
     paper's recipe with parser.set_defaults(...) and adds its own flags."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--data", "--data_path", dest="data", default="fake", help="ImageFolder root (DIR/train or DIR) or 'fake'")
+    a("--data", "--data_path", dest="data", required=True, help="ImageFolder root (DIR/train or DIR), or 'fake'")
     a("--fake_size", type=int, default=256, help="number of images of --data fake")
     a("--input_size", type=int, default=224)
     a("--model", default="vit_base_patch16", help=", ".join(VIT_CONFIGS))
@@ -408,7 +410,7 @@ def setup(args):
         args.amp = "none"  # bf16 autocast on these CPUs is ~5x slower than fp32
     seed = args.seed + args.rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     eff_batch = args.batch_size * args.accum_iter * args.world_size
     args.lr = args.blr * eff_batch / 256 if args.lr is None else args.lr
     if args.rank == 0:
