@@ -247,6 +247,8 @@ def test_teacher_weight_errors_are_one_clear_line(tmp_path):
         common.Teacher("tiny", str(tmp_path / "other.pt"))
     with pytest.raises(common.UserError, match="--teacher nonsense"):
         common.Teacher("nonsense", "none")
+    with pytest.raises(common.UserError, match="--teacher RN50: only CLIP ViTs with a class token"):
+        common.Teacher("RN50", "none")  # an open_clip model, but not a ViT
     with pytest.raises(common.UserError, match="dino_vitbase16_pretrain.pth"):
         common.Teacher("dino_vitb16", "openai")
 
