@@ -194,7 +194,7 @@ class Teacher(nn.Module):
                 raise UserError(f"--teacher {name}: unknown; use an open_clip ViT name (ViT-B-16, ViT-L-14, ...), "
                                 f"dino_vitb16, or tiny")
             else:  # OpenAI weights need QuickGELU: loaded into a GELU config they give wrong features
-                quick = weights == "openai" or name.endswith("-quickgelu") or (os.path.isfile(weights) and is_torchscript(weights))
+                quick = weights == "openai" or name.endswith("-quickgelu") or is_torchscript(weights)
                 try:
                     self.net = open_clip.create_model(base, pretrained="openai" if weights == "openai" else None,
                                                       force_quick_gelu=quick).visual
@@ -218,7 +218,8 @@ class Teacher(nn.Module):
         self.patch = 16 if self.kind == "dino" else self.net.patch_size[0]
         self.register_buffer("pos", resize_pos(pos.detach().float(), grid)[None], persistent=False)  # [1, 1+N, W]
         # ImageNet-normalised x -> teacher-normalised x * a + b, per channel
-        a, b = torch.tensor(IMAGENET_STD) / torch.tensor(std), (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        mean_in, std_in, mean, std = map(torch.tensor, (IMAGENET_MEAN, IMAGENET_STD, mean, std))
+        a, b = std_in / std, (mean_in - mean) / std
         self.register_buffer("a", a.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("b", b.view(1, 3, 1, 1), persistent=False)
         self.depth, self.width = len(self.blocks()), self.pos.shape[-1]
@@ -331,7 +332,8 @@ class WithMask:
 def build_dataset(args, transform, split="train"):
     if args.data == "fake":  # deterministic random images; 'val' uses other indices
         n = args.fake_size if split == "train" else max(args.fake_size // 4, args.batch_size)
-        return datasets.FakeData(n, (3, args.input_size, args.input_size), 10, transform, random_offset=(split != "train") * 10 ** 6)
+        size, offset = (3, args.input_size, args.input_size), 0 if split == "train" else 10 ** 6
+        return datasets.FakeData(n, size, 10, transform, random_offset=offset)
     if not os.path.isdir(args.data):
         raise UserError(f"--data {args.data}: no such directory; pass an ImageNet-style folder "
                         f"(DIR/{split}/<class>/<image>) or --data fake")
@@ -360,28 +362,28 @@ def get_parser(description):
     a = p.add_argument
     a("--data", "--data_path", dest="data", required=True, help="ImageFolder root (DIR/train or DIR), or 'fake'")
     a("--fake_size", type=int, default=256, help="number of images of --data fake")
-    a("--input_size", type=int, default=224)
+    a("--input_size", type=int, default=224, help="image side in pixels")
     a("--model", default="vit_base_patch16", help=", ".join(VIT_CONFIGS))
-    a("--drop_path", type=float, default=0.0)
+    a("--drop_path", type=float, default=0.0, help="stochastic depth of the last block")
     a("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny (random, tests)")
     a("--teacher_weights", default="openai", help="'openai' (downloads), a local file, or 'none' (random)")
-    a("--mask_ratio", type=float, default=0.75)
+    a("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
     a("--batch_size", type=int, default=64, help="per process")
     a("--accum_iter", type=int, default=1, help="gradient accumulation steps")
-    a("--epochs", type=int, default=400)
-    a("--warmup_epochs", type=float, default=40)
+    a("--epochs", type=int, default=400, help="pre-training epochs")
+    a("--warmup_epochs", type=float, default=40, help="linear lr warmup, then cosine")
     a("--blr", type=float, default=1.5e-4, help="lr = blr * batch_size * accum_iter * world_size / 256")
     a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    a("--min_lr", type=float, default=0.0)
-    a("--weight_decay", type=float, default=0.05)
-    a("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    a("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
+    a("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
     a("--clip_grad", type=float, default=None, help="max gradient norm (none: no clipping)")
     a("--crop_min", type=float, default=0.2, help="RandomResizedCrop scale = (crop_min, 1)")
-    a("--output_dir", default="./output")
+    a("--output_dir", default="./output", help="checkpoints and log.txt")
     a("--resume", default="", help="checkpoint to continue from")
     a("--save_freq", type=int, default=20, help="keep checkpoint-<epoch>.pth every this many epochs")
-    a("--seed", type=int, default=0)
-    a("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
+    a("--seed", type=int, default=0, help="each process uses seed + rank")
+    a("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
     a("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="autocast on GPU (CPU runs fp32)")
     a("--compile", action="store_true", help="torch.compile the student (slow first steps)")
     a("--log_every", type=int, default=20, help="steps between progress updates (the only syncs)")
@@ -520,7 +522,8 @@ class Meter:
         self.sum, self.count, self.images = self.sum + loss.detach().float(), self.count + 1, self.images + images
         if (step + 1) % self.args.log_every == 0:
             rate = self.images * self.args.world_size / (time.time() - self.t0)
-            self.bar.set_postfix(loss=f"{self.check(float(self.sum / self.count), step):.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            loss = self.check(float(self.sum / self.count), step)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
 
     def check(self, loss, step):
         """A non-finite loss stops the run, naming the step and the checkpoint to resume from."""

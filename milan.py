@@ -31,9 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments: App. A.1 recipe as defaults
-# ---------------------------------------------------------------------------------------------
+# ---- Arguments: App. A.1 recipe as defaults -------------------------------------------------------
 def get_args(argv=None):
     p = common.get_parser("MILAN pre-training (arXiv:2208.06049)")
     # MILAN App. A.1: AdamW (0.9, 0.95), batch 4096 (256 per GPU x accum 2 x 8 GPUs), base lr 1.5e-4,
@@ -48,15 +46,13 @@ def get_args(argv=None):
     p.add_argument("--decoder_depth", type=int, help="8 (released code); 2 for vit_nano_patch16")
     p.add_argument("--decoder_heads", type=int, help="16 (released code); 2 for vit_nano_patch16")
     args = p.parse_args(argv)
-    paper = (64, 2, 2) if args.model == "vit_nano_patch16" else (512, 8, 16)
+    sizes = (64, 2, 2) if args.model == "vit_nano_patch16" else (512, 8, 16)  # width, depth, heads
     args.decoder_dim, args.decoder_depth, args.decoder_heads = (
-        given or default for given, default in zip((args.decoder_dim, args.decoder_depth, args.decoder_heads), paper))
+        given or default for given, default in zip((args.decoder_dim, args.decoder_depth, args.decoder_heads), sizes))
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampler: semantic aware sampling (Sec. 2.4)
-# ---------------------------------------------------------------------------------------------
+# ---- Sampler: semantic aware sampling (Sec. 2.4) --------------------------------------------------
 def semantic_aware_sampling(cls_attn, n_keep):
     """MILAN Sec. 2.4: the visible patches are n_keep draws without replacement from the
     Multinomial whose probabilities are the CLIP class-token attention s_class (Eq. 3), so
@@ -67,9 +63,7 @@ def semantic_aware_sampling(cls_attn, n_keep):
     return common.mask_from_ids(ids_keep, cls_attn.shape[1])
 
 
-# ---------------------------------------------------------------------------------------------
-# Model: MAE encoder + prompting decoder (Sec. 2.3)
-# ---------------------------------------------------------------------------------------------
+# ---- Model: MAE encoder + prompting decoder (Sec. 2.3) --------------------------------------------
 class PromptingAttention(nn.Module):
     """MILAN Eq. 2: MHA(X, Z) = sum_h softmax(X W_q^h (cat(Z, X) W_k^h)^T / sqrt(d_h)) cat(Z, X) W_v^h W_o^h.
     Queries come from the mask tokens X only; the fixed prompts Z join the keys and values."""
@@ -139,9 +133,7 @@ class MILAN(nn.Module):
         return milan_loss(pred, target), pred
 
 
-# ---------------------------------------------------------------------------------------------
-# Loss (Sec. 2.2, Eq. 1)
-# ---------------------------------------------------------------------------------------------
+# ---- Loss (Sec. 2.2, Eq. 1) -----------------------------------------------------------------------
 def milan_loss(pred, target):
     """MILAN Eq. 1: L = (1/N) sum_j ||p_j/||p_j|| - t_j/||t_j|| ||^2 over all N patches, masked and
     visible (Sec. 2.2), averaged over the batch. pred, target [B, N, C]."""
@@ -149,9 +141,7 @@ def milan_loss(pred, target):
     return (p_bar - t_bar).pow(2).sum(-1).mean()  # sum over C, mean over N patches and B images
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# ---- Training -------------------------------------------------------------------------------------
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
     model.train()
     optimizer.zero_grad(set_to_none=True)
