@@ -134,19 +134,49 @@ class MILAN(nn.Module):
 
 
 # ---- Loss (Sec. 2.2, Eq. 1) -----------------------------------------------------------------------
-def milan_loss(pred, target):
+def milan_loss(pred, target, per_patch=False):
     """MILAN Eq. 1: L = (1/N) sum_j ||p_j/||p_j|| - t_j/||t_j|| ||^2 over all N patches, masked and
-    visible (Sec. 2.2), averaged over the batch. pred, target [B, N, C]."""
+    visible (Sec. 2.2), averaged over the batch. pred, target [B, N, C]. per_patch: the [B, N] terms."""
     p_bar, t_bar = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)  # l2 per token
-    return (p_bar - t_bar).pow(2).sum(-1).mean()  # sum over C, mean over N patches and B images
+    dist = (p_bar - t_bar).pow(2).sum(-1)  # [B, N], sum over C
+    return dist if per_patch else dist.mean()  # mean over N patches and B images
 
 
 # ---- Training -------------------------------------------------------------------------------------
+def build_transform(args):
+    return common.pretrain_transform(args)  # RandomResizedCrop + flip (App. A.1)
+
+
+def build_model(args):
+    """-> (model, teacher): the trained student (encoder + prompting decoder) and the frozen CLIP teacher."""
+    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path)
+    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
+    model = MILAN(encoder, teacher.dim, args.decoder_dim, args.decoder_depth, args.decoder_heads)
+    return model.to(args.device), teacher
+
+
+def forward_step(model, teacher, batch, args):
+    """One training forward on a batch of images (on the device). Returns the loss and, for pictures and
+    benchmarks, the mask [B, N] (True = hidden), the per-patch loss [B, N] and the teacher's CLS attention."""
+    images, N = batch, teacher.grid ** 2
+    n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
+    # one teacher pass on the intact image: targets t_j (Sec. 2.2) and s_class (Eq. 3)
+    out = teacher(images, tokens=True, cls_attn=args.mask_type == "attention")
+    if args.mask_type == "attention":
+        mask = semantic_aware_sampling(out["cls_attn"], n_keep)
+    else:
+        mask = common.random_masking(len(images), N, n_keep, images.device)
+    ids_keep, ids_mask = common.ids_from_mask(mask, n_keep)  # [B, 49], [B, 147]
+    target = out["tokens"][:, 1:]  # t_j of the N patches
+    loss, pred = model(images, ids_keep, ids_mask, target)
+    patch_loss = milan_loss(pred.detach(), target, per_patch=True)  # [B, N], Fig. 5 style maps
+    return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
+
+
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    meter, N = common.Meter(loader, epoch, args), teacher.grid ** 2
-    n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
+    meter = common.Meter(loader, epoch, args)
     for step, (images, _) in enumerate(meter.bar):
         if step % args.accum_iter == 0:  # per-iteration schedule (MAE)
             lr = common.lr_at(epoch + step / len(loader), args)
@@ -155,14 +185,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
         update = (step + 1) % args.accum_iter == 0
         with model.no_sync() if args.world_size > 1 and not update else nullcontext():
             with common.autocast(args):
-                # one teacher pass on the intact image: targets t_j (Sec. 2.2) and s_class (Eq. 3)
-                out = teacher(images, tokens=True, cls_attn=args.mask_type == "attention")
-                if args.mask_type == "attention":
-                    mask = semantic_aware_sampling(out["cls_attn"], n_keep)
-                else:
-                    mask = common.random_masking(len(images), N, n_keep, images.device)
-                ids_keep, ids_mask = common.ids_from_mask(mask, n_keep)  # [B, 49], [B, 147]
-                loss, _ = model(images, ids_keep, ids_mask, out["tokens"][:, 1:])  # targets of the N patches
+                loss = forward_step(model, teacher, images, args)["loss"]
             scaler.scale(loss / args.accum_iter).backward()
         if update:
             if args.clip_grad:
@@ -178,10 +201,8 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
 def main(argv=None):
     args = get_args(argv)
     common.setup(args)
-    loader = common.build_loader(common.build_dataset(args, common.pretrain_transform(args)), args)
-    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path)
-    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
-    model = MILAN(encoder, teacher.dim, args.decoder_dim, args.decoder_depth, args.decoder_heads).to(args.device)
+    loader = common.build_loader(common.build_dataset(args, build_transform(args)), args)
+    model, teacher = build_model(args)
     optimizer = common.build_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     start_epoch = common.resume(args, model, optimizer, scaler, "milan")
