@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
@@ -27,8 +27,8 @@ def cli(main, argv=None):
     """Entry point of every script: run main(argv); a UserError becomes one clear line."""
     try:
         main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # raised in a DataLoader worker, it arrives wrapped: keep its own last line
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
 
 # ---- ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) ---
@@ -316,7 +316,7 @@ class BlockMaskGenerator:
             count += self._add_block(mask, self.num_masked - count)
         return torch.from_numpy(mask.flatten())
 
-# ---- Data: ImageFolder (DIR/train, else DIR) or FakeData, with a DistributedSampler ---------------
+# ---- Data: ImageFolder (DIR/train, else DIR) or FakeData, seeded per image, resumable ---------
 def pretrain_transform(args, color_jitter=0.0):
     """RandomResizedCrop (bicubic) + flip (+ colour jitter) + ImageNet normalisation."""
     ops = [v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=InterpolationMode.BICUBIC),
@@ -348,13 +348,67 @@ def build_dataset(args, transform, split="train"):
     except FileNotFoundError:
         raise UserError(f"--data {args.data}: no images under {root}; expected {root}/<class>/<image>.jpg") from None
 
+class SeededSampler(torch.utils.data.Sampler):
+    """DistributedSampler's order (a permutation seeded by seed + epoch, split across ranks, whole
+    batches when training) that can start mid-epoch without loading the skipped images. It yields
+    (epoch, index) keys so that Samples seeds each image's augmentation by its identity, not by the
+    worker that loads it: a resumed run sees the same pixels and masks as an uninterrupted one."""
+    def __init__(self, size, args, train=True):
+        self.size, self.train, self.seed, self.rank, self.world = size, train, args.seed, args.rank, args.world_size
+        self.per_rank = size // self.world if train else math.ceil(size / self.world)  # eval pads by wrapping
+        self.batch = args.batch_size
+        self.steps = self.per_rank // self.batch if train else math.ceil(self.per_rank / self.batch)  # per epoch
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start = epoch, start_step
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g) if self.train else torch.arange(self.size)
+        order = order.repeat(2)[:self.per_rank * self.world]  # drop (train) or wrap-pad (eval) to equal shares
+        for i in order[self.rank::self.world][self.start * self.batch:].tolist():
+            yield self.epoch, i
+
+    def __len__(self):
+        return self.per_rank - min(self.start * self.batch, self.per_rank)
+
+class Samples(torch.utils.data.Dataset):
+    """dataset[(epoch, i)] with torch, numpy and python RNGs seeded by (seed, epoch, i). An image that
+    cannot be read is skipped (the next one is used) and counted in .failed, shared by all workers."""
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.failed = dataset, seed, torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        main = torch.utils.data.get_worker_info() is None  # num_workers 0: keep the training RNGs intact
+        saved = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if main else None
+        s = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, np.uint64)[0] >> 1)
+        torch.default_generator.manual_seed(s), np.random.seed(s % 2 ** 32), random.seed(s)
+        try:
+            for j in range(i, i + len(self)):
+                try:
+                    return self.dataset[j % len(self)]
+                except OSError as e:  # PIL: unidentified, truncated or unreadable file
+                    self.failed += 1
+                    path = getattr(self.dataset, "samples", [[f"#{j}"]] * len(self))[j % len(self)][0]
+                    print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
+            raise UserError("no image of --data could be read")
+        finally:
+            if main:
+                torch.set_rng_state(saved[0]), np.random.set_state(saved[1]), random.setstate(saved[2])
+
 def build_loader(dataset, args, train=True):
     if train and len(dataset) // args.world_size < args.batch_size:
         raise UserError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is larger than the "
                         f"dataset ({len(dataset)} images); lower --batch_size")
-    sampler = DistributedSampler(dataset, args.world_size, args.rank, shuffle=train, seed=args.seed, drop_last=train)
-    return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers, drop_last=train,
-                      pin_memory=args.device.startswith("cuda"), persistent_workers=args.num_workers > 0)
+    # its own generator: making an iterator must not draw from the training RNG (exact resume)
+    return DataLoader(Samples(dataset, args.seed), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
+                      num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
+                      persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
 
 # ---- Command line, torchrun / DDP, seeds, precision -----------------------------------------------
 def get_parser(description):
@@ -382,8 +436,12 @@ def get_parser(description):
     a("--clip_grad", type=float, default=None, help="max gradient norm (none: no clipping)")
     a("--crop_min", type=float, default=0.2, help="RandomResizedCrop scale = (crop_min, 1)")
     a("--output_dir", default="./output", help="checkpoints and log.txt")
-    a("--resume", default="", help="checkpoint to continue from")
+    a("--resume", default="", help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint-last.pth if any")
     a("--save_freq", type=int, default=20, help="keep checkpoint-<epoch>.pth every this many epochs")
+    a("--save_every_steps", type=int, default=1000, help="also write checkpoint-last.pth every this many steps "
+      "(a multiple of --accum_iter; 0: epoch ends only)")
+    a("--visualize", type=int, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
+      "--resume CKPT: that model) and exit")
     a("--seed", type=int, default=0, help="each process uses seed + rank")
     a("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
     a("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="autocast on GPU (CPU runs fp32)")
@@ -401,7 +459,9 @@ def setup(args):
     num_visible((args.input_size // patch) ** 2, args.mask_ratio)
     if args.batch_size < 1 or args.accum_iter < 1:
         raise UserError("--batch_size and --accum_iter must be at least 1")
-    if args.resume and not os.path.isfile(args.resume):
+    if args.save_every_steps % args.accum_iter:
+        raise UserError(f"--save_every_steps {args.save_every_steps} must be a multiple of --accum_iter {args.accum_iter}")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such file; pass a checkpoint-*.pth written by this script")
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
@@ -459,6 +519,57 @@ def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
+# ---- Pictures: --visualize N ----------------------------------------------------------------------
+def heat(values, size):
+    """[g, g] values -> a size x size PIL image, black-red-yellow-white (NaN = grey)."""
+    from PIL import Image
+    v = values.float()
+    lo, hi = v.nan_to_num(float("inf")).min(), v.nan_to_num(float("-inf")).max()
+    t = ((v - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)  # [g, g] in [0, 1]
+    rgb = torch.stack([(3 * t).clamp(max=1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)], -1)
+    rgb[v.isnan()] = 0.5
+    return Image.fromarray((rgb * 255).byte().numpy()).resize((size, size), Image.NEAREST)
+
+@torch.no_grad()
+def visualize(args, dataset, model, teacher, forward_step, method):
+    """Writes output_dir/visualize.png, one row per image: the image, the patches the sampler left
+    visible (hidden ones dimmed), the teacher's CLS attention (where the method uses it) and the
+    per-patch loss (MILAN Fig. 5 style; grey = patch not in the loss), for the model of --resume if given."""
+    from PIL import Image
+    if args.resume:
+        model.load_state_dict(load_checkpoint(args.resume, method)["model"])
+    args.batch_size = min(args.visualize, len(dataset))
+    batch, _ = next(iter(build_loader(dataset, args, train=False)))
+    batch = [b.to(args.device) for b in batch] if isinstance(batch, (list, tuple)) else batch.to(args.device)
+    model.eval()
+    with autocast(args):
+        out = forward_step(model, teacher, batch, args)
+    images = (batch[0] if isinstance(batch, list) else batch).float().cpu()
+    images = images * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    g, size = int(out["mask"].shape[1] ** 0.5), images.shape[-1]
+    hidden = out["mask"].cpu().view(-1, 1, g, g).float()
+    hidden = F.interpolate(hidden, size=(size, size), mode="nearest")  # [B, 1, H, W]
+    patch_loss = out["patch_loss"].float().cpu().masked_fill(out["patch_loss"].cpu() == 0, float("nan"))
+    columns = [images, images * (1 - 0.75 * hidden)]
+    to_pil = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
+    rows = []
+    for i in range(len(images)):
+        cells = [to_pil(c[i]) for c in columns]
+        if out.get("cls_attn") is not None:
+            cells.append(heat(out["cls_attn"][i].cpu().view(g, g), size))
+        cells.append(heat(patch_loss[i].view(g, g), size))
+        rows.append(cells)
+    sheet = Image.new("RGB", (len(rows[0]) * (size + 4), len(rows) * (size + 4)), "white")
+    for r, cells in enumerate(rows):
+        for c, cell in enumerate(cells):
+            sheet.paste(cell, (c * (size + 4), r * (size + 4)))
+    path = os.path.join(args.output_dir, "visualize.png")
+    if args.rank == 0:
+        sheet.save(path)
+        print(f"wrote {path}: columns image | visible patches | " + ("teacher CLS attention | " if
+              out.get("cls_attn") is not None else "") + "per-patch loss")
+    return path
+
 # ---- Checkpoints and logging ----------------------------------------------------------------------
 def save_checkpoint(path, **state):
     """Atomic write (temp file + rename): a crash mid-write never damages the previous file."""
@@ -480,32 +591,85 @@ def load_checkpoint(path, method, flag="--resume"):
         raise UserError(f"{flag} {path} is a checkpoint of {other}, not {method}; resume it with the script that wrote it")
     return ckpt
 
-def resume(args, model, optimizer, scaler, method):
-    """Restore model, optimizer and scaler from --resume; returns the epoch to start at."""
-    if not args.resume:
-        return 0
-    ckpt = load_checkpoint(args.resume, method)
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError):
-        old = ckpt.get("args", {})
-        raise UserError(f"--resume {args.resume} was written with --model {old.get('model')} --teacher "
-                        f"{old.get('teacher')}; pass the same model flags to resume it") from None
-    if ckpt.get("scaler"):  # empty when saved without fp16
-        scaler.load_state_dict(ckpt["scaler"])
-    if args.rank == 0:
-        print(f"resumed from {args.resume}: epoch {ckpt['epoch']} done")
-    return ckpt["epoch"] + 1
+def rng_state():
+    """The training RNGs of this process (torch CPU and CUDA, numpy, python), as weights_only types."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": random.getstate()}
 
-def save_epoch(args, epoch, method, model, optimizer, scaler):
-    """Rank 0 writes checkpoint-last.pth every epoch and keeps checkpoint-<epoch>.pth every --save_freq."""
-    if args.rank == 0:
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                     epoch=epoch, step=0, args=dict(vars(args)), method=method)
-        save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"), **state)
-        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-            save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), **state)
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+
+class Checkpointer:
+    """Everything a bit-identical continuation needs, written atomically by rank 0 to
+    output_dir/checkpoint-last.pth at every epoch end and every --save_every_steps steps:
+    model, optimizer, grad scaler, epoch in progress, steps of it done (the sampler position),
+    and every rank's RNG states. Keys: model, optimizer, scaler, epoch, step, rng, args, method."""
+    def __init__(self, args, method, model, optimizer, scaler):
+        self.args, self.method, self.model, self.optimizer, self.scaler = args, method, model, optimizer, scaler
+        self.last = os.path.join(args.output_dir, "checkpoint-last.pth")
+
+    def resume(self):
+        """Restore from --resume (or, with --resume auto, the last checkpoint of --output_dir if there is
+        one); returns (epoch, step) to continue at."""
+        args, path = self.args, self.args.resume
+        if path == "auto":
+            path = self.last if os.path.isfile(self.last) else ""
+        if not path:
+            return 0, 0
+        ckpt = load_checkpoint(path, self.method)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError):
+            old = ckpt.get("args", {})
+            raise UserError(f"--resume {path} was written with --model {old.get('model')} --teacher "
+                            f"{old.get('teacher')}; pass the same model flags to resume it") from None
+        if ckpt.get("scaler"):  # empty when saved without fp16
+            self.scaler.load_state_dict(ckpt["scaler"])
+        epoch, step, old = ckpt["epoch"], ckpt.get("step", 0), ckpt.get("args", {})
+        same = (old.get("world_size"), old.get("batch_size")) == (args.world_size, args.batch_size)
+        if step and not same:  # the sampler position means nothing with other shares of the data
+            print(f"warning: {path} was written by {old.get('world_size')} process(es) x batch {old.get('batch_size')}; "
+                  f"epoch {epoch} restarts from its first step", file=sys.stderr)
+            step = 0
+        if ckpt.get("rng") and len(ckpt["rng"]) == args.world_size:
+            set_rng_state(ckpt["rng"][args.rank])
+        if args.rank == 0:
+            print(f"resumed from {path}: epoch {epoch}, step {step}")
+        return epoch, step
+
+    def save(self, epoch, step, keep=False):
+        """Called by every rank (the RNG states are gathered); rank 0 writes. keep: also keep a copy as
+        checkpoint-<epoch - 1>.pth (the epoch just finished)."""
+        rng = [None] * self.args.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(rng, rng_state())
+        else:
+            rng[0] = rng_state()
+        if self.args.rank == 0:
+            state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                         scaler=self.scaler.state_dict(), epoch=epoch, step=step, rng=rng,
+                         args=dict(vars(self.args)), method=self.method)
+            save_checkpoint(self.last, **state)
+            if keep:
+                save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth"), **state)
+
+    def step_done(self, epoch, step, meter):
+        """After an optimiser update: every --save_every_steps steps, a mid-epoch checkpoint (the loss is
+        checked first, so a diverged run never overwrites a good checkpoint)."""
+        every = self.args.save_every_steps
+        if every and step % every == 0 and step < meter.steps:
+            meter.check(float(meter.sum / meter.count), step - 1)
+            self.save(epoch, step)
+
+    def epoch_done(self, epoch):
+        e = epoch + 1
+        self.save(e, 0, keep=e % self.args.save_freq == 0 or e == self.args.epochs)
 
 def log_epoch(args, stats):
     """Rank 0 appends one JSON line per epoch to output_dir/log.txt."""
@@ -514,11 +678,18 @@ def log_epoch(args, stats):
             f.write(json.dumps(stats) + "\n")
 
 class Meter:
-    """tqdm bar with loss, lr and images/s (rank 0). The loss stays on the device; .item() runs
-    only every --log_every steps and at the epoch end."""
+    """Iterates the loader from the resume point as (step, batch), with a tqdm bar of loss, lr and
+    images/s (rank 0). The loss stays on the device; .item() runs only every --log_every steps and at
+    the epoch end, when the count of unreadable images is checked too."""
     def __init__(self, loader, epoch, args):
         self.args, self.t0, self.images, self.sum, self.count = args, time.time(), 0, 0.0, 0
-        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=args.rank != 0, dynamic_ncols=True, mininterval=1.0)
+        self.loader, self.start, self.steps = loader, loader.sampler.start, loader.sampler.steps
+        loader.dataset.failed.zero_()  # unreadable images are counted per epoch
+        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=args.rank != 0, dynamic_ncols=True, mininterval=1.0,
+                        initial=self.start, total=self.steps)
+
+    def __iter__(self):
+        return enumerate(self.bar, self.start)
 
     def update(self, step, loss, lr, images):
         self.sum, self.count, self.images = self.sum + loss.detach().float(), self.count + 1, self.images + images
@@ -528,17 +699,24 @@ class Meter:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
 
     def check(self, loss, step):
-        """A non-finite loss stops the run, naming the step and the checkpoint to resume from."""
+        """A non-finite loss stops the run, naming the step and the checkpoint to resume from; so do
+        unreadable images above 1% of those loaded."""
         if not math.isfinite(loss):
             last = os.path.join(self.args.output_dir, "checkpoint-last.pth")
             hint = f"resume with --resume {last}" if os.path.isfile(last) else "no checkpoint yet"
             raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none")
+        failed, seen = int(self.loader.dataset.failed), self.images
+        if failed > 0.01 * seen:
+            raise UserError(f"--data {self.args.data}: {failed} of {seen} images could not be read (over 1%); "
+                            "fix or remove the files named in the warnings above")
         return loss
 
-    def mean_loss(self):
-        """Epoch mean over all processes (one all-reduce), checked before a checkpoint is written."""
+    def stats(self, epoch, lr):
+        """Epoch mean loss over all processes (one all-reduce), checked before a checkpoint is written."""
         total = torch.stack([torch.as_tensor(self.sum, dtype=torch.float32, device=self.args.device),
-                             torch.tensor(float(self.count), device=self.args.device)])
+                             torch.tensor(float(self.count), device=self.args.device),
+                             self.loader.dataset.failed.to(self.args.device, torch.float32)[0]])
         if dist.is_initialized():
             dist.all_reduce(total)
-        return self.check((total[0] / total[1]).item(), self.count - 1)
+        loss = self.check((total[0] / total[1]).item(), self.start + self.count - 1)
+        return {"epoch": epoch, "train_loss": loss, "lr": lr, "unreadable_images": int(total[2])}

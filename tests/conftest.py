@@ -14,9 +14,9 @@ SMOKE = ["--data", "fake", "--model", "vit_nano_patch16", "--teacher", "tiny", "
          "--epochs", "1", "--batch_size", "8", "--num_workers", "0"]
 
 
-def run_script(script, args, nproc=None, timeout=240):
+def run_script(script, args, nproc=None, timeout=240, env=None):
     """Run a method file as a user would (python or torchrun); returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     if nproc:  # two ranks on two cores: one thread each
         env["OMP_NUM_THREADS"] = "1"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
@@ -24,6 +24,17 @@ def run_script(script, args, nproc=None, timeout=240):
         cmd = [sys.executable, script]
     return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_forked(cases, timeout=240):
+    """Many `python SCRIPT ARGS...` runs, each its own process, sharing one start-up (tests/forkrun.py).
+    cases: {name: [script, args...]} -> {name: (exit code, stdout, stderr)}."""
+    import json
+    cases = {name: [str(a) for a in argv] for name, argv in cases.items()}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "forkrun.py")], input=json.dumps(cases),
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: tuple(r) for name, r in json.loads(proc.stdout).items()}
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,30 @@
+"""python tests/preempt.py SCRIPT ARGS...: runs SCRIPT as `python SCRIPT ARGS...` would, preempted the way
+a cluster does it. PREEMPT_AT_STEP=k: right after the mid-epoch checkpoint at step k is written, every
+rank SIGKILLs itself. PARAMS_DIR=dir: at the end of training each rank writes its parameters to
+dir/rank<r>.pth (to compare the ranks)."""
+import os
+import runpy
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import torch  # noqa: E402
+import common  # noqa: E402
+
+kill_at, params_dir, save = int(os.environ.get("PREEMPT_AT_STEP", -1)), os.environ.get("PARAMS_DIR"), common.Checkpointer.save
+
+
+def save_then_preempt(self, epoch, step, keep=False):
+    save(self, epoch, step, keep)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 has finished writing
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if params_dir and (epoch, step) == (self.args.epochs, 0):
+        torch.save(self.model.state_dict(), os.path.join(params_dir, f"rank{self.args.rank}.pth"))
+
+
+common.Checkpointer.save = save_then_preempt
+sys.argv = sys.argv[1:]
+runpy.run_path(os.path.join(ROOT, sys.argv[0]), run_name="__main__")
