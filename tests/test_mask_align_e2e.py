@@ -20,7 +20,7 @@ def wd_zero_shapes(ckpt):
 
 
 def test_smoke_run_writes_checkpoint_and_log(tmp_path):
-    proc = run_script("mask_align.py", SMOKE + ["--output_dir", tmp_path])
+    proc = run_script("mask_align.py", SMOKE + ["--fake_size", "64", "--output_dir", tmp_path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)  # no pickled objects
     assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "step", "args", "method"}
@@ -36,7 +36,7 @@ def test_smoke_run_writes_checkpoint_and_log(tmp_path):
     assert torch.equal(sd["encoder.norm.weight"], torch.ones(64))  # frozen final LN
     skip, decay = wd_zero_shapes(ckpt)
     assert (2, 2) in skip and (2, 2) not in decay and (64, 64) in decay  # matrix: no weight decay; adaptors: decay
-    assert ckpt["optimizer"]["state"][0]["step"].item() == 32  # 256 fake images / batch 8
+    assert ckpt["optimizer"]["state"][0]["step"].item() == 8  # 64 fake images / batch 8
     lines = (tmp_path / "log.txt").read_text().splitlines()
     stats = json.loads(lines[0])
     assert len(lines) == 1 and stats["epoch"] == 0 and math.isfinite(stats["train_loss"]) and stats["train_loss"] > 0
