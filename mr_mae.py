@@ -19,13 +19,15 @@ Alpha-VL/ConvMAE holds MCMAE v1 only); the paper is the only reference. Where it
 - targets are the teacher's output tokens (CLIP: ln_post then proj, 512-d for B/16; DINO: final norm, 768-d),
   not normalised further; one teacher per run (Table 4's joint CLIP+DINO row is not implemented).
 - Eq. 1 and Eq. 2 are taken as written: squared error summed over a patch's values, mean over patches, mean
-  over the batch (MAE's released loss averages over the values too, a factor p*p*3 smaller).
+  over the batch (MAE's released loss also averages over a patch's p*p*3 values: p*p*3 times smaller).
 - pixel targets are per-patch normalised (MAE's norm_pix_loss: (x - mean) / sqrt(var + 1e-6), unbiased var).
-- ConvViT follows MCMAE's released code (conv patch merging + LayerNorm + GELU, 5x5 depthwise conv between
-  1x1 convs, mask before every depthwise conv, fixed sin-cos positions at 14x14) with a [CLS] token added at
-  the transformer stage; MCMAE's stage-1/2 side outputs added to the last block are left out. LN eps 1e-6.
+- ConvViT-B follows MCMAE's released code (widths 256/384/768, depths 2/2/11; conv patch merging + LN + GELU,
+  5x5 depthwise conv between 1x1 convs, mask before every depthwise conv, fixed sin-cos positions at 14x14)
+  with a [CLS] token added at the transformer stage (ConvMAE-v2 has one, per the authors' issue #19);
+  MCMAE's stage-1/2 side outputs added to the last block are left out. LayerNorm eps 1e-6 everywhere.
 - the MAE decoder keeps the [CLS] token and uses fixed sin-cos positions (as MAE's released code).
-- min lr 0, crop scale (0.2, 1) and flip only (MAE's recipe: the paper names neither).
+- Sec. 4.1's "maximum learning rate 1.5e-4" is read as MAE's base lr (peak 6e-4 at batch 1024); the literal
+  reading is --lr 1.5e-4. min lr 0, betas (0.9, 0.95), crop scale (0.2, 1) + flip: MAE's (the paper names none).
 
 Paper run (Sec. 4.1: batch 1024 = 128 per GPU x accum 1 x 8 GPUs; lr = 1.5e-4 x 1024 / 256 = 6e-4):
   torchrun --nproc_per_node=8 mr_mae.py --data /imagenet --teacher_weights /path/to/ViT-B-16.pt
@@ -134,7 +136,7 @@ class CBlock(nn.Module):
 
     def forward(self, x, visible=None):  # visible [B, 1, H, W] or None (all patches visible)
         y = self.conv1(channel_norm(self.norm1, x))
-        y = y if visible is None else y * visible  # masked convolution: masked positions read as 0
+        y = y if visible is None else y * visible.to(y.dtype)  # masked convolution: masked positions read as 0
         x = x + common.drop_path(self.conv2(self.attn(y)), self.drop_path, self.training)
         return x + common.drop_path(self.mlp(channel_norm(self.norm2, x)), self.drop_path, self.training)
 
@@ -169,15 +171,16 @@ class ConvViT(nn.Module):
 
     def forward(self, x, ids_keep=None, return_hidden=False):
         B, G = len(x), self.grid
-        visible = None
-        if ids_keep is not None:  # 1 = visible, on the G x G grid
-            visible = (~common.mask_from_ids(ids_keep, self.num_patches)).to(x.dtype).view(B, 1, G, G)
+        vis4 = vis2 = None  # no mask (fine-tuning): every position visible
+        if ids_keep is not None:
+            visible = (~common.mask_from_ids(ids_keep, self.num_patches)).float().view(B, 1, G, G)  # 1 = visible
+            vis4, vis2 = upsample_mask(visible, 4), upsample_mask(visible, 2)  # [B, 1, 4G, 4G], [B, 1, 2G, 2G]
         x = self.patch_embed1(x)  # [B, C1, 4G, 4G]
         for blk in self.stage1:
-            x = blk(x, None if visible is None else upsample_mask(visible, 4))
+            x = blk(x, vis4)
         x = self.patch_embed2(x)  # [B, C2, 2G, 2G]
         for blk in self.stage2:
-            x = blk(x, None if visible is None else upsample_mask(visible, 2))
+            x = blk(x, vis2)
         x = self.patch_embed4(self.patch_embed3(x).flatten(2).transpose(1, 2)) + self.pos_embed[:, 1:]  # [B, N, D]
         if ids_keep is not None:
             x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, n, D], visible tokens only
@@ -216,6 +219,8 @@ def gather(x, ids):
 
 
 class MRMAE(nn.Module):
+    """MR-MAE Fig. 2: encoder on the visible patches -> E_v (fused blocks, final LN); E_v -> mimic head L
+    (visible mimic, L_M) and E_v -> MAE decoder (masked reconstruct, L_R)."""
     def __init__(self, encoder, target_dim, fusion_layers, decoder_dim=512, decoder_depth=8, decoder_heads=16):
         super().__init__()
         self.encoder, self.fusion_layers, D = encoder, list(fusion_layers), encoder.embed_dim

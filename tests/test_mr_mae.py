@@ -200,8 +200,9 @@ def test_model_loss_is_half_eq1_on_masked_plus_half_eq2_on_visible():
         loss, pred, mimic = model(x, ids_keep, ids_mask, pixels, tokens)
     masked = [[j for j in range(N) if mask[b, j]] for b in range(2)]  # hidden patches, found by hand
     visible = [[j for j in range(N) if not mask[b, j]] for b in range(2)]
-    l_r = loops_eq(torch.stack([pred[b, masked[b]] for b in range(2)]), torch.stack([pixels[b, masked[b]] for b in range(2)]))
-    l_m = loops_eq(mimic, torch.stack([tokens[b, visible[b]] for b in range(2)]))  # mimic rows are in raster order
+    rows = lambda t, sets: torch.stack([t[b, sets[b]] for b in range(2)])  # [B, l, C]
+    l_r = loops_eq(rows(pred, masked), rows(pixels, masked))
+    l_m = loops_eq(mimic, rows(tokens, visible))  # mimic rows are the visible patches in raster order
     assert loss.item() == pytest.approx(0.5 * l_r + 0.5 * l_m, rel=1e-5)
 
 
