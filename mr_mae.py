@@ -1,0 +1,392 @@
+"""MR-MAE: Mimic before Reconstruct: Enhancing Masked Autoencoders with Feature Mimicking.
+Peng Gao, Renrui Zhang, Rongyao Fang, Ziyi Lin, Hongyang Li, Hongsheng Li, Yu Qiao, 2023. arXiv:2303.05475.
+
+Implemented: a MAE encoder on the 25% visible patches (Sec. 3.1) with a MAE decoder that reconstructs the
+pixels of the 75% masked patches (L_R, Eq. 1); a linear mimic head on the encoder's visible tokens against
+CLIP or DINO features of the same patches (L_M, Eq. 2); loss 0.5 L_R + 0.5 L_M (Sec. 4.1); the three tricks
+of Sec. 3.3: focused mimicking (visible patches chosen from the teacher's [CLS] attention), multi-layer
+fusion (visible tokens of several encoder blocks added before the mimic head and the decoder) and masked
+convolution stages (MCMAE's ConvViT encoder, `--arch convvit_base`); trained with the Sec. 4.1 recipe.
+
+Deviations from the released code: none possible. The authors never released MR-MAE code (github.com/
+Alpha-VL/ConvMAE holds MCMAE v1 only); the paper is the only reference. Where it is silent, ours, one line each:
+- focused mimicking draws the visible patches without replacement with probability proportional to the
+  teacher's [CLS] attention (last block, head mean), as MILAN and MaskAlign do; `--focus topk` takes the most
+  salient ones literally, `--focus none` is MAE's uniform masking. The same patches feed decoder and mimic head.
+- multi-layer fusion sums blocks ceil(d/3), ceil(2d/3), d (4, 8, 12 for ViT-B; 4, 8, 11 for ConvViT-B), CLS
+  included, then the encoder's final LayerNorm; the last block must be among them (`--fusion_layers`).
+- the mimic head is one Linear(D -> C) on the fused, normed visible tokens; the [CLS] token is not mimicked.
+- targets are the teacher's output tokens (CLIP: ln_post then proj, 512-d for B/16; DINO: final norm, 768-d),
+  not normalised further; one teacher per run (Table 4's joint CLIP+DINO row is not implemented).
+- Eq. 1 and Eq. 2 are taken as written: squared error summed over a patch's values, mean over patches, mean
+  over the batch (MAE's released loss also averages over a patch's p*p*3 values: p*p*3 times smaller).
+- pixel targets are per-patch normalised (MAE's norm_pix_loss: (x - mean) / sqrt(var + 1e-6), unbiased var).
+- ConvViT-B follows MCMAE's released code (widths 256/384/768, depths 2/2/11; conv patch merging + LN + GELU,
+  5x5 depthwise conv between 1x1 convs, mask before every depthwise conv, fixed sin-cos positions at 14x14)
+  with a [CLS] token added at the transformer stage (ConvMAE-v2 has one, per the authors' issue #19);
+  MCMAE's stage-1/2 side outputs added to the last block are left out. LayerNorm eps 1e-6 everywhere.
+- the MAE decoder keeps the [CLS] token and uses fixed sin-cos positions (as MAE's released code).
+- Sec. 4.1's "maximum learning rate 1.5e-4" is read as MAE's base lr (peak 6e-4 at batch 1024); the literal
+  reading is --lr 1.5e-4. min lr 0, betas (0.9, 0.95), crop scale (0.2, 1) + flip: MAE's (the paper names none).
+
+Paper run (Sec. 4.1: batch 1024 = 128 per GPU x accum 1 x 8 GPUs; lr = 1.5e-4 x 1024 / 256 = 6e-4):
+  torchrun --nproc_per_node=8 mr_mae.py --data /imagenet --teacher_weights /path/to/ViT-B-16.pt
+(add --arch convvit_base for the masked convolution stages of the 85.8% headline, Tables 3 and 5;
+DINO teacher: --teacher dino_vitb16 --teacher_weights /path/to/dino_vitbase16_pretrain.pth.)
+Smoke run, no downloads: python mr_mae.py --data fake --model vit_nano_patch16 --teacher tiny
+  --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT   (add --arch convvit_nano for the conv stages)
+"""
+import argparse
+import math
+from collections import OrderedDict
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+
+
+# ---- Arguments: Sec. 4.1 recipe as defaults ------------------------------------------------------
+def get_args(argv=None):
+    p = common.get_parser("MR-MAE pre-training (arXiv:2303.05475)")
+    # MR-MAE Sec. 4.1: AdamW, batch 1024 (128 per GPU x accum 1 x 8 GPUs), max lr 1.5e-4 read as MAE's base lr,
+    # wd 0.05, 400 epochs with 80 of warmup then cosine, 25% visible, 8 decoder blocks, CLIP ViT-B/16 teacher.
+    # Betas (0.9, 0.95), min lr 0 and crop scale (0.2, 1) are MAE's (the paper follows "the practices in MAE").
+    p.set_defaults(batch_size=128, accum_iter=1, blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, epochs=400,
+                   warmup_epochs=80, min_lr=0.0, crop_min=0.2, mask_ratio=0.75, teacher="ViT-B-16")
+    p.add_argument("--arch", choices=["vit", *CONVVIT_CONFIGS], default="vit", help="vit: plain ViT of --model; "
+                   "convvit_*: masked convolution stages + transformer (Sec. 3.3, MCMAE; --model is then ignored)")
+    p.add_argument("--focus", choices=["attention", "topk", "none"], default="attention",
+                   help="Sec. 3.3 focused mimicking: visible patches drawn in proportion to the teacher's [CLS] "
+                   "attention, the most salient ones (topk), or uniform as in MAE (none; Table 3 ablation)")
+    p.add_argument("--fusion_layers", type=int, nargs="+", help="Sec. 3.3 multi-layer fusion: 1-based encoder "
+                   "blocks whose outputs are summed; default ceil(d/3) ceil(2d/3) d; pass only d for no fusion")
+    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="reconstruct per-patch normalised pixels (MAE's target; Sec. 4.1 follows MAE)")
+    p.add_argument("--decoder_dim", type=int, help="MAE decoder width: 512 (MAE); 64 for the test sizes")
+    p.add_argument("--decoder_depth", type=int, help="8 (Sec. 4.1); 2 for the test sizes")
+    p.add_argument("--decoder_heads", type=int, help="16 (MAE); 2 for the test sizes")
+    args = p.parse_args(argv)
+    nano = args.model == "vit_nano_patch16" if args.arch == "vit" else args.arch == "convvit_nano"
+    sizes = (64, 2, 2) if nano else (512, 8, 16)  # width, depth, heads
+    args.decoder_dim, args.decoder_depth, args.decoder_heads = (
+        given or default for given, default in zip((args.decoder_dim, args.decoder_depth, args.decoder_heads), sizes))
+    return args
+
+
+# ---- Sampler: focused mimicking (Sec. 3.3) --------------------------------------------------------
+def focused_sampling(cls_attn, n_keep, focus="attention"):
+    """MR-MAE Sec. 3.3 "Focused Mimicking": the visible patches, which the encoder sees and the mimic
+    loss supervises, are chosen from the teacher's [CLS] attention instead of uniformly.
+    attention: n_keep draws without replacement, P(i) proportional to cls_attn[i] (salient patches are
+    visible more often, the rest still gets seen; as MILAN and MaskAlign); topk: the n_keep most salient
+    patches; none: uniform (MAE). cls_attn [B, N] -> mask [B, N], True = hidden from the encoder."""
+    if focus == "attention":
+        ids_keep = torch.multinomial(cls_attn, n_keep, replacement=False)  # [B, n_keep]
+    elif focus == "topk":
+        ids_keep = cls_attn.topk(n_keep, dim=1).indices  # [B, n_keep], largest attention first
+    else:
+        ids_keep = torch.rand(cls_attn.shape, device=cls_attn.device).argsort(1)[:, :n_keep]  # [B, n_keep]
+    return common.mask_from_ids(ids_keep, cls_attn.shape[1])
+
+
+# ---- Model: ConvViT, masked convolution stages (Sec. 3.3, MCMAE) ----------------------------------
+CONVVIT_CONFIGS = {  # name: (stage widths, stage depths, transformer heads); nano is a test size
+    "convvit_nano": ((16, 32, 64), (2, 2, 2), 2), "convvit_base": ((256, 384, 768), (2, 2, 11), 12)}
+
+
+def channel_norm(norm, x):
+    """LayerNorm over the channels of each position of [B, C, H, W] (never over space: that would leak)."""
+    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def upsample_mask(visible, factor):
+    """[B, 1, G, G] -> [B, 1, G*f, G*f]: each patch's visibility copied onto its f x f block (MCMAE's
+    multi-scale block-wise masking: the 14x14 mask as 4x4 blocks at 56x56, 2x2 blocks at 28x28)."""
+    return visible.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+
+
+class ConvEmbed(nn.Module):
+    """Patch merging: Conv(kernel = stride = s), then per-position LayerNorm and GELU (MCMAE). Kernel = stride,
+    so each output position reads one s x s block, which lies inside a single 16 x 16 patch."""
+    def __init__(self, dim_in, dim, stride):
+        super().__init__()
+        self.proj, self.norm, self.act = nn.Conv2d(dim_in, dim, stride, stride), nn.LayerNorm(dim, eps=1e-6), nn.GELU()
+
+    def forward(self, x):  # [B, C_in, H, W] -> [B, C, H/s, W/s]
+        return self.act(channel_norm(self.norm, self.proj(x)))
+
+
+class CBlock(nn.Module):
+    """MCMAE's masked convolution block, [B, C, H, W] -> same:
+    x <- x + conv2(dwconv5x5(m * conv1(LN(x)))),  x <- x + MLP(LN(x)), with m = 1 on visible positions and
+    0 on masked ones. The depthwise conv is the only op that mixes positions, and it reads zeros at
+    every masked position, so nothing from a masked patch reaches a visible one. LN, 1x1 convs and the
+    MLP act per position."""
+    def __init__(self, dim, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1, self.conv1, self.conv2 = nn.LayerNorm(dim, eps=1e-6), nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)
+        self.attn = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)  # 5x5 depthwise conv (MCMAE's name)
+        hidden = int(dim * mlp_ratio)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Conv2d(dim, hidden, 1), act=nn.GELU(), fc2=nn.Conv2d(hidden, dim, 1)))
+        self.drop_path = drop_path
+
+    def forward(self, x, visible=None):  # visible [B, 1, H, W] or None (all patches visible)
+        y = self.conv1(channel_norm(self.norm1, x))
+        y = y if visible is None else y * visible.to(y.dtype)  # masked convolution: masked positions read as 0
+        x = x + common.drop_path(self.conv2(self.attn(y)), self.drop_path, self.training)
+        return x + common.drop_path(self.mlp(channel_norm(self.norm2, x)), self.drop_path, self.training)
+
+
+class ConvViT(nn.Module):
+    """MCMAE's hybrid encoder with the interface of common.ViT. Stage 1: stride-4 conv to a 4G x 4G map
+    (56x56 at 224 px), CBlocks; stage 2: stride-2 conv to 2G x 2G (28x28), CBlocks; stage 3: stride-2 conv
+    to the G x G patch grid (14x14), Linear, fixed sin-cos positions, then [CLS] + the visible tokens
+    only through transformer blocks and the final norm. Stages 1-2 run densely with the mask multiplied
+    in. forward(x, ids_keep [B, n] or None, return_hidden) -> [B, 1+n, D] (and per-block outputs)."""
+    def __init__(self, img_size=224, dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, mlp_ratio=4.0,
+                 drop_path=0.0):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.grid = 16, dims[2], img_size // 16
+        self.num_patches = self.grid ** 2
+        n = sum(depths)
+        dpr = [drop_path * i / max(n - 1, 1) for i in range(n)]  # stochastic depth grows over all n blocks
+        self.patch_embed1 = ConvEmbed(3, dims[0], 4)
+        self.stage1 = nn.ModuleList(CBlock(dims[0], mlp_ratio, dpr[i]) for i in range(depths[0]))
+        self.patch_embed2 = ConvEmbed(dims[0], dims[1], 2)
+        self.stage2 = nn.ModuleList(CBlock(dims[1], mlp_ratio, dpr[depths[0] + i]) for i in range(depths[1]))
+        self.patch_embed3, self.patch_embed4 = ConvEmbed(dims[1], dims[2], 2), nn.Linear(dims[2], dims[2])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[2]))
+        self.pos_embed = nn.Parameter(common.sincos_pos_embed(dims[2], self.grid)[None], requires_grad=False)
+        self.blocks = nn.ModuleList(common.Block(dims[2], num_heads, mlp_ratio, dpr[depths[0] + depths[1] + i])
+                                    for i in range(depths[2]))
+        self.norm = nn.LayerNorm(dims[2], eps=1e-6)
+        for m in self.modules():  # MAE init for the linears, N(0, 0.02) CLS
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, x, ids_keep=None, return_hidden=False):
+        B, G = len(x), self.grid
+        vis4 = vis2 = None  # no mask (fine-tuning): every position visible
+        if ids_keep is not None:
+            visible = (~common.mask_from_ids(ids_keep, self.num_patches)).float().view(B, 1, G, G)  # 1 = visible
+            vis4, vis2 = upsample_mask(visible, 4), upsample_mask(visible, 2)  # [B, 1, 4G, 4G], [B, 1, 2G, 2G]
+        x = self.patch_embed1(x)  # [B, C1, 4G, 4G]
+        for blk in self.stage1:
+            x = blk(x, vis4)
+        x = self.patch_embed2(x)  # [B, C2, 2G, 2G]
+        for blk in self.stage2:
+            x = blk(x, vis2)
+        x = self.patch_embed4(self.patch_embed3(x).flatten(2).transpose(1, 2)) + self.pos_embed[:, 1:]  # [B, N, D]
+        if ids_keep is not None:
+            x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, n, D], visible tokens only
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1), x], 1)  # [B, 1+n, D]
+        hidden = []
+        for blk in self.blocks:
+            x = blk(x)
+            if return_hidden:
+                hidden.append(x)
+        return (self.norm(x), hidden) if return_hidden else self.norm(x)
+
+
+def build_encoder(args):
+    """The student encoder from args (arch, model, input_size, drop_path): common.ViT for --arch vit, ConvViT
+    otherwise. finetune.py rebuilds a checkpoint's encoder (keys model.encoder.*) with Namespace(**ckpt['args'])."""
+    arch = getattr(args, "arch", "vit")
+    if arch == "vit":
+        return common.build_vit(args.model, args.input_size, drop_path=args.drop_path)
+    if arch not in CONVVIT_CONFIGS:
+        raise common.UserError(f"--arch {arch}: unknown; choose vit or one of {', '.join(CONVVIT_CONFIGS)}")
+    if args.input_size % 16:
+        raise common.UserError(f"--input_size {args.input_size}: --arch {arch} needs a multiple of 16")
+    dims, depths, heads = CONVVIT_CONFIGS[arch]
+    return ConvViT(args.input_size, dims, depths, heads, drop_path=args.drop_path)
+
+
+# ---- Model: MR-MAE = encoder + multi-layer fusion + mimic head + MAE decoder (Sec. 3.2-3.3) ------
+def default_fusion_layers(depth):
+    """Blocks ceil(d/3), ceil(2d/3), d (1-based, duplicates dropped): [4, 8, 12] for ViT-B (ours)."""
+    return sorted({math.ceil(depth / 3), math.ceil(2 * depth / 3), depth})
+
+
+def gather(x, ids):
+    """x [B, N, C], ids [B, n] -> [B, n, C]: the rows of the given patches."""
+    return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class MRMAE(nn.Module):
+    """MR-MAE Fig. 2: encoder on the visible patches -> E_v (fused blocks, final LN); E_v -> mimic head L
+    (visible mimic, L_M) and E_v -> MAE decoder (masked reconstruct, L_R)."""
+    def __init__(self, encoder, target_dim, fusion_layers, decoder_dim=512, decoder_depth=8, decoder_heads=16):
+        super().__init__()
+        self.encoder, self.fusion_layers, D = encoder, list(fusion_layers), encoder.embed_dim
+        self.mimic_head = nn.Linear(D, target_dim)  # L in Eq. 2
+        self.decoder_embed = nn.Linear(D, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(common.sincos_pos_embed(decoder_dim, encoder.grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(common.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size ** 2 * 3)  # one p x p x 3 patch per token
+        for m in [self.mimic_head, self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):  # MAE init
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_encoder(self, images, ids_keep):
+        """Sec. 3.1 + 3.3 multi-layer fusion: the encoder sees [CLS] + the visible patches; E_v = final
+        LN(sum of the outputs of the fusion blocks) -> [B, 1+n, D]."""
+        _, hidden = self.encoder(images, ids_keep, return_hidden=True)  # depth x [B, 1+n, D], no norm
+        fused = sum(hidden[layer - 1] for layer in self.fusion_layers)  # element-wise addition
+        return self.encoder.norm(fused)
+
+    def forward_mimic(self, latent):
+        """Sec. 3.2: the mimic head on the visible tokens, L(E_v): [B, 1+n, D] -> [B, n, C] ([CLS] dropped)."""
+        return self.mimic_head(latent[:, 1:])
+
+    def forward_decoder(self, latent, ids_keep, ids_mask):
+        """Sec. 3.1 (MAE): embed [CLS] + E_v, add one learned mask token per masked patch, restore raster
+        order, add positions, decoder blocks, norm, predict p*p*3 pixels per patch -> D [B, N, p*p*3]."""
+        x = self.decoder_embed(latent)  # [B, 1+n, Dd]
+        B, dim, M = x.shape[0], x.shape[-1], ids_mask.shape[1]
+        x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, M, -1)], 1)  # [B, N, Dd] in (ids_keep, ids_mask) order
+        ids_restore = torch.argsort(torch.cat([ids_keep, ids_mask], 1), 1)  # [B, N]
+        x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, dim))  # [B, N, Dd], raster order
+        x = torch.cat([x[:, :1], x_], 1) + self.decoder_pos_embed  # [B, 1+N, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # [B, N, p*p*3], [CLS] dropped
+
+    def forward(self, images, ids_keep, ids_mask, pixels, tokens):
+        """pixels [B, N, p*p*3] (target I), tokens [B, N, C] (teacher features F of all patches).
+        Returns the loss 0.5 L_R + 0.5 L_M, the pixel predictions [B, N, p*p*3], L(E_v) [B, n, C]."""
+        latent = self.forward_encoder(images, ids_keep)  # E_v, fed to both branches (Sec. 3.3)
+        pred, mimic = self.forward_decoder(latent, ids_keep, ids_mask), self.forward_mimic(latent)
+        loss_r = reconstruction_loss(gather(pred, ids_mask), gather(pixels, ids_mask))  # masked patches only
+        loss_m = mimic_loss(mimic, gather(tokens, ids_keep))  # visible patches only
+        return 0.5 * loss_r + 0.5 * loss_m, pred, mimic  # MR-MAE Sec. 4.1: weights 0.5 and 0.5
+
+
+# ---- Losses (Sec. 3.1 Eq. 1, Sec. 3.2 Eq. 2) ------------------------------------------------------
+def patchify(images, p=16):
+    """[B, 3, H, W] -> [B, N, p*p*3]: patches in raster order, each one's values in (row, col, channel)
+    order (MAE's layout)."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // p, p, W // p, p)  # [B, C, h, p, w, p]
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def pixel_targets(images, p=16, norm_pix=True):
+    """I: the RGB values of every patch [B, N, p*p*3]; with norm_pix each patch normalised by its own mean
+    and (unbiased variance + 1e-6)^0.5 (MAE's norm_pix_loss)."""
+    target = patchify(images.float(), p)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    return target
+
+
+def reconstruction_loss(d_m, i_m, per_patch=False):
+    """MR-MAE Eq. 1: L_R = (1/l_m) ||D_m - I_m||_2^2, the squared error summed over each masked patch's
+    p*p*3 values, averaged over the l_m masked patches, then over the batch. d_m, i_m [B, l_m, p*p*3].
+    per_patch: the [B, l_m] terms ||D_j - I_j||^2."""
+    err = (d_m.float() - i_m.float()).pow(2).sum(-1)  # [B, l_m]
+    return err if per_patch else err.mean()
+
+
+def mimic_loss(le_v, f_v, per_patch=False):
+    """MR-MAE Eq. 2: L_M = (1/l_v) ||L(E_v) - F_v||_2^2, the squared error summed over the C feature
+    values of each visible patch, averaged over the l_v visible patches, then over the batch.
+    le_v, f_v [B, l_v, C]. per_patch: the [B, l_v] terms ||L(E_j) - F_j||^2."""
+    err = (le_v.float() - f_v.float()).pow(2).sum(-1)  # [B, l_v]
+    return err if per_patch else err.mean()
+
+
+# ---- Training -------------------------------------------------------------------------------------
+def build_transform(args):
+    return common.pretrain_transform(args)  # RandomResizedCrop + flip (MAE)
+
+
+def build_model(args):
+    """-> (model, teacher): the trained student (encoder, mimic head, MAE decoder) and the frozen teacher.
+    Resolves args.fusion_layers (so that checkpoints record the blocks used)."""
+    encoder = build_encoder(args)
+    depth = len(encoder.blocks)
+    layers = sorted(set(args.fusion_layers or default_fusion_layers(depth)))
+    if layers[0] < 1 or layers[-1] != depth:
+        raise common.UserError(f"--fusion_layers {' '.join(map(str, layers))}: give block numbers from 1 to {depth} "
+                               f"that include the last block {depth}")
+    args.fusion_layers = layers
+    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
+    model = MRMAE(encoder, teacher.dim, layers, args.decoder_dim, args.decoder_depth, args.decoder_heads)
+    return model.to(args.device), teacher
+
+
+def forward_step(model, teacher, batch, args):
+    """One training forward on a batch of images (on the device). Returns the loss and, for pictures and
+    benchmarks, the mask [B, N] (True = hidden), the per-patch loss [B, N] (||D_j - I_j||^2 on masked
+    patches, ||L(E_j) - F_j||^2 on visible ones, unweighted) and the teacher's [CLS] attention."""
+    images, N = batch, teacher.grid ** 2
+    n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
+    # one teacher pass on the intact image: mimic targets F (Sec. 3.2) and [CLS] attention (Sec. 3.3)
+    out = teacher(images, tokens=True, cls_attn=args.focus != "none")
+    attn = out["cls_attn"] if args.focus != "none" else images.new_ones(len(images), N)
+    mask = focused_sampling(attn, n_keep, args.focus)
+    ids_keep, ids_mask = common.ids_from_mask(mask, n_keep)  # [B, 49], [B, 147]
+    patch = images.shape[-1] // teacher.grid  # the student's patch size: the teacher's grid is the student's
+    pixels, tokens = pixel_targets(images, patch, args.norm_pix_loss), out["tokens"][:, 1:]  # I, F of all patches
+    loss, pred, mimic = model(images, ids_keep, ids_mask, pixels, tokens)
+    patch_loss = torch.zeros(mask.shape, device=images.device)  # [B, N]
+    patch_loss.scatter_(1, ids_mask, reconstruction_loss(gather(pred.detach(), ids_mask), gather(pixels, ids_mask), True))
+    patch_loss.scatter_(1, ids_keep, mimic_loss(mimic.detach(), gather(tokens, ids_keep), True))
+    return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
+
+
+def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    meter = common.Meter(loader, epoch, args)
+    for step, (images, _) in enumerate(meter.bar):
+        if step % args.accum_iter == 0:  # per-iteration schedule (MAE)
+            lr = common.lr_at(epoch + step / len(loader), args)
+            common.set_lr(optimizer, lr)
+        images = images.to(args.device, non_blocking=True)
+        update = (step + 1) % args.accum_iter == 0
+        with model.no_sync() if args.world_size > 1 and not update else nullcontext():
+            with common.autocast(args):
+                loss = forward_step(model, teacher, images, args)["loss"]
+            scaler.scale(loss / args.accum_iter).backward()
+        if update:
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        meter.update(step, loss, lr, len(images))
+    return {"epoch": epoch, "train_loss": meter.mean_loss(), "lr": lr}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    common.setup(args)
+    loader = common.build_loader(common.build_dataset(args, build_transform(args)), args)
+    model, teacher = build_model(args)
+    optimizer = common.build_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+    start_epoch = common.resume(args, model, optimizer, scaler, "mr_mae")
+    ddp = DDP(model) if args.world_size > 1 else model  # the student only
+    step_model = torch.compile(ddp) if args.compile else ddp
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(step_model, teacher, loader, optimizer, scaler, epoch, args)
+        common.save_epoch(args, epoch, "mr_mae", model, optimizer, scaler)
+        common.log_epoch(args, stats)
+    if args.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.cli(main)
