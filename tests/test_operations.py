@@ -22,7 +22,7 @@ def assert_same_state(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("script", ["milan.py"])
+@pytest.mark.parametrize("script", ["milan.py", "mask_align.py"])
 def test_killed_run_resumes_to_identical_parameters(script, tmp_path):
     """Uninterrupted 2 epochs vs. the same run SIGKILLed right after its mid-epoch checkpoint at step 2 of
     epoch 0, then `--resume auto`: every parameter and optimizer moment ends bit-identical. The two runs
