@@ -443,7 +443,8 @@ def get_parser(description):
     a("--visualize", type=int, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
       "--resume CKPT: that model) and exit")
     a("--seed", type=int, default=0, help="each process uses seed + rank")
-    a("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
+    a("--num_workers", type=int, default=None, help="DataLoader workers per process (default: the machine's "
+      "cores / processes per node, at most 10)")
     a("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="autocast on GPU (CPU runs fp32)")
     a("--compile", action="store_true", help="torch.compile the student (slow first steps)")
     a("--log_every", type=int, default=20, help="steps between progress updates (the only syncs)")
@@ -470,6 +471,8 @@ def setup(args):
         torch.cuda.set_device(local)
     if args.world_size > 1:  # launched by torchrun: nccl on GPUs, gloo on CPU
         dist.init_process_group("nccl" if cuda else "gloo")
+    if args.num_workers is None:  # size the loaders to the machine: all cores, shared by this node's processes
+        args.num_workers = max(1, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
     if not cuda:
         args.amp = "none"  # bf16 autocast on these CPUs is ~5x slower than fp32
     seed = args.seed + args.rank

@@ -1,0 +1,203 @@
+"""Cost of one pre-training step of each method: GFLOPs per image (teacher forward, student forward +
+backward, and the decoder / regressor / heads part of the student), images/s (median of timed steps
+after warm-up), peak memory, and on CUDA the model FLOP utilisation against the device's bf16 peak.
+
+  python benchmarks/bench.py --device cpu --model vit_base_patch16 --teacher ViT-B-16 \\
+      --teacher_weights none --batch_size 8 --json out.json
+
+Each method runs in its own process (clean peak-memory numbers) through the interface every method
+file shares: get_args, build_transform, build_model, forward_step. `milan_mae_decoder` is MILAN with
+an MAE-style decoder in place of the prompting decoder (the MILAN Sec. 2.3 cost comparison).
+`--variant` re-creates the code as it would be without one speed measure, to measure before/after:
+  teacher_grad     the teacher forward records an autograd graph (no torch.no_grad)
+  eager_attention  attention as softmax(q k^T / sqrt(d)) v instead of F.scaled_dot_product_attention
+  sync_every_step  loss.item() after every step (a host-device sync)
+  unfused_adamw    AdamW without fused=True (CUDA only)
+FLOPs come from torch.utils.flop_counter (matmuls, convolutions and attention; no element-wise ops).
+"""
+import argparse
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import common  # noqa: E402
+import milan  # noqa: E402
+
+METHODS = {  # method -> (module, extra flags)
+    "milan": ("milan", []),
+    "milan_mae_decoder": ("milan", []),
+    "cae": ("cae", ["--target", "dalle", "--dalle_weights", "none"]),
+    "cae_v2": ("cae_v2", []),
+    "mr_mae": ("mr_mae", []),
+    "mask_align": ("mask_align", []),
+}
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense, no sparsity
+
+
+# ---- The MAE-style decoder baseline (MILAN Sec. 2.3 compares the prompting decoder with it) -------
+class MAEStyleMILAN(milan.MILAN):
+    """MILAN with MAE's decoder: self-attention blocks over all 1 + N tokens (CLS, the embedded visible
+    latents and one mask token per masked patch), so visible tokens are updated too and every block
+    attends over 197 tokens, where the prompting decoder only updates (and queries with) the masked ones."""
+    def __init__(self, encoder, target_dim, decoder_dim=512, decoder_depth=8, decoder_heads=16):
+        super().__init__(encoder, target_dim, decoder_dim, decoder_depth, decoder_heads)
+        self.decoder_blocks = nn.ModuleList(common.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+
+    def forward_decoder(self, latent, ids_keep, ids_mask):
+        B, dim = latent.shape[0], self.mask_token.shape[-1]
+        x = self.decoder_embed(latent)  # [B, 1+n, Dd]
+        x = torch.cat([x[:, 1:], self.mask_token.expand(B, ids_mask.shape[1], -1)], 1)  # [B, N, Dd]
+        ids_restore = torch.argsort(torch.cat([ids_keep, ids_mask], 1), 1)
+        x = x.gather(1, ids_restore[..., None].expand(-1, -1, dim))  # [B, N, Dd], raster order
+        x = torch.cat([self.decoder_embed(latent[:, :1]), x], 1) + self.decoder_pos_embed  # [B, 1+N, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x[:, 1:]))  # [B, N, C]
+
+
+def eager_attention_forward(self, x):  # the 'before' of SDPA: materialised [B, H, N, N] attention
+    q, k, v = self.qkv_heads(x)
+    a = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+    return self.proj((a @ v).transpose(1, 2).flatten(2))
+
+
+# ---- One method, in this process ------------------------------------------------------------------
+def build(method, opts):
+    module = importlib.import_module(METHODS[method][0])
+    argv = ["--data", "fake", "--model", opts.model, "--teacher", opts.teacher, "--teacher_weights",
+            opts.teacher_weights, "--batch_size", str(opts.batch_size), "--fake_size", str(opts.batch_size),
+            "--num_workers", "0"] + METHODS[method][1]
+    args = module.get_args(argv)
+    args.rank, args.world_size, args.device, args.lr = 0, 1, opts.device, 1e-4
+    args.amp = "bf16" if opts.device.startswith("cuda") else "none"
+    if method == "milan_mae_decoder":
+        module.MILAN, milan_cls = MAEStyleMILAN, module.MILAN
+        model, teacher = module.build_model(args)
+        module.MILAN = milan_cls
+    else:
+        model, teacher = module.build_model(args)
+    batch, _ = next(iter(common.build_loader(common.build_dataset(args, module.build_transform(args)), args)))
+    to = lambda b: [t.to(opts.device) for t in b] if isinstance(b, (list, tuple)) else b.to(opts.device)
+    return module, args, model, teacher, to(batch)
+
+
+def measure(method, opts):
+    torch.manual_seed(0)
+    if "eager_attention" in opts.variant:
+        common.Attention.forward = eager_attention_forward
+    if "teacher_grad" in opts.variant:
+        common.Teacher.forward = common.Teacher.forward.__wrapped__  # without the no_grad decorator
+    module, args, model, teacher, batch = build(method, opts)
+    cuda = opts.device.startswith("cuda")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=cuda and "unfused_adamw" not in opts.variant)
+    step_model = torch.compile(model) if opts.compile else model
+    B = args.batch_size
+
+    def step():
+        with common.autocast(args):
+            loss = module.forward_step(step_model, teacher, batch, args)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if "sync_every_step" in opts.variant:
+            loss.item()
+
+    # FLOPs of one step (forward + backward), split by module: the student is the model's root module,
+    # its encoder the '.encoder' child; whatever ran outside the student (teacher, tokenizer) is the teacher.
+    model.train()
+    with FlopCounterMode(display=False, depth=None) as fc:
+        with common.autocast(args):
+            loss = module.forward_step(model, teacher, batch, args)["loss"]
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+    root = type(model).__name__
+    total, student, encoder = counts["Global"], counts.get(root, 0), counts.get(f"{root}.encoder", 0)
+    for _ in range(opts.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(opts.steps):
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rec = dict(method=method, model=opts.model, teacher=opts.teacher, device=device_name(opts.device),
+               batch_size=B, gflops_teacher=(total - student) / B / 1e9, gflops_student=student / B / 1e9,
+               gflops_decoder=(student - encoder) / B / 1e9, images_per_s=B / median, peak_mem_mb=peak,
+               step_s_median=median, step_s_all=times, variant=opts.variant or "baseline", compile=opts.compile)
+    if cuda:
+        peak_tflops = opts.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in rec["device"]), None)
+        rec["mfu"] = total / median / (peak_tflops * 1e12) if peak_tflops else None
+    return rec
+
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--model", default="vit_base_patch16")
+    p.add_argument("--teacher", default="ViT-B-16")
+    p.add_argument("--teacher_weights", default="none", help="weights do not change the cost; 'none' needs no file")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="timed steps; images/s uses their median")
+    p.add_argument("--variant", default="", help="comma-separated 'before' variants (see above)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--peak_tflops", type=float, help="bf16 peak of the GPU, when its name is not known here")
+    p.add_argument("--json", help="write the records (a JSON list) here")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method in this process
+    opts = p.parse_args()
+    opts.variant = [v for v in opts.variant.split(",") if v]
+    if opts.one:
+        print("RECORD " + json.dumps(measure(opts.one, opts)))
+        return
+    records = []
+    for method in opts.methods.split(","):
+        if method not in METHODS:
+            sys.exit(f"error: --methods: unknown method {method}; choose from {', '.join(METHODS)}")
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", method] + [a for a in sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RECORD ")]
+        if proc.returncode or not line:
+            print(f"{method}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rec = json.loads(line[0][7:])
+        records.append(rec)
+        print(f"{method:18s} GFLOPs/img teacher {rec['gflops_teacher']:7.2f} student {rec['gflops_student']:7.2f} "
+              f"(decoder {rec['gflops_decoder']:6.2f})  {rec['images_per_s']:8.2f} img/s  "
+              f"peak {rec['peak_mem_mb']:8.0f} MB" + (f"  MFU {rec['mfu']:.1%}" if rec.get("mfu") else ""), flush=True)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if len(records) < len(opts.methods.split(",")):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
