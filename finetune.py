@@ -13,14 +13,15 @@ Top-1 / top-5 on the validation split every epoch; --eval alone evaluates; --exp
 --finetune takes a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or mask_align.py (its
 model.encoder), a finetune.py checkpoint (encoder and head), or a timm-format ViT state dict.
 
-Deviations from the released code (MAE main_finetune/main_linprobe @be47fef, CAE run_attentive @ (VIMER)),
-one line each:
+Deviations from the released code (facebookresearch/mae main_finetune.py / main_linprobe.py, which MILAN and
+MaskAlign reuse; Atten4Vis/CAE tools/run_attentive.py), one line each:
 - RandAugment is torchvision's v2.RandAugment(2, 9), an approximation of timm's rand-m9-mstd0.5-inc1.
 - mixup/cutmix are torchvision's v2 MixUp/CutMix, chosen 50/50 per batch; sample i mixes with i-1.
 - the attentive probe attends over the patch tokens only (CAE App. A: "the patch representations"); the
   released code also passes the encoder's CLS token; its released call crashes (TypeError) as well.
 - the attentive probe's BatchNorm uses running statistics at evaluation; CAE's released code uses batch ones.
 - CAE and CAE v2 fine-tune with relative position bias added to the blocks; common.ViT has none.
+- fc_norm starts fresh (MAE); CAE's run_class_finetuning initialises it from the encoder's final norm.
 - with several processes the validation sampler pads to a multiple of the world size (as MAE): a few images count twice.
 
 Paper ViT-B runs (per-paper flags in README), e.g. MILAN App. A.1 fine-tuning, batch 128 x 8 GPUs = 1024,
@@ -46,10 +47,11 @@ import common
 
 # ---- Arguments: MAE's ViT-B protocols as defaults (each paper's flags in README) -----------------
 RECIPES = {  # per --mode, for every flag left unset; batch_size is per process (8 GPUs in the papers)
-    # MAE App. A.2 fine-tuning (followed by MILAN, MR-MAE, MaskAlign): batch 1024, blr 5e-4, 100 epochs,
-    # 5 warmup, wd 0.05, drop path 0.1, AdamW (0.9, 0.999), cosine to 1e-6
+    # MAE's released ViT-B fine-tuning (FINETUNE.md; MILAN, MR-MAE, MaskAlign follow MAE): batch 1024, blr 5e-4,
+    # layer decay 0.65, 100 epochs, 5 warmup, wd 0.05, drop path 0.1, AdamW (0.9, 0.999), cosine to 1e-6
     "finetune": dict(batch_size=128, blr=5e-4, epochs=100, warmup_epochs=5, weight_decay=0.05, min_lr=1e-6, drop_path=0.1),
-    # MAE App. A.3 / CAE App. A / CAE v2 Table 9: LARS, batch 16384, blr 0.1 (lr 6.4), 90 epochs, 10 warmup, wd 0
+    # MAE's linear probe (FINETUNE.md) = CAE App. A = CAE v2 Table 9: LARS, batch 16384, blr 0.1 (lr 6.4), 90 epochs,
+    # 10 warmup, wd 0
     "linprobe": dict(batch_size=2048, blr=0.1, epochs=90, warmup_epochs=10, weight_decay=0.0, min_lr=0.0, drop_path=0.0),
     # CAE App. A attentive probing: SGD momentum 0.9, batch 8192, lr 0.4 (blr 0.0125), 90 epochs, 10 warmup, wd 0
     "attnprobe": dict(batch_size=1024, blr=0.0125, epochs=90, warmup_epochs=10, weight_decay=0.0, min_lr=0.0,
@@ -62,7 +64,8 @@ def get_args(argv=None):
     a = p.add_argument
     a("--mode", choices=list(RECIPES), default="finetune", help="end to end (MAE/BEiT), linear probe (MAE), or "
       "attentive probe (CAE Sec. 4.2); unset --batch_size/--blr/--epochs/--warmup_epochs/--weight_decay/"
-      "--min_lr/--drop_path take the mode's recipe: " + "; ".join(f"{m}: {r}" for m, r in RECIPES.items()))
+      "--min_lr/--drop_path take the mode's recipe: " +
+      "; ".join(f"{m}: " + " ".join(f"{k}={v:g}" for k, v in r.items()) for m, r in RECIPES.items()))
     a("--finetune", required=True, metavar="CKPT", help="a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or "
       "mask_align.py (its encoder is loaded), a finetune.py checkpoint (encoder and head), or a timm ViT state dict")
     a("--eval", action="store_true", help="only report top-1/top-5 on the val split for --finetune (or --resume)")
@@ -305,7 +308,7 @@ def build_optimizer(model, args):
         return torch.optim.AdamW(param_groups_lrd(model, args.weight_decay, args.layer_decay), lr=args.lr,
                                  betas=tuple(args.betas), fused=args.device.startswith("cuda"))
     params = list(model.head.parameters())  # the probes train the head only
-    if model.kind == "linprobe":  # MAE App. A.3, CAE App. A: LARS, momentum 0.9
+    if model.kind == "linprobe":  # CAE App. A, MILAN App. A.1, CAE v2 Table 9: LARS, momentum 0.9
         return LARS(params, lr=args.lr, weight_decay=args.weight_decay)
     # CAE App. A: SGD momentum 0.9; Nesterov as CAE's released run_attentive (the paper does not say)
     return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
@@ -322,7 +325,7 @@ def build_transform(args, train=True):
                            v2.CenterCrop(args.input_size)] + tail)
     crop = [v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=bicubic),
             v2.RandomHorizontalFlip()]
-    if args.mode != "finetune":  # probes: no other augmentation (CAE App. A, MAE App. A.3)
+    if args.mode != "finetune":  # probes: no other augmentation (CAE App. A, MILAN App. A.1)
         return v2.Compose(crop + tail)
     fill = [round(255 * m) for m in common.IMAGENET_MEAN]
     erase = [v2.RandomErasing(args.reprob, value="random")] if args.reprob > 0 else []  # N(0, 1) pixels, timm 'pixel'
