@@ -1,0 +1,453 @@
+"""Fine-tuning, linear probing and attentive probing of a pre-trained encoder, and export to timm.
+
+How all five papers evaluate their encoders on ImageNet-1K (MILAN App. A.1, CAE Sec. 4.2 / App. A,
+CAE v2 Tables 9-10, MR-MAE Sec. 4.1, MaskAlign Sec. 4.1 / App. A); they all follow MAE (He et al. 2022)
+or BEiT (Bao et al. 2022):
+- --mode finetune: end to end, AdamW with layer-wise lr decay (BEiT), drop path, RandAugment m9,
+  mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing 0.25, global average pooling of the patch
+  tokens + LayerNorm (fc_norm) + Linear head.
+- --mode linprobe: frozen encoder, CLS token after the final norm, BatchNorm without affine + Linear, LARS.
+- --mode attnprobe: frozen encoder, one cross-attention unit whose query is a learned extra class token
+  over the patch tokens (no MLP, no skip connection), BatchNorm without affine + Linear, SGD (CAE App. A).
+Top-1 / top-5 on the validation split every epoch; --eval alone evaluates; --export_timm writes timm keys.
+--finetune takes a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or mask_align.py (its
+model.encoder), a finetune.py checkpoint (encoder and head), or a timm-format ViT state dict.
+
+Deviations from the released code (facebookresearch/mae main_finetune.py / main_linprobe.py, which MILAN and
+MaskAlign reuse; Atten4Vis/CAE tools/run_attentive.py), one line each:
+- RandAugment is torchvision's v2.RandAugment(2, 9), an approximation of timm's rand-m9-mstd0.5-inc1.
+- mixup/cutmix are torchvision's v2 MixUp/CutMix, chosen 50/50 per batch; sample i mixes with i-1.
+- the attentive probe attends over the patch tokens only (CAE App. A: "the patch representations"); the
+  released code also passes the encoder's CLS token; its released call crashes (TypeError) as well.
+- the attentive probe's BatchNorm uses running statistics at evaluation; CAE's released code uses batch ones.
+- CAE and CAE v2 fine-tune with relative position bias added to the blocks; common.ViT has none.
+- fc_norm starts fresh (MAE); CAE's run_class_finetuning initialises it from the encoder's final norm.
+- with several processes the validation sampler pads to a multiple of the world size (as MAE): a few images count twice.
+
+Paper ViT-B runs (per-paper flags in README), e.g. MILAN App. A.1 fine-tuning, batch 128 x 8 GPUs = 1024,
+lr = 1e-4 x 1024 / 256 = 4e-4:
+  torchrun --nproc_per_node=8 finetune.py --data /imagenet --finetune out/milan/checkpoint-399.pth --blr 1e-4 --min_lr 0
+Linear probe (MILAN: batch 2048 x 8 = 16384, lr = 0.05 x 16384 / 256 = 3.2):
+  torchrun --nproc_per_node=8 finetune.py --mode linprobe --data /imagenet --finetune CKPT --blr 0.05 --epochs 100
+Smoke run: python finetune.py --data fake --finetune OUT/checkpoint-last.pth --epochs 1 --batch_size 8 --output_dir FT
+"""
+import argparse
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import InterpolationMode, v2
+
+import common
+
+
+# ---- Arguments: MAE's ViT-B protocols as defaults (each paper's flags in README) -----------------
+RECIPES = {  # per --mode, for every flag left unset; batch_size is per process (8 GPUs in the papers)
+    # MAE's released ViT-B fine-tuning (FINETUNE.md; MILAN, MR-MAE, MaskAlign follow MAE): batch 1024, blr 5e-4,
+    # layer decay 0.65, 100 epochs, 5 warmup, wd 0.05, drop path 0.1, AdamW (0.9, 0.999), cosine to 1e-6
+    "finetune": dict(batch_size=128, blr=5e-4, epochs=100, warmup_epochs=5, weight_decay=0.05, min_lr=1e-6, drop_path=0.1),
+    # MAE's linear probe (FINETUNE.md) = CAE App. A = CAE v2 Table 9: LARS, batch 16384, blr 0.1 (lr 6.4), 90 epochs,
+    # 10 warmup, wd 0
+    "linprobe": dict(batch_size=2048, blr=0.1, epochs=90, warmup_epochs=10, weight_decay=0.0, min_lr=0.0, drop_path=0.0),
+    # CAE App. A attentive probing: SGD momentum 0.9, batch 8192, lr 0.4 (blr 0.0125), 90 epochs, 10 warmup, wd 0
+    "attnprobe": dict(batch_size=1024, blr=0.0125, epochs=90, warmup_epochs=10, weight_decay=0.0, min_lr=0.0,
+                      drop_path=0.0)}
+
+
+def get_args(argv=None):
+    p = common.get_parser("Fine-tuning, linear probing, attentive probing, timm export of a pre-trained encoder")
+    p.set_defaults(**{k: None for k in RECIPES["finetune"]}, betas=(0.9, 0.999), crop_min=0.08)  # MAE / timm crop (0.08, 1)
+    a = p.add_argument
+    a("--mode", choices=list(RECIPES), default="finetune", help="end to end (MAE/BEiT), linear probe (MAE), or "
+      "attentive probe (CAE Sec. 4.2); unset --batch_size/--blr/--epochs/--warmup_epochs/--weight_decay/"
+      "--min_lr/--drop_path take the mode's recipe: " +
+      "; ".join(f"{m}: " + " ".join(f"{k}={v:g}" for k, v in r.items()) for m, r in RECIPES.items()))
+    a("--finetune", required=True, metavar="CKPT", help="a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or "
+      "mask_align.py (its encoder is loaded), a finetune.py checkpoint (encoder and head), or a timm ViT state dict")
+    a("--eval", action="store_true", help="only report top-1/top-5 on the val split for --finetune (or --resume)")
+    a("--nb_classes", type=int, help="classes of the head (default: those of the training data; --data fake has 10)")
+    a("--layer_decay", type=float, default=0.65, help="finetune: lr scale decay^(L+1-layer) (BEiT; MAE/MILAN/CAE ViT-B "
+      "0.65, CAE v2 0.75, MR-MAE and MaskAlign 0.6)")
+    a("--smoothing", type=float, default=0.1, help="finetune: label smoothing")
+    a("--mixup", type=float, default=0.8, help="finetune: mixup alpha (0: off)")
+    a("--cutmix", type=float, default=1.0, help="finetune: cutmix alpha (0: off)")
+    a("--reprob", type=float, default=0.25, help="finetune: random erasing probability (MAE, CAE)")
+    a("--export_timm", metavar="OUT.pth", help="write the --finetune encoder with timm's keys to OUT.pth and exit")
+    args = p.parse_args(argv)
+    for k, v in RECIPES[args.mode].items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    return args
+
+
+# ---- Model: probes and heads ----------------------------------------------------------------------
+class AttentivePool(nn.Module):
+    """CAE Sec. 4.2 / App. A attentive probing: one cross-attention unit. The query is a learned extra
+    class token (not the encoder's), keys and values are the patch tokens. "There is no MLP or skip
+    connection": out = W_o concat_h softmax(q_h k_h^T / sqrt(d_h)) v_h, nothing added. LayerNorms on the
+    query and on the tokens before the projections as in CAE's released AttentiveBlock. x [B, N, D] -> [B, D]."""
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.query, std=0.02)  # our choice; the paper gives no init
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q = self.q(self.norm_q(self.query)).view(1, self.num_heads, 1, D // self.num_heads).expand(B, -1, -1, -1)
+        k, v = self.kv(self.norm_kv(x)).view(B, N, 2, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, d_h]: softmax over the N patches
+        return self.proj(out.reshape(B, D))  # concat heads, W_o; no "+ query" (no skip), no MLP
+
+
+class Classifier(nn.Module):
+    """encoder + what reads its tokens [B, 1+N, D]. finetune (MAE/BEiT global pooling): mean of the patch
+    tokens, fc_norm, head; the encoder's final norm is dropped as in MAE (timm names: a finetune-mode
+    checkpoint is timm's global_pool='avg' classifier). linprobe: CLS token after the final norm,
+    head = BatchNorm(affine=False) + Linear. attnprobe: patch tokens, head = AttentivePool + BN + Linear.
+    In the probes the encoder is frozen: no gradients, always in eval mode."""
+    def __init__(self, encoder, kind, nb_classes):
+        super().__init__()
+        self.encoder, self.kind, D = encoder, kind, encoder.embed_dim
+        if kind == "finetune":
+            encoder.norm = nn.Identity()  # MAE: global pooling replaces the final norm by fc_norm after the mean
+            encoder.pos_embed.requires_grad_(True)  # MAE: the sin-cos position embedding becomes learnable
+            self.fc_norm, self.head = nn.LayerNorm(D, eps=1e-6), nn.Linear(D, nb_classes)
+            linear, std = self.head, 2e-5  # MAE main_finetune
+        else:
+            encoder.requires_grad_(False)
+            pool = [AttentivePool(D, encoder.blocks[-1].attn.num_heads)] if kind == "attnprobe" else []
+            self.head = nn.Sequential(*pool, nn.BatchNorm1d(D, affine=False, eps=1e-6), nn.Linear(D, nb_classes))
+            linear, std = self.head[-1], 0.01  # MAE linear probe; CAE N(0, 0.01)
+        nn.init.trunc_normal_(linear.weight, std=std), nn.init.zeros_(linear.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.kind != "finetune":
+            self.encoder.eval()  # frozen encoder: no drop path
+        return self
+
+    def select(self, tokens):
+        """What the head reads from the encoder output [B, 1+N, D]."""
+        if self.kind == "finetune":
+            return self.fc_norm(tokens[:, 1:].mean(1))  # [B, D], mean over the N patch tokens
+        return tokens[:, 0] if self.kind == "linprobe" else tokens[:, 1:]  # CLS [B, D] / patches [B, N, D]
+
+    def forward(self, images):
+        with nullcontext() if self.kind == "finetune" else torch.no_grad():
+            tokens = self.encoder(images)  # [B, 1+N, D], all patches visible
+        return self.head(self.select(tokens))  # [B, classes]
+
+
+# ---- Loading a pre-trained encoder ----------------------------------------------------------------
+def read_pretrained(path, flag="--finetune"):
+    """A --finetune file -> dict(encoder: timm-named state dict, state: the whole state dict, args: the
+    writer's args (empty for timm files), method). Refuses, in one line, a file without a ViT encoder."""
+    if not os.path.isfile(path):
+        raise common.UserError(f"{flag} {path}: no such file; pass a checkpoint-*.pth of a method file or a timm ViT")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise common.UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    meta = obj if isinstance(obj, dict) else {}
+    sd = meta.get("model", meta.get("state_dict", obj))
+    sd = {k.removeprefix("module."): t for k, t in sd.items() if torch.is_tensor(t)} if isinstance(sd, dict) else {}
+    if any(k.startswith("encoder.") for k in sd):  # ours: model.encoder of every method file
+        enc = {k[len("encoder."):]: t for k, t in sd.items() if k.startswith("encoder.")}
+    else:  # timm / MAE / DINO format: the backbone at the top level, classifier keys dropped
+        enc = {k: t for k, t in sd.items() if not k.startswith(("head.", "fc_norm."))}
+    if "cls_token" not in enc or not any(k.startswith("blocks.0.") for k in enc):
+        raise common.UserError(f"{flag} {path}: holds no ViT encoder (no encoder.* or timm cls_token/blocks keys); "
+                               f"pass a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py, mask_align.py or timm")
+    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    return dict(encoder=enc, state=sd, args=args, method=meta.get("method") if args else None)  # None: timm
+
+
+def infer_model(enc, flag_value):
+    """The VIT_CONFIGS name of a timm-format encoder, from its patch size, width and depth."""
+    patch, dim = enc["patch_embed.proj.weight"].shape[-1], enc["cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in enc if k.startswith("blocks."))
+    for name, (p, w, d, _) in common.VIT_CONFIGS.items():
+        if (p, w, d) == (patch, dim, depth):
+            return name
+    raise common.UserError(f"--finetune {flag_value}: a ViT of patch {patch}, width {dim}, depth {depth} is none of "
+                           f"{', '.join(common.VIT_CONFIGS)}")
+
+
+def new_encoder(args, src):
+    """The encoder's architecture rebuilt from the file: mr_mae's ConvViT when its args say so, else common.ViT
+    with layer scale when the file has ls1.gamma (CAE, CAE v2), at --input_size, with --drop_path."""
+    if args.arch != "vit":
+        try:
+            import mr_mae
+        except ImportError:
+            raise common.UserError(f"--finetune {args.finetune}: a --arch {args.arch} encoder needs mr_mae.py") from None
+        return mr_mae.build_encoder(argparse.Namespace(**dict(src["args"], drop_path=args.drop_path,
+                                                               input_size=args.input_size)))
+    ls = 0.1 if "blocks.0.ls1.gamma" in src["encoder"] else None  # value irrelevant: loaded from the file
+    heads = src["args"].get("num_heads") or common.VIT_CONFIGS[args.model][3]
+    return common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=ls, num_heads=heads)
+
+
+def load_encoder(encoder, src, args):
+    """Copy the file's encoder tensors into encoder (position embedding resized to --input_size); decoder,
+    teacher and head keys are ignored. Every encoder parameter must be found."""
+    enc = dict(src["encoder"])
+    if "pos_embed" in enc and enc["pos_embed"].shape != encoder.pos_embed.shape:
+        enc["pos_embed"] = common.resize_pos(enc["pos_embed"][0], encoder.grid)[None]  # [1, 1+N, D]
+    own = encoder.state_dict()
+    missing = [k for k in own if k not in enc]
+    if missing:
+        raise common.UserError(f"--finetune {args.finetune}: lacks encoder weights {', '.join(missing[:3])}"
+                               f"{' ...' if len(missing) > 3 else ''}; pass a pre-training checkpoint")
+    try:
+        encoder.load_state_dict({k: enc[k] for k in own})
+    except RuntimeError as e:
+        raise common.UserError(f"--finetune {args.finetune} does not fit --model {args.model} "
+                               f"({str(e).splitlines()[-1].strip()[:150]})") from None
+    ignored = len(src["state"]) - len(own)
+    if args.rank == 0:
+        print(f"--finetune {args.finetune}: loaded {len(own)} encoder tensors from a {src['method'] or 'timm-format'} "
+              f"file; ignored {ignored} other keys (decoder, teacher, head)")
+    return len(own), ignored
+
+
+def build_model(args, src):
+    """The classifier on the CPU: a finetune.py checkpoint whole, or the pre-trained encoder + a new head."""
+    encoder = new_encoder(args, src)
+    if src["method"] == "finetune":  # encoder and trained head, as written by this script
+        model = Classifier(encoder, src["args"]["mode"], src["args"]["nb_classes"])
+        try:
+            model.load_state_dict(src["state"])
+        except RuntimeError as e:
+            raise common.UserError(f"--finetune {args.finetune}: does not fit its own args "
+                                   f"({str(e).splitlines()[-1].strip()[:150]})") from None
+        return model
+    load_encoder(encoder, src, args)
+    return Classifier(encoder, args.mode, args.nb_classes)
+
+
+def export_timm(args, src):
+    """Write the encoder with timm's keys: loads into timm.create_model('vit_base_patch16_224', num_classes=0)
+    (init_values=... for layer-scale encoders). A finetune-mode checkpoint also brings fc_norm and head: timm's
+    global_pool='avg' classifier. Probe heads have no timm counterpart and are left out."""
+    if args.arch != "vit":
+        raise common.UserError(f"--export_timm: {args.finetune} holds an mr_mae --arch {args.arch} encoder (conv stages), "
+                               f"which timm's VisionTransformer cannot hold; fine-tune it with finetune.py instead")
+    args.rank = 0
+    if src["method"] == "finetune":  # trained classifier: its head too when timm has one like it
+        model = build_model(args, src)
+        model = model if model.kind == "finetune" else model.encoder
+    else:
+        model = new_encoder(args, src)
+        load_encoder(model, src, args)
+    sd = {k.removeprefix("encoder."): t.contiguous() for k, t in model.state_dict().items()}
+    common.save_checkpoint(args.export_timm, **sd)
+    p, dim, depth, heads = common.VIT_CONFIGS[args.model]
+    kw = f"num_classes={sd['head.weight'].shape[0]}, global_pool='avg'" if "head.weight" in sd else "num_classes=0"
+    kw += ", init_values=0.1" if "blocks.0.ls1.gamma" in sd else ""
+    print(f"wrote {len(sd)} tensors to {args.export_timm}; load with timm.models.vision_transformer.VisionTransformer("
+          f"img_size={args.input_size}, patch_size={p}, embed_dim={dim}, depth={depth}, num_heads={heads}, {kw})"
+          f".load_state_dict(torch.load('{args.export_timm}'))")
+
+
+# ---- Optimisers: layer-wise lr decay (finetune), LARS (linprobe), SGD (attnprobe) ------------------
+def layer_id(name, depth):
+    """BEiT's layer ids (CAE App. A, MAE lr_decay): 0 for patch_embed, cls_token, pos_embed (and MR-MAE's conv
+    stages), i+1 for encoder.blocks.i, depth+1 for the rest (fc_norm, head)."""
+    if not name.startswith("encoder.") or name.startswith("encoder.norm."):
+        return depth + 1
+    parts = name.split(".")
+    return int(parts[2]) + 1 if parts[1] == "blocks" else 0
+
+
+def param_groups_lrd(model, weight_decay, layer_decay):
+    """AdamW groups with lr_scale = layer_decay^(L+1-layer_id) (common.set_lr applies it); no weight decay on
+    1-d tensors (biases, norms, layer scale), cls_token and pos_embed."""
+    depth, groups = len(model.encoder.blocks), {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            i, plain = layer_id(name, depth), p.ndim <= 1 or name.split(".")[-1] in ("cls_token", "pos_embed")
+            group = groups.setdefault((i, plain), {"params": [], "weight_decay": 0.0 if plain else weight_decay,
+                                                   "lr_scale": layer_decay ** (depth + 1 - i)})
+            group["params"].append(p)
+    return list(groups.values())
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as MAE's linear probe uses it: for a weight matrix (ndim > 1) the update
+    u = g + wd p is scaled by the trust ratio eta ||p|| / ||u|| (1 if a norm is 0); 1-d tensors (biases)
+    take u = g. Then heavy-ball momentum: mu = m mu + u, p = p - lr mu."""
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                u = p.grad
+                if p.ndim > 1:
+                    u = u.add(p, alpha=group["weight_decay"])
+                    p_norm, u_norm = p.norm(), u.norm()
+                    trust = torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm, 1.0)
+                    u = u * trust
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(group["momentum"]).add_(u)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def build_optimizer(model, args):
+    if model.kind == "finetune":  # BEiT / MAE: AdamW with layer-wise lr decay
+        return torch.optim.AdamW(param_groups_lrd(model, args.weight_decay, args.layer_decay), lr=args.lr,
+                                 betas=tuple(args.betas), fused=args.device.startswith("cuda"))
+    params = list(model.head.parameters())  # the probes train the head only
+    if model.kind == "linprobe":  # CAE App. A, MILAN App. A.1, CAE v2 Table 9: LARS, momentum 0.9
+        return LARS(params, lr=args.lr, weight_decay=args.weight_decay)
+    # CAE App. A: SGD momentum 0.9; Nesterov as CAE's released run_attentive (the paper does not say)
+    return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+
+
+# ---- Training ---------------------------------------------------------------------------------------
+def build_transform(args, train=True):
+    """Train: RandomResizedCrop (bicubic) + flip, and in finetune mode RandAugment m9 (2 ops, mean-pixel fill) and
+    random erasing. Val: resize to input/0.875 (256 for 224), centre crop (MAE, BEiT)."""
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+    bicubic = InterpolationMode.BICUBIC
+    if not train:
+        return v2.Compose([v2.Resize(int(args.input_size / 0.875), interpolation=bicubic),
+                           v2.CenterCrop(args.input_size)] + tail)
+    crop = [v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=bicubic),
+            v2.RandomHorizontalFlip()]
+    if args.mode != "finetune":  # probes: no other augmentation (CAE App. A, MILAN App. A.1)
+        return v2.Compose(crop + tail)
+    fill = [round(255 * m) for m in common.IMAGENET_MEAN]
+    erase = [v2.RandomErasing(args.reprob, value="random")] if args.reprob > 0 else []  # N(0, 1) pixels, timm 'pixel'
+    return v2.Compose(crop + [v2.RandAugment(2, 9, interpolation=bicubic, fill=fill)] + tail + erase)
+
+
+def build_mixup(args):
+    """Batch-level mixup (alpha 0.8) or cutmix (alpha 1.0), one of the two per batch -> soft targets [B, K]."""
+    ops = ([v2.MixUp(alpha=args.mixup, num_classes=args.nb_classes)] if args.mixup > 0 else []) + \
+          ([v2.CutMix(alpha=args.cutmix, num_classes=args.nb_classes)] if args.cutmix > 0 else [])
+    return v2.RandomChoice(ops) if ops and args.mode == "finetune" else None
+
+
+def forward_logits(model, trained, images):
+    """trained is what DDP wraps: the whole classifier when fine-tuning, the head only when probing."""
+    if model.kind == "finetune":
+        return trained(images)
+    with torch.no_grad():
+        tokens = model.encoder(images)  # frozen encoder: no graph, [B, 1+N, D]
+    return trained(model.select(tokens))
+
+
+def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args):
+    model.train()  # the probes keep their encoder in eval mode
+    optimizer.zero_grad(set_to_none=True)
+    meter = common.Meter(loader, epoch, args)
+    smoothing = args.smoothing if model.kind == "finetune" else 0.0
+    for step, (images, labels) in enumerate(meter.bar):
+        if step % args.accum_iter == 0:  # per-iteration warmup + cosine (MAE)
+            lr = common.lr_at(epoch + step / len(loader), args)
+            common.set_lr(optimizer, lr)
+        images, labels = images.to(args.device, non_blocking=True), labels.to(args.device, non_blocking=True)
+        if mix is not None:
+            images, labels = mix(images, labels)  # labels -> soft targets [B, K]
+        update = (step + 1) % args.accum_iter == 0
+        with trained.no_sync() if args.world_size > 1 and not update else nullcontext():
+            with common.autocast(args):
+                logits = forward_logits(model, trained, images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)  # soft-target CE with smoothing
+            scaler.scale(loss / args.accum_iter).backward()
+        if update:
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        meter.update(step, loss, lr, len(images))
+    return {"epoch": epoch, "train_loss": meter.mean_loss(), "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model, loader, args):
+    """Top-1 / top-5 accuracy (%) and cross-entropy on the val split, summed over all processes."""
+    model.eval()
+    total = torch.zeros(4, device=args.device)  # loss sum, top-1 hits, top-5 hits, images
+    for images, labels in loader:
+        images, labels = images.to(args.device, non_blocking=True), labels.to(args.device, non_blocking=True)
+        with common.autocast(args):
+            logits = model(images).float()  # [B, K]
+        hits = logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]  # [B, 5]
+        total += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum().float(),
+                              hits.any(1).sum().float(), torch.tensor(float(len(labels)), device=args.device)])
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    loss, top1, top5, n = total.tolist()
+    return {"val_loss": loss / n, "acc1": 100 * top1 / n, "acc5": 100 * top5 / n}
+
+
+def num_classes(dataset):
+    return getattr(dataset, "num_classes", None) or len(dataset.classes)  # FakeData / ImageFolder
+
+
+def main(argv=None):
+    args = get_args(argv)
+    src = read_pretrained(args.finetune)
+    args.arch = src["args"].get("arch", "vit")
+    if args.arch == "vit":
+        args.model = src["args"].get("model") or infer_model(src["encoder"], args.finetune)
+    if args.export_timm:
+        return export_timm(args, src)
+    if src["method"] == "finetune":  # a finetune.py checkpoint brings its head: its mode and classes
+        if args.mode != src["args"]["mode"] and not args.eval:
+            raise common.UserError(f"--finetune {args.finetune} is a --mode {src['args']['mode']} checkpoint; pass "
+                                   f"--mode {src['args']['mode']} to train it further, or --eval")
+        args.mode, args.nb_classes = src["args"]["mode"], src["args"]["nb_classes"]
+    common.setup(args)
+    val = common.build_dataset(args, build_transform(args, train=False), split="val")
+    train = None if args.eval else common.build_dataset(args, build_transform(args))
+    data_classes = num_classes(train or val)
+    args.nb_classes = args.nb_classes or data_classes
+    if data_classes > args.nb_classes:
+        raise common.UserError(f"--nb_classes {args.nb_classes}: the data has {data_classes} classes; pass at least that")
+    model = build_model(args, src).to(args.device)
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+    start_epoch = common.resume(args, model, optimizer, scaler, "finetune")
+    val_loader = common.build_loader(val, args, train=False)
+    if args.eval:
+        stats = evaluate(model, val_loader, args)
+        if args.rank == 0:
+            print(f"eval {args.resume or args.finetune}: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% "
+                  f"loss {stats['val_loss']:.4f} on {len(val)} images")
+        return stats
+    loader = common.build_loader(train, args)
+    trained = model if model.kind == "finetune" else model.head  # DDP around the trained modules only
+    trained = DDP(trained) if args.world_size > 1 else trained
+    trained = torch.compile(trained) if args.compile else trained
+    mix, best = build_mixup(args), 0.0
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args)
+        stats.update(evaluate(model, val_loader, args))
+        common.save_epoch(args, epoch, "finetune", model, optimizer, scaler)
+        common.log_epoch(args, stats)
+        best = max(best, stats["acc1"])
+        if args.rank == 0:
+            print(f"epoch {epoch}: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['val_loss']:.4f} "
+                  f"on {len(val)} images (best top-1 {best:.2f}%)")
+    if args.world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.cli(main)
