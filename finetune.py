@@ -348,14 +348,14 @@ def forward_logits(model, trained, images):
     return trained(model.select(tokens))
 
 
-def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args):
+def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args, ckpt):
     model.train()  # the probes keep their encoder in eval mode
     optimizer.zero_grad(set_to_none=True)
     meter = common.Meter(loader, epoch, args)
     smoothing = args.smoothing if model.kind == "finetune" else 0.0
-    for step, (images, labels) in enumerate(meter.bar):
+    for step, (images, labels) in meter:  # step counts from the resume point
         if step % args.accum_iter == 0:  # per-iteration warmup + cosine (MAE)
-            lr = common.lr_at(epoch + step / len(loader), args)
+            lr = common.lr_at(epoch + step / meter.steps, args)
             common.set_lr(optimizer, lr)
         images, labels = images.to(args.device, non_blocking=True), labels.to(args.device, non_blocking=True)
         if mix is not None:
@@ -374,7 +374,9 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
         meter.update(step, loss, lr, len(images))
-    return {"epoch": epoch, "train_loss": meter.mean_loss(), "lr": lr}
+        if update:
+            ckpt.step_done(epoch, step + 1, meter)  # mid-epoch checkpoint every --save_every_steps
+    return meter.stats(epoch, lr)
 
 
 @torch.no_grad()
@@ -422,7 +424,8 @@ def main(argv=None):
     model = build_model(args, src).to(args.device)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    start_epoch = common.resume(args, model, optimizer, scaler, "finetune")
+    ckpt = common.Checkpointer(args, "finetune", model, optimizer, scaler)
+    start_epoch, start_step = ckpt.resume()
     val_loader = common.build_loader(val, args, train=False)
     if args.eval:
         stats = evaluate(model, val_loader, args)
@@ -436,10 +439,10 @@ def main(argv=None):
     trained = torch.compile(trained) if args.compile else trained
     mix, best = build_mixup(args), 0.0
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args)
+        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        stats = train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args, ckpt)
         stats.update(evaluate(model, val_loader, args))
-        common.save_epoch(args, epoch, "finetune", model, optimizer, scaler)
+        ckpt.epoch_done(epoch)
         common.log_epoch(args, stats)
         best = max(best, stats["acc1"])
         if args.rank == 0:
