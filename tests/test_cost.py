@@ -1,0 +1,68 @@
+"""The cost structure the papers claim, counted with torch.utils.flop_counter (deterministic: FLOPs, not time)."""
+import os
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+import milan
+from conftest import ROOT, images
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import bench  # noqa: E402
+
+
+def flops(fn):
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def test_encoder_processes_only_the_visible_tokens():
+    """At mask ratio 0.75 the encoder costs at most 0.3x its cost on all 196 patches (49 + CLS of 197 tokens)."""
+    vit, x = common.build_vit("vit_base_patch16").to("meta"), torch.empty(2, 3, 224, 224, device="meta")
+    ids_keep = torch.arange(49, device="meta").expand(2, -1)
+    full, masked = flops(lambda: vit(x)), flops(lambda: vit(x, ids_keep))
+    assert masked <= 0.3 * full
+    assert masked >= 0.2 * full  # and it does process them: 50 / 197 tokens of the linear layers
+
+
+def test_teacher_forward_records_no_autograd_graph(tiny_teacher):
+    x = images(2).requires_grad_()
+    out = tiny_teacher(x, tokens=True, hidden=True, cls_attn=True)
+    for t in [out["tokens"], out["cls_attn"], *out["hidden"]]:
+        assert t.grad_fn is None and not t.requires_grad
+
+
+def decoder_flops(cls, ids_keep, ids_mask):
+    model = cls(common.build_vit("vit_base_patch16"), 512).to("meta")  # paper's decoder: 512 wide, 8 deep, 16 heads
+    latent = torch.empty(1, 50, 768, device="meta")
+    return flops(lambda: model.forward_decoder(latent, ids_keep, ids_mask))
+
+
+def test_prompting_decoder_is_about_20_percent_cheaper_than_maes():
+    """MILAN Sec. 2.3: at 75% masking the prompting decoder (queries = the 147 masked tokens only, keys and
+    values = prompts + mask tokens) costs ~20% less than MAE's decoder (all 197 tokens in every block)."""
+    mask = torch.zeros(1, 196, dtype=torch.bool)
+    mask[:, 49:] = True
+    ids_keep, ids_mask = common.ids_from_mask(mask, 49)
+    ids_keep, ids_mask = ids_keep.to("meta"), ids_mask.to("meta")
+    ratio = decoder_flops(milan.MILAN, ids_keep, ids_mask) / decoder_flops(bench.MAEStyleMILAN, ids_keep, ids_mask)
+    assert 0.72 <= ratio <= 0.88, ratio
+
+
+def test_mae_style_baseline_is_maes_decoder():
+    """The baseline attends over all 1 + N tokens: its masked outputs depend on the visible latents through
+    every block, and its visible outputs change when a mask token changes (the prompting decoder's do not)."""
+    enc = common.build_vit("vit_nano_patch16")
+    model = bench.MAEStyleMILAN(enc, 16, 32, 2, 2)
+    mask = torch.zeros(1, 196, dtype=torch.bool)
+    mask[:, 49:] = True
+    ids_keep, ids_mask = common.ids_from_mask(mask, 49)
+    latent = torch.randn(1, 50, 64)
+    before = model.forward_decoder(latent, ids_keep, ids_mask)
+    with torch.no_grad():
+        model.mask_token.add_(1.0)
+    after = model.forward_decoder(latent, ids_keep, ids_mask)
+    assert not torch.allclose(before[:, :49], after[:, :49])  # visible tokens attend to mask tokens
