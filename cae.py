@@ -12,15 +12,15 @@ CAE of Sec. 3.1), so CAE also trains with no tokenizer at all.
 
 Deviations from the released code (github.com/Atten4Vis/CAE @a7fd162), one line each:
 - the alignment target runs the encoder itself under no_grad; the released code keeps a weight-aliased copy (same numbers).
-- attention has a key bias (softmax-invariant, so the same function); the released code has q/v biases only.
+- encoder and decoder attention have a key bias (softmax-invariant: same function); the released code has q/v biases only.
 - sin-cos positions put the column in the first half of the channels (MAE); the released code puts the row first.
 - the regressor and decoder use the encoder's head count; the released code uses 12 heads at every size.
 - cls_token and mask_token get no weight decay; the released code decays them.
 - ViT-L regresses at width 1024 as the paper's setting reads; the released script (missing line break) runs it at 768.
 - --target pixel is the paper's Sec. 3.1 analysis; the released code has no pixel target.
 
-DALL-E weights: download OpenAI's encoder (https://cdn.openai.com/dall-e/encoder.pkl, 215 MB, a pickled module
-of the `dall_e` package) and pass --dalle_weights /path/to/encoder.pkl; it loads without installing `dall_e`.
+DALL-E weights: download OpenAI's encoder https://cdn.openai.com/dall-e/encoder.pkl (a pickled module of the
+`dall_e` package) and pass --dalle_weights /path/to/encoder.pkl; it loads without installing `dall_e`.
 
 Paper ViT-B/16 run (App. A: batch 2048 = 256 x 8 GPUs, lr 1.5e-3 = blr 1.875e-4 x 2048 / 256, 300 epochs):
   torchrun --nproc_per_node=8 cae.py --data /imagenet --dalle_weights /path/to/encoder.pkl
@@ -134,12 +134,15 @@ class DalleEncoder(nn.Module):
     Frozen: always eval, no gradients."""
     def __init__(self, n_hid=256, vocab_size=8192, blocks_per_group=2):
         super().__init__()
-        self.vocab_size, n_layers, widths = vocab_size, 4 * blocks_per_group, [n_hid, n_hid, 2 * n_hid, 4 * n_hid, 8 * n_hid]
+        self.vocab_size, n_layers = vocab_size, 4 * blocks_per_group
+        widths = [n_hid, n_hid, 2 * n_hid, 4 * n_hid, 8 * n_hid]  # input of group 1, outputs of groups 1-4
         groups = [("input", DalleConv2d(3, n_hid, 7))]
-        for g in range(4):
-            layers = [(f"block_{i + 1}", DalleBlock(widths[g + (i > 0)], widths[g + 1], n_layers)) for i in range(blocks_per_group)]
+        for g in range(4):  # block_1 changes the width, block_2 keeps it
+            layers = [(f"block_{i + 1}", DalleBlock(widths[g + (i > 0)], widths[g + 1], n_layers))
+                      for i in range(blocks_per_group)]
             groups.append((f"group_{g + 1}", nn.Sequential(OrderedDict(layers + [("pool", nn.MaxPool2d(2))] * (g < 3)))))
-        groups.append(("output", nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=DalleConv2d(8 * n_hid, vocab_size, 1, False)))))
+        output_conv = DalleConv2d(8 * n_hid, vocab_size, 1, use_float16=False)
+        groups.append(("output", nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=output_conv))))
         self.blocks = nn.Sequential(OrderedDict(groups))
         self.requires_grad_(False).eval()
 
@@ -166,8 +169,9 @@ class _DalleUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module.split(".")[0] == "dall_e":
             return _Stub
-        ok = (module == "collections" and name == "OrderedDict") or (module == "builtins" and name in ("set", "frozenset")) \
-            or module.startswith("torch.nn.modules.") or (module == "torch._utils" and name.startswith("_rebuild")) \
+        ok = (module == "collections" and name == "OrderedDict") or module.startswith("torch.nn.modules.") \
+            or (module in ("builtins", "__builtin__") and name in ("set", "frozenset")) \
+            or (module == "torch._utils" and name.startswith("_rebuild")) \
             or (module == "torch" and (name in ("device", "Size") or isinstance(getattr(torch, name, None), torch.dtype)))
         if not ok:
             raise pickle.UnpicklingError(f"unexpected {module}.{name}")
@@ -189,7 +193,8 @@ def load_dalle_encoder(path):
         enc = DalleEncoder(sd["blocks.input.w"].shape[0], sd["blocks.output.conv.w"].shape[0])
         enc.load_state_dict(sd, strict=True)
     except Exception as e:
-        raise common.UserError(f"--dalle_weights {path}: not a DALL-E dVAE encoder file ({type(e).__name__}); {hint}") from None
+        raise common.UserError(f"--dalle_weights {path}: not a DALL-E dVAE encoder file ({type(e).__name__}); "
+                               f"{hint}") from None
     return enc.requires_grad_(False).eval()
 
 
@@ -276,7 +281,8 @@ class LatentContextualRegressor(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def positions(self, ids):  # ids [B, L] patch indices -> [B, L, D] (row 0 of pos_embed is CLS)
-        return self.pos_embed.expand(len(ids), -1, -1).gather(1, (ids + 1)[..., None].expand(-1, -1, self.pos_embed.shape[-1]))
+        dim = self.pos_embed.shape[-1]
+        return self.pos_embed.expand(len(ids), -1, -1).gather(1, (ids + 1)[..., None].expand(-1, -1, dim))
 
     def forward(self, z_v, ids_keep, ids_mask):
         pos_v, pos_m = self.positions(ids_keep), self.positions(ids_mask)  # P_v [B, n, D], P_m [B, M, D]
