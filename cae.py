@@ -98,7 +98,7 @@ class TwoViews:
         return view, 0.8 * crop(self.token_size, InterpolationMode.LANCZOS) + 0.1, self.mask_fn()
 
 
-# ---- Targets: the DALL-E dVAE encoder (Sec. 2.2) and normalised pixels (Sec. 3.1) ------------------
+# ---- Targets: the DALL-E dVAE encoder (Sec. 2.2) and normalised pixels (Sec. 3.1) -----------------
 class DalleConv2d(nn.Module):
     """dall_e.utils.Conv2d: weights named w, b; 'same' padding; fp16 on CUDA except the output conv (as OpenAI's)."""
     def __init__(self, n_in, n_out, kw, use_float16=True):
@@ -225,7 +225,7 @@ def pixel_targets(images, patch):
     return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
 
 
-# ---- Model: encoder F, latent contextual regressor H, decoder G (Sec. 2.1) --------------------------
+# ---- Model: encoder F, latent contextual regressor H, decoder G (Sec. 2.1) ------------------------
 class CrossAttention(nn.Module):
     """Multi-head attention with queries from one set and keys/values from another:
     q [B, M, C], k and v [B, L, C] -> [B, M, C]; softmax(q W_q (k W_k)^T / sqrt(d_h)) v W_v per head, then W_o.

@@ -67,7 +67,7 @@ def get_args(argv=None):
     return args
 
 
-# ---- Sampler: random block-wise masking, ratio by model size (Sec. 2.3, 3.2) -----------------------
+# ---- Sampler: random block-wise masking, ratio by model size (Sec. 2.3, 3.2) ----------------------
 def block_masking(args):
     """CAE v2 Sec. 2.3: BEiT's random block-wise masking with a ratio that grows with the model size:
     15/25/50/60% for T/S/B/L -> 30/49/98/118 of the 196 patches (the encoder keeps floor(N (1 - r))).
@@ -76,7 +76,7 @@ def block_masking(args):
     return common.BlockMaskGenerator(grid, grid * grid - common.num_visible(grid * grid, args.mask_ratio))
 
 
-# ---- Model: encoder F, CAE's regressor H, shared head (Sec. 2.2, App. B.1) -------------------------
+# ---- Model: encoder F, CAE's regressor H, shared head (Sec. 2.2, App. B.1) ------------------------
 class CAEv2(nn.Module):
     def __init__(self, encoder, target_dim, regressor_dim=None, regressor_depth=4, drop_path=0.1):
         super().__init__()
