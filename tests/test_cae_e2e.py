@@ -20,7 +20,8 @@ RUNS = {  # name: (script, extra flags, processes); small --fake_size keeps each
 def runs(tmp_path_factory):
     """The three runs, started together (they mostly wait on imports); name -> (output dir, process)."""
     outs = {name: tmp_path_factory.mktemp(name) for name in RUNS}
-    with ThreadPoolExecutor(len(RUNS)) as pool:
+    with pytest.MonkeyPatch.context() as mp, ThreadPoolExecutor(len(RUNS)) as pool:
+        mp.setenv("OMP_NUM_THREADS", "1")  # side by side on few cores: one thread each
         procs = {name: pool.submit(run_script, script, SMOKE + flags + ["--output_dir", outs[name]], nproc=nproc)
                  for name, (script, flags, nproc) in RUNS.items()}
         return {name: (outs[name], p.result()) for name, p in procs.items()}
