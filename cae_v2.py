@@ -1,0 +1,199 @@
+"""CAE v2: Context Autoencoder with CLIP Latent Alignment.
+Xinyu Zhang, Jiahui Chen, Junkun Yuan, Qiang Chen, Jian Wang, Xiaodi Wang, Shumin Han, Xiaokang Chen, Jimin Pi,
+Kun Yao, Junyu Han, Errui Ding, Jingdong Wang, 2022 (TMLR 2023). arXiv:2211.09799.
+
+Implemented: random block-wise masking with a mask ratio that grows with the model size (Sec. 2.3, 3.2), the
+encoder F on the visible patches, CAE's latent contextual regressor H (imported from cae.py: CAE v2 reuses it,
+Sec. 2.2) with no decoder, one FC -> LN head shared by the encoder (visible) and regressor (masked) outputs
+(App. B.1), CLIP latents of the intact image as the targets of both (Sec. 2.3), and the loss
+l_v + l_z of Eq. 2 (cosine distance, two separate means), trained with the Table 8 recipe.
+
+Deviations from the released code (github.com/Atten4Vis/CAE @a7fd162, --model_type caev2), one line each:
+- the head is FC then LN as App. B.1 writes; the released code applies LN then FC.
+- the loss is Eq. 2: a mean over the visible and a mean over the masked patches; the released code takes one
+  mean of (1 - cos) over CLS + visible + masked tokens.
+- CLIP sees the student's view re-normalised to CLIP statistics (common.Teacher), in fp32 / bf16; the released code
+  builds the same crop a second time and runs CLIP in fp16.
+- ViT-S has 6 heads (the paper: standard configs, only ViT-T changes); the released code registers 12.
+- the regressor uses the encoder's head count; the released code uses 12 heads at every size.
+- cls_token and mask_token get no weight decay; the released code decays them.
+- sin-cos positions put the column in the first half of the channels (MAE); the released code puts the row first.
+- ViT-L (mask ratio 0.6, regressor 4 x 1024, drop path 0.2, CLIP-L/14 at 196 px) follows the paper; no released script.
+
+Paper ViT-B/16 run (Table 8: batch 2048 = 256 x 8 GPUs, lr 1.5e-3 = blr 1.875e-4 x 2048 / 256, 300 epochs):
+  torchrun --nproc_per_node=8 cae_v2.py --data /imagenet --teacher_weights /path/to/ViT-B-16.pt
+(ViT-T / ViT-S: --model vit_tiny_patch16 / vit_small_patch16; ViT-L: --model vit_large_patch16 --teacher ViT-L-14
+--teacher_weights /path/to/ViT-L-14.pt.)
+Smoke run, no downloads: python cae_v2.py --data fake --model vit_nano_patch16 --teacher tiny
+  --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT
+"""
+from collections import OrderedDict
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+from cae import LatentContextualRegressor  # CAE's regressor H, reused as CAE v2 Sec. 2.2 says
+
+# CAE v2 by model size: mask ratio (Sec. 3.2, Table 8), regressor depth and width (App. B.1), drop path (Table 8).
+# Other sizes (the nano test size, ViT-H): ratio 0.5, one regressor block at the encoder width (our choice).
+SIZES = {"vit_tiny_patch16": (0.15, 1, 96, 0.1), "vit_small_patch16": (0.25, 1, 384, 0.1),
+         "vit_base_patch16": (0.5, 4, 768, 0.1), "vit_large_patch16": (0.6, 4, 1024, 0.2)}
+
+
+# ---- Arguments: Table 8 recipe as defaults --------------------------------------------------------
+def get_args(argv=None):
+    p = common.get_parser("CAE v2 pre-training (arXiv:2211.09799)")
+    # CAE v2 Table 8: AdamW (0.9, 0.98), batch 2048, peak lr 1.5e-3 (blr 1.875e-4 x 2048 / 256), min lr 1e-5,
+    # cosine, 300 epochs with 10 of warmup, grad clip 3.0, wd 0.05, crop scale (0.4, 1) + flip, colour jitter 0.4.
+    # Mask ratio, drop path and the regressor follow the model size (SIZES) unless given.
+    p.set_defaults(batch_size=256, accum_iter=1, blr=1.875e-4, betas=(0.9, 0.98), weight_decay=0.05, epochs=300,
+                   warmup_epochs=10, min_lr=1e-5, clip_grad=3.0, crop_min=0.4, drop_path=None, mask_ratio=None,
+                   teacher="ViT-B-16")
+    p.add_argument("--color_jitter", type=float, default=0.4, help="brightness/contrast/saturation jitter (Table 8)")
+    p.add_argument("--layer_scale", type=float, default=0.1, help="encoder layer scale init (released scripts, all sizes)")
+    p.add_argument("--regressor_depth", type=int, help="blocks of H: 1/1/4/4 for T/S/B/L (App. B.1), 1 otherwise")
+    p.add_argument("--regressor_dim", type=int, help="width of H: 96/384/768/1024 for T/S/B/L (App. B.1), the "
+                   "encoder width otherwise; FC + LN maps the encoder output to it when they differ")
+    args = p.parse_args(argv)
+    ratio, depth, dim, dpr = SIZES.get(args.model, (0.5, 1, common.VIT_CONFIGS.get(args.model, (0, 0))[1], 0.1))
+    args.mask_ratio = ratio if args.mask_ratio is None else args.mask_ratio
+    args.drop_path = dpr if args.drop_path is None else args.drop_path
+    args.regressor_depth = depth if args.regressor_depth is None else args.regressor_depth
+    args.regressor_dim = args.regressor_dim or dim
+    return args
+
+
+# ---- Sampler: random block-wise masking, ratio by model size (Sec. 2.3, 3.2) ----------------------
+def block_masking(args):
+    """CAE v2 Sec. 2.3: BEiT's random block-wise masking with a ratio that grows with the model size:
+    15/25/50/60% for T/S/B/L -> 30/49/98/118 of the 196 patches (the encoder keeps floor(N (1 - r))).
+    Runs in the DataLoader workers; returns the callable -> bool [N], True = masked."""
+    grid = args.input_size // common.VIT_CONFIGS[args.model][0]
+    return common.BlockMaskGenerator(grid, grid * grid - common.num_visible(grid * grid, args.mask_ratio))
+
+
+# ---- Model: encoder F, CAE's regressor H, shared head (Sec. 2.2, App. B.1) ------------------------
+class CAEv2(nn.Module):
+    def __init__(self, encoder, target_dim, regressor_dim=None, regressor_depth=4, drop_path=0.1):
+        super().__init__()
+        self.encoder = encoder
+        D, heads, R = encoder.embed_dim, encoder.blocks[0].attn.num_heads, regressor_dim or encoder.embed_dim
+        # encoder width -> regressor width (ViT-T: 192 -> 96), FC + LN as released; nothing when they agree
+        self.encoder_to_regressor = nn.Sequential(nn.Linear(D, R), nn.LayerNorm(R, eps=1e-6)) if R != D else nn.Identity()
+        self.regressor = LatentContextualRegressor(R, regressor_depth, heads, encoder.grid, drop_path, 0.1, final_norm=False)
+        # App. B.1: FC then LN to the CLIP dim (512 for CLIP-B/16), ONE module for both branches
+        self.head = nn.Sequential(OrderedDict(fc=nn.Linear(R, target_dim), norm=nn.LayerNorm(target_dim, eps=1e-6)))
+        for m in [*self.encoder_to_regressor.modules(), self.head.fc]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+
+    def forward_encoder(self, images, ids_keep):
+        """Sec. 2.2: F sees CLS + the visible patches only; CLS dropped, mapped to the regressor width -> Z_v [B, n, R]."""
+        return self.encoder_to_regressor(self.encoder(images, ids_keep)[:, 1:])
+
+    def forward_regressor(self, z_v, ids_keep, ids_mask):
+        """Sec. 2.2: H predicts Z_m [B, M, R] from Z_v (CAE's cross-attention blocks, no final LN)."""
+        return self.regressor(z_v, ids_keep, ids_mask)
+
+    def forward(self, images, ids_keep, ids_mask, target_v, target_m):
+        """target_v [B, n, C], target_m [B, M, C]: CLIP latents Zbar_v, Zbar_m of the visible and masked patches."""
+        z_v = self.forward_encoder(images, ids_keep)
+        z_m = self.forward_regressor(z_v, ids_keep, ids_mask)
+        pred_v, pred_m = self.head(z_v), self.head(z_m)  # the same FC -> LN for both (App. B.1)
+        return cae_v2_loss(pred_v, target_v, pred_m, target_m), {"pred_v": pred_v, "pred_m": pred_m}
+
+
+# ---- Loss (Sec. 2.3, Eq. 2) -----------------------------------------------------------------------
+def cosine_distance(pred, target):
+    """1 - cos(z, zbar) per token: [B, L, C] x 2 -> [B, L]."""
+    return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)
+
+
+def cae_v2_loss(pred_v, target_v, pred_m, target_m, per_patch=False):
+    """CAE v2 Eq. 2: l = (1/|v|) sum_i (1 - cos(z_v^i, zbar_v^i)) + (1/|m|) sum_i (1 - cos(z_m^i, zbar_m^i)),
+    visible latent alignment l_v plus masked latent alignment l_z, each its own mean (and over the batch).
+    per_patch: the [B, n] and [B, M] terms instead."""
+    l_v, l_z = cosine_distance(pred_v, target_v), cosine_distance(pred_m, target_m)
+    return (l_v, l_z) if per_patch else l_v.mean() + l_z.mean()
+
+
+# ---- Training -------------------------------------------------------------------------------------
+def build_transform(args):
+    """Block masks made in the DataLoader workers: -> (view, mask). Crop + flip + colour jitter (Table 8)."""
+    return common.WithMask(common.pretrain_transform(args, color_jitter=args.color_jitter), block_masking(args))
+
+
+def build_model(args):
+    """-> (model, teacher): the trained student (F, H, head) and the frozen CLIP teacher."""
+    heads = {"num_heads": 12} if args.model == "vit_tiny_patch16" else {}  # Sec. 3.1: ViT-T with 12 heads
+    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=args.layer_scale, **heads)
+    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
+    model = CAEv2(encoder, teacher.dim, args.regressor_dim, args.regressor_depth, args.drop_path)
+    return model.to(args.device), teacher
+
+
+def forward_step(model, teacher, batch, args):
+    """One training forward on a batch (images, mask) on the device. Returns the loss, the mask [B, N] (True =
+    hidden), the per-patch terms 1 - cos [B, N] (visible and masked), no CLS attention."""
+    images, mask = batch
+    N = mask.shape[1]
+    ids_keep, ids_mask = common.ids_from_mask(mask, common.num_visible(N, args.mask_ratio))  # [B, n], [B, M]
+    target = teacher(images, tokens=True)["tokens"][:, 1:]  # Sec. 2.3: CLIP latents of the intact image [B, N, C]
+    take = lambda t, ids: t.gather(1, ids[..., None].expand(-1, -1, t.shape[-1]))  # [B, L, C] at ids [B, L]
+    loss, out = model(images, ids_keep, ids_mask, take(target, ids_keep), take(target, ids_mask))
+    l_v, l_z = cae_v2_loss(out["pred_v"].detach(), take(target, ids_keep), out["pred_m"].detach(), take(target, ids_mask),
+                           per_patch=True)
+    patch_loss = torch.zeros(mask.shape, device=mask.device).scatter(1, ids_keep, l_v).scatter(1, ids_mask, l_z)  # [B, N]
+    return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": None}
+
+
+def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    meter = common.Meter(loader, epoch, args)
+    for step, (batch, _) in enumerate(meter.bar):
+        if step % args.accum_iter == 0:  # per-iteration schedule (BEiT)
+            lr = common.lr_at(epoch + step / len(loader), args)
+            common.set_lr(optimizer, lr)
+        batch = tuple(t.to(args.device, non_blocking=True) for t in batch)
+        update = (step + 1) % args.accum_iter == 0
+        with model.no_sync() if args.world_size > 1 and not update else nullcontext():
+            with common.autocast(args):
+                loss = forward_step(model, teacher, batch, args)["loss"]
+            scaler.scale(loss / args.accum_iter).backward()
+        if update:
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        meter.update(step, loss, lr, len(batch[0]))
+    return {"epoch": epoch, "train_loss": meter.mean_loss(), "lr": lr}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    common.setup(args)
+    loader = common.build_loader(common.build_dataset(args, build_transform(args)), args)
+    model, teacher = build_model(args)
+    optimizer = common.build_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+    start_epoch = common.resume(args, model, optimizer, scaler, "cae_v2")
+    ddp = DDP(model) if args.world_size > 1 else model  # the student only
+    step_model = torch.compile(ddp) if args.compile else ddp
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(step_model, teacher, loader, optimizer, scaler, epoch, args)
+        common.save_epoch(args, epoch, "cae_v2", model, optimizer, scaler)
+        common.log_epoch(args, stats)
+    if args.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.cli(main)
