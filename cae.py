@@ -25,8 +25,8 @@ DALL-E weights: download OpenAI's encoder https://cdn.openai.com/dall-e/encoder.
 Paper ViT-B/16 run (App. A: batch 2048 = 256 x 8 GPUs, lr 1.5e-3 = blr 1.875e-4 x 2048 / 256, 300 epochs):
   torchrun --nproc_per_node=8 cae.py --data /imagenet --dalle_weights /path/to/encoder.pkl
 (800 / 1600 epochs: --epochs 800 --warmup_epochs 20 / --epochs 1600 --warmup_epochs 40; ViT-L: --model vit_large_patch16.)
-Smoke run, no downloads: python cae.py --data fake --model vit_nano_patch16 --target pixel
-  --epochs 1 --batch_size 8 --output_dir OUT   (or --target dalle --dalle_weights none --dalle_n_hid 16)
+Smoke run, no downloads (a narrow random tokenizer; --target pixel: none at all): python cae.py --data fake
+  --model vit_nano_patch16 --teacher tiny --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT
 """
 import math
 import os
@@ -58,14 +58,20 @@ def get_args(argv=None):
                    help="Sec. 2.2 DALL-E tokens (cross-entropy), or Sec. 3.1 normalised pixels (MSE, no tokenizer)")
     p.add_argument("--dalle_weights", help="OpenAI's DALL-E encoder.pkl (https://cdn.openai.com/dall-e/encoder.pkl), "
                    "or 'none' (random tokenizer: tests and smoke runs)")
-    p.add_argument("--dalle_n_hid", type=int, default=256, help="width of a random tokenizer (--dalle_weights none); "
-                   "OpenAI's is 256, 16 makes smoke runs fast; a weights file sets its own")
+    p.add_argument("--dalle_n_hid", type=int, help="width of a random tokenizer (--dalle_weights none): OpenAI's 256, "
+                   "or 16 with --teacher tiny (smoke runs); a weights file sets its own")
     p.add_argument("--align_weight", type=float, default=2.0, help="lambda of Eq. 1 (2 in the paper)")
     p.add_argument("--layer_scale", type=float, help="encoder layer scale init: 0.1, 1e-5 for ViT-L/H (released "
                    "scripts; the paper follows BEiT)")
     p.add_argument("--regressor_depth", type=int, default=4, help="cross-attention blocks of H (Sec. 4.1)")
     p.add_argument("--decoder_depth", type=int, default=4, help="self-attention blocks of G (Sec. 4.1)")
     args = p.parse_args(argv)
+    # the DALL-E tokenizer is CAE's teacher: DESIGN.md's shared smoke flags (--teacher tiny --teacher_weights none)
+    # give a narrow random tokenizer, so the smoke command is the same for every method file
+    if args.dalle_weights is None and args.teacher_weights == "none":
+        args.dalle_weights = "none"
+    if args.dalle_n_hid is None:
+        args.dalle_n_hid = 16 if args.teacher == "tiny" else 256
     if args.layer_scale is None:
         args.layer_scale = 1e-5 if args.model in ("vit_large_patch16", "vit_huge_patch14") else 0.1
     return args
@@ -391,13 +397,13 @@ def forward_step(model, teacher, batch, args):
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": None}
 
 
-def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
+def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt):
     model.train()
     optimizer.zero_grad(set_to_none=True)
     meter = common.Meter(loader, epoch, args)
-    for step, (batch, _) in enumerate(meter.bar):
+    for step, (batch, _) in meter:  # step counts from the resume point
         if step % args.accum_iter == 0:  # per-iteration schedule (BEiT)
-            lr = common.lr_at(epoch + step / len(loader), args)
+            lr = common.lr_at(epoch + step / meter.steps, args)
             common.set_lr(optimizer, lr)
         batch = tuple(t.to(args.device, non_blocking=True) for t in batch)
         update = (step + 1) % args.accum_iter == 0
@@ -405,31 +411,31 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
             with common.autocast(args):
                 loss = forward_step(model, teacher, batch, args)["loss"]
             scaler.scale(loss / args.accum_iter).backward()
-        if update:
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
         meter.update(step, loss, lr, len(batch[0]))
-    return {"epoch": epoch, "train_loss": meter.mean_loss(), "lr": lr}
+        if update:
+            common.optimizer_step(model, optimizer, scaler, args)  # clip to --clip_grad, step, zero grads
+            ckpt.step_done(epoch, step + 1, meter)  # mid-epoch checkpoint every --save_every_steps
+    return meter.stats(epoch, lr)
 
 
 def main(argv=None):
     args = get_args(argv)
     common.setup(args)
-    loader = common.build_loader(common.build_dataset(args, build_transform(args)), args)
+    dataset = common.build_dataset(args, build_transform(args))
     model, teacher = build_model(args)
+    if args.visualize:
+        return common.visualize(args, dataset, model, teacher, forward_step, "cae")
+    loader = common.build_loader(dataset, args)
     optimizer = common.build_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    start_epoch = common.resume(args, model, optimizer, scaler, "cae")
+    ckpt = common.Checkpointer(args, "cae", model, optimizer, scaler)
+    start_epoch, start_step = ckpt.resume()
     ddp = DDP(model) if args.world_size > 1 else model  # the student only
     step_model = torch.compile(ddp) if args.compile else ddp
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(step_model, teacher, loader, optimizer, scaler, epoch, args)
-        common.save_epoch(args, epoch, "cae", model, optimizer, scaler)
+        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        stats = train_one_epoch(step_model, teacher, loader, optimizer, scaler, epoch, args, ckpt)
+        ckpt.epoch_done(epoch)
         common.log_epoch(args, stats)
     if args.world_size > 1:
         torch.distributed.destroy_process_group()

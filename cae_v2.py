@@ -151,13 +151,13 @@ def forward_step(model, teacher, batch, args):
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": None}
 
 
-def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
+def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt):
     model.train()
     optimizer.zero_grad(set_to_none=True)
     meter = common.Meter(loader, epoch, args)
-    for step, (batch, _) in enumerate(meter.bar):
+    for step, (batch, _) in meter:  # step counts from the resume point
         if step % args.accum_iter == 0:  # per-iteration schedule (BEiT)
-            lr = common.lr_at(epoch + step / len(loader), args)
+            lr = common.lr_at(epoch + step / meter.steps, args)
             common.set_lr(optimizer, lr)
         batch = tuple(t.to(args.device, non_blocking=True) for t in batch)
         update = (step + 1) % args.accum_iter == 0
@@ -165,31 +165,31 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args):
             with common.autocast(args):
                 loss = forward_step(model, teacher, batch, args)["loss"]
             scaler.scale(loss / args.accum_iter).backward()
-        if update:
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
         meter.update(step, loss, lr, len(batch[0]))
-    return {"epoch": epoch, "train_loss": meter.mean_loss(), "lr": lr}
+        if update:
+            common.optimizer_step(model, optimizer, scaler, args)  # clip to --clip_grad, step, zero grads
+            ckpt.step_done(epoch, step + 1, meter)  # mid-epoch checkpoint every --save_every_steps
+    return meter.stats(epoch, lr)
 
 
 def main(argv=None):
     args = get_args(argv)
     common.setup(args)
-    loader = common.build_loader(common.build_dataset(args, build_transform(args)), args)
+    dataset = common.build_dataset(args, build_transform(args))
     model, teacher = build_model(args)
+    if args.visualize:
+        return common.visualize(args, dataset, model, teacher, forward_step, "cae_v2")
+    loader = common.build_loader(dataset, args)
     optimizer = common.build_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    start_epoch = common.resume(args, model, optimizer, scaler, "cae_v2")
+    ckpt = common.Checkpointer(args, "cae_v2", model, optimizer, scaler)
+    start_epoch, start_step = ckpt.resume()
     ddp = DDP(model) if args.world_size > 1 else model  # the student only
     step_model = torch.compile(ddp) if args.compile else ddp
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(step_model, teacher, loader, optimizer, scaler, epoch, args)
-        common.save_epoch(args, epoch, "cae_v2", model, optimizer, scaler)
+        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        stats = train_one_epoch(step_model, teacher, loader, optimizer, scaler, epoch, args, ckpt)
+        ckpt.epoch_done(epoch)
         common.log_epoch(args, stats)
     if args.world_size > 1:
         torch.distributed.destroy_process_group()

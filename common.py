@@ -511,6 +511,15 @@ def build_optimizer(model, args, no_decay=()):
     return torch.optim.AdamW(param_groups(model, args.weight_decay, no_decay), lr=args.lr, betas=tuple(args.betas),
                              fused=args.device.startswith("cuda"))
 
+def optimizer_step(model, optimizer, scaler, args):
+    """One update after --accum_iter backward passes: unscale (fp16) and clip to --clip_grad, step, zero grads."""
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
 def lr_at(epoch, args):
     """Linear warmup to args.lr, then half-cosine to args.min_lr; epoch is fractional (per step)."""
     if epoch < args.warmup_epochs:

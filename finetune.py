@@ -366,15 +366,9 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args,
                 logits = forward_logits(model, trained, images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)  # soft-target CE with smoothing
             scaler.scale(loss / args.accum_iter).backward()
-        if update:
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
         meter.update(step, loss, lr, len(images))
         if update:
+            common.optimizer_step(trained, optimizer, scaler, args)  # clip to --clip_grad, step, zero grads
             ckpt.step_done(epoch, step + 1, meter)  # mid-epoch checkpoint every --save_every_steps
     return meter.stats(epoch, lr)
 

@@ -188,15 +188,9 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
             with common.autocast(args):
                 loss = forward_step(model, teacher, images, args)["loss"]
             scaler.scale(loss / args.accum_iter).backward()
-        if update:
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
         meter.update(step, loss, lr, len(images))
         if update:
+            common.optimizer_step(model, optimizer, scaler, args)  # clip to --clip_grad, step, zero grads
             ckpt.step_done(epoch, step + 1, meter)  # mid-epoch checkpoint every --save_every_steps
     return meter.stats(epoch, lr)
 

@@ -28,9 +28,11 @@ def run_script(script, args, nproc=None, timeout=240, env=None):
 
 def run_forked(cases, timeout=240):
     """Many `python SCRIPT ARGS...` runs, each its own process, sharing one start-up (tests/forkrun.py).
-    cases: {name: [script, args...]} -> {name: (exit code, stdout, stderr)}."""
+    cases: {name: [script, args...] or ([script, args...], {env})}, run in order -> {name: (exit code, stdout,
+    stderr)}."""
     import json
-    cases = {name: [str(a) for a in argv] for name, argv in cases.items()}
+    cases = {name: {"argv": [str(a) for a in (c[0] if isinstance(c, tuple) else c)],
+                    "env": c[1] if isinstance(c, tuple) else {}} for name, c in cases.items()}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "forkrun.py")], input=json.dumps(cases),
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,9 +1,10 @@
 """python tests/preempt.py SCRIPT ARGS...: runs SCRIPT as `python SCRIPT ARGS...` would, preempted the way
 a cluster does it. PREEMPT_AT_STEP=k: right after the mid-epoch checkpoint at step k is written, every
-rank SIGKILLs itself. PARAMS_DIR=dir: at the end of training each rank writes its parameters to
+rank SIGKILLs itself (rank 0 first copies that checkpoint to checkpoint-last.pth.at-kill). PARAMS_DIR=dir: at the end of training each rank writes its parameters to
 dir/rank<r>.pth (to compare the ranks)."""
 import os
 import runpy
+import shutil
 import signal
 import sys
 
@@ -20,6 +21,8 @@ def save_then_preempt(self, epoch, step, keep=False):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # rank 0 has finished writing
     if step == kill_at:
+        if self.args.rank == 0:  # a copy for the test to inspect after the resumed run has overwritten the file
+            shutil.copy(self.last, self.last + ".at-kill")
         os.kill(os.getpid(), signal.SIGKILL)
     if params_dir and (epoch, step) == (self.args.epochs, 0):
         torch.save(self.model.state_dict(), os.path.join(params_dir, f"rank{self.args.rank}.pth"))

@@ -29,16 +29,19 @@ def test_killed_run_resumes_to_identical_parameters(script, tmp_path):
     also load images differently (0 vs. 1 DataLoader worker): augmentation is seeded per image."""
     flags = FAST + ["--epochs", "2", "--save_every_steps", "2", "--accum_iter", "2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    proc = run_script(script, flags + ["--output_dir", whole])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_script("tests/preempt.py", [script] + flags + ["--output_dir", cut, "--num_workers", "1"],
-                      env={"PREEMPT_AT_STEP": "2"})
-    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL
-    mid = torch.load(cut / "checkpoint-last.pth", weights_only=True)
-    assert (mid["epoch"], mid["step"]) == (0, 2) and not (cut / "log.txt").exists()
-    proc = run_script(script, flags + ["--output_dir", cut, "--num_workers", "1", "--resume", "auto"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "epoch 0, step 2" in proc.stdout
+    runs = run_forked({  # in this order, each its own process
+        "whole": [script] + flags + ["--output_dir", whole],
+        "killed": (["tests/preempt.py", script] + flags + ["--output_dir", cut, "--num_workers", "1"],
+                   {"PREEMPT_AT_STEP": "2"}),
+        "resumed": [script] + flags + ["--output_dir", cut, "--num_workers", "1", "--resume", "auto"]})
+    code, out, err = runs["whole"]
+    assert code == 0, err[-3000:]
+    assert runs["killed"][0] == -9, runs["killed"][2][-3000:]  # SIGKILL
+    mid = torch.load(cut / "checkpoint-last.pth.at-kill", weights_only=True)  # what the resumed run started from
+    assert (mid["epoch"], mid["step"]) == (0, 2)
+    code, out, err = runs["resumed"]
+    assert code == 0, err[-3000:]
+    assert "epoch 0, step 2" in out
     a, b = (torch.load(d / "checkpoint-last.pth", weights_only=True) for d in (whole, cut))
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 0)
     assert not torch.equal(a["model"]["encoder.cls_token"], mid["model"]["encoder.cls_token"])  # it trained on
@@ -200,10 +203,10 @@ def test_visualize_draws_image_visible_patches_attention_and_loss(tmp_path):
 
 
 def test_visualize_from_a_checkpoint(tmp_path):
-    proc = run_script("milan.py", FAST + ["--output_dir", tmp_path])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = run_forked({"ok": ["milan.py"] + FAST + ["--output_dir", tmp_path, "--visualize", 3, "--resume",
-                                                    tmp_path / "checkpoint-last.pth"]})
-    code, out, err = runs["ok"]
+    runs = run_forked({"train": ["milan.py"] + FAST + ["--output_dir", tmp_path],
+                       "draw": ["milan.py"] + FAST + ["--output_dir", tmp_path, "--visualize", 3, "--resume",
+                                                      tmp_path / "checkpoint-last.pth"]})
+    assert runs["train"][0] == 0, runs["train"][2][-2000:]
+    code, out, err = runs["draw"]
     assert code == 0 and "wrote" in out, err[-2000:]
     assert Image.open(tmp_path / "visualize.png").size == (4 * 228, 3 * 228)  # MILAN: 4 columns, 3 rows
