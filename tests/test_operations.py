@@ -116,22 +116,31 @@ def image_folder(root, good, bad):
 
 
 # ---- Bad input: one clear line, non-zero exit, no traceback, a good checkpoint untouched ----------
-BAD = {  # case -> (flags, the flag the message must name)
-    "data_missing": (["--data", "{tmp}/nope"], "--data"),
-    "data_empty": (["--data", "{tmp}/empty"], "--data"),
-    "data_unreadable": (["--data", "{tmp}/corrupt", "--batch_size", "4"], "--data"),
-    "teacher_unknown": (["--teacher", "ViT-Q-99"], "--teacher"),
-    "weights_missing": (["--teacher_weights", "{tmp}/ViT-B-16.pt"], "--teacher_weights"),
-    "weights_other_arch": (["--teacher_weights", "{tmp}/dino.pth"], "--teacher_weights"),
-    "resume_missing": (["--resume", "{tmp}/nope.pth"], "--resume"),
-    "resume_other_method": (["--resume", "{tmp}/cae.pth"], "--resume"),
-    "resume_other_model": (["--resume", "{tmp}/small.pth"], "--resume"),
-    "ratio_zero": (["--mask_ratio", "0"], "--mask_ratio"),
-    "ratio_big": (["--mask_ratio", "1.5"], "--mask_ratio"),
-    "ratio_no_visible": (["--mask_ratio", "0.999"], "--mask_ratio"),
-    "size_not_divisible": (["--input_size", "200"], "--input_size"),
-    "batch_too_big": (["--fake_size", "4"], "--batch_size"),
-    "output_not_writable": (["--output_dir", "{tmp}/a_file/out"], "--output_dir"),
+BAD = {  # case -> (script, flags after the smoke flags, the flag the message must name)
+    "data_missing": ("milan.py", ["--data", "{tmp}/nope"], "--data"),
+    "data_empty": ("milan.py", ["--data", "{tmp}/empty"], "--data"),
+    "data_unreadable": ("milan.py", ["--data", "{tmp}/corrupt", "--batch_size", "4"], "--data"),
+    "teacher_unknown": ("milan.py", ["--teacher", "ViT-Q-99"], "--teacher"),
+    "weights_missing": ("milan.py", ["--teacher_weights", "{tmp}/ViT-B-16.pt"], "--teacher_weights"),
+    "weights_other_arch": ("milan.py", ["--teacher_weights", "{tmp}/dino.pth"], "--teacher_weights"),
+    "resume_missing": ("milan.py", ["--resume", "{tmp}/nope.pth"], "--resume"),
+    "resume_other_method": ("milan.py", ["--resume", "{tmp}/cae.pth"], "--resume"),
+    "resume_other_model": ("milan.py", ["--resume", "{tmp}/small.pth"], "--resume"),
+    "ratio_zero": ("milan.py", ["--mask_ratio", "0"], "--mask_ratio"),
+    "ratio_big": ("milan.py", ["--mask_ratio", "1.5"], "--mask_ratio"),
+    "ratio_no_visible": ("milan.py", ["--mask_ratio", "0.999"], "--mask_ratio"),
+    "size_not_divisible": ("milan.py", ["--input_size", "200"], "--input_size"),
+    "batch_too_big": ("milan.py", ["--fake_size", "4"], "--batch_size"),
+    "output_not_writable": ("milan.py", ["--output_dir", "{tmp}/a_file/out"], "--output_dir"),
+    "loss_not_finite": ("milan.py", ["--lr", "1e30", "--fake_size", "32", "--accum_iter", "1"], "--resume"),
+    "finetune_no_encoder": ("finetune.py", ["--finetune", "{tmp}/cae.pth"], "--finetune"),
+    # the same checks guard every method file
+    "cae_data_empty": ("cae.py", ["--data", "{tmp}/empty"], "--data"),
+    "cae_v2_ratio_no_visible": ("cae_v2.py", ["--mask_ratio", "0.999"], "--mask_ratio"),
+    "mr_mae_resume_other_method": ("mr_mae.py", ["--resume", "{tmp}/cae.pth"], "--resume"),
+    "mask_align_weights_other_arch": ("mask_align.py", ["--teacher_weights", "{tmp}/dino.pth"], "--teacher_weights"),
+    "finetune_output_not_writable": ("finetune.py", ["--finetune", "{tmp}/small.pth", "--output_dir", "{tmp}/a_file/x"],
+                                     "--output_dir"),
 }
 
 
@@ -148,12 +157,12 @@ def bad_runs(tmp_path_factory):
     common.save_checkpoint(str(tmp / "small.pth"), model={f"encoder.{k}": v for k, v in small.items()}, optimizer={},
                            epoch=1, step=0, args={"model": "vit_tiny_patch16"}, method="milan")
     cases = {}
-    for case, (flags, _) in BAD.items():
+    for case, (script, flags, _) in BAD.items():
         out = tmp / case
         out.mkdir()
         (out / "checkpoint-last.pth").write_bytes(b"a good checkpoint")
         flags = [f.replace("{tmp}", str(tmp)) for f in flags]
-        cases[case] = ["milan.py"] + SMOKE + ["--output_dir", out] + flags  # later flags win
+        cases[case] = [script] + SMOKE + ["--output_dir", out] + flags  # later flags win
     return tmp, run_forked(cases)
 
 
@@ -163,7 +172,7 @@ def test_bad_input_one_clear_line(case, bad_runs):
     code, _, err = runs[case]
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err[-2000:]
-    assert BAD[case][1] in lines[0] and lines[0] == err.strip().splitlines()[-1], err[-2000:]
+    assert BAD[case][2] in lines[0] and lines[0] == err.strip().splitlines()[-1], err[-2000:]
     assert (tmp / case / "checkpoint-last.pth").read_bytes() == b"a good checkpoint"
 
 
@@ -210,3 +219,19 @@ def test_visualize_from_a_checkpoint(tmp_path):
     code, out, err = runs["draw"]
     assert code == 0 and "wrote" in out, err[-2000:]
     assert Image.open(tmp_path / "visualize.png").size == (4 * 228, 3 * 228)  # MILAN: 4 columns, 3 rows
+
+
+@pytest.mark.parametrize("script,columns", [("cae.py", 3), ("cae_v2.py", 3), ("mr_mae.py", 4), ("mask_align.py", 4)])
+def test_visualize_on_every_method_file(script, columns, visualize_runs):
+    """Columns: image, visible patches, the teacher's CLS attention where the method samples by it, loss."""
+    tmp, runs = visualize_runs
+    code, out, err = runs[script]
+    assert code == 0 and "wrote" in out, err[-2000:]
+    assert Image.open(tmp / script / "visualize.png").size == (columns * 228, 2 * 228)
+
+
+@pytest.fixture(scope="module")
+def visualize_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pictures")
+    return tmp, run_forked({s: [s] + SMOKE + ["--output_dir", tmp / s, "--visualize", 2]
+                            for s in ("cae.py", "cae_v2.py", "mr_mae.py", "mask_align.py")})
