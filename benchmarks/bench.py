@@ -94,6 +94,44 @@ def build(method, opts):
     return module, args, model, teacher, to(batch)
 
 
+def mha_flops(query, key, value, embed_dim, num_head, *args, out_shape=None, **kwargs):
+    """torch.nn.MultiheadAttention's fused inference kernel (open_clip's CLIP blocks under no_grad), which
+    torch.utils.flop_counter does not count: in-projection, q k^T, attention x v, out-projection."""
+    B, L, E = query
+    S = key[1]
+    return 2 * B * (L * E * E + 2 * S * E * E + 2 * L * S * E + L * E * E)
+
+
+def flop_counts(module, model, teacher, batch, args, detach_encoder=False):
+    """Per-module FLOPs of one forward + backward: {'Global': total, module name: its part}."""
+    encoder = model.encoder
+    if detach_encoder:  # swap in a plain callable (not a module: module hooks would see the fresh leaves)
+        class EncoderWithoutAutograd:
+            def __getattr__(self, name):
+                return getattr(encoder, name)
+
+            def __call__(self, *a, **k):
+                if not torch.is_grad_enabled():  # e.g. CAE's alignment target: already without autograd
+                    return encoder(*a, **k)
+                with torch.no_grad():
+                    out = encoder(*a, **k)
+                leaf = lambda t: t.detach().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t
+                return torch.utils._pytree.tree_map(leaf, out)
+        del model._modules["encoder"]
+        object.__setattr__(model, "encoder", EncoderWithoutAutograd())
+    try:
+        with FlopCounterMode(display=False, depth=None,
+                             custom_mapping={torch.ops.aten._native_multi_head_attention: mha_flops}) as fc:
+            with common.autocast(args):
+                loss = module.forward_step(model, teacher, batch, args)["loss"]
+            loss.backward()
+    finally:
+        if detach_encoder:
+            object.__delattr__(model, "encoder")
+            model.encoder = encoder
+    return {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+
+
 def measure(method, opts):
     torch.manual_seed(0)
     if "eager_attention" in opts.variant:
@@ -116,17 +154,19 @@ def measure(method, opts):
         if "sync_every_step" in opts.variant:
             loss.item()
 
-    # FLOPs of one step (forward + backward), split by module: the student is the model's root module,
-    # its encoder the '.encoder' child; whatever ran outside the student (teacher, tokenizer) is the teacher.
+    # FLOPs of one step. Pass 1, the real step: everything outside the student's root module ran in the
+    # teacher (CLIP, DINO or the DALL-E tokenizer, forward only); the rest is the student's forward + backward.
+    # Pass 2 runs the encoder without autograd and hands its outputs on as fresh leaves that require grad:
+    # what remains is the encoder's forward plus the decoder / regressor / heads' forward + backward (with the
+    # gradient w.r.t. their input, as in pass 1). torch's per-module attribution of backward FLOPs is not used:
+    # it misses the encoder's backward when a method reads per-block outputs (MR-MAE, MaskAlign).
     model.train()
-    with FlopCounterMode(display=False, depth=None) as fc:
-        with common.autocast(args):
-            loss = module.forward_step(model, teacher, batch, args)["loss"]
-        loss.backward()
-    opt.zero_grad(set_to_none=True)
-    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
     root = type(model).__name__
-    total, student, encoder = counts["Global"], counts.get(root, 0), counts.get(f"{root}.encoder", 0)
+    counts = [flop_counts(module, model, teacher, batch, args, detach_encoder=d) for d in (False, True)]
+    teacher_flops = counts[0]["Global"] - counts[0].get(root, 0)
+    student = counts[0]["Global"] - teacher_flops
+    decoder = counts[1]["Global"] - teacher_flops - counts[1].get(type(model.encoder).__name__, 0)
+    opt.zero_grad(set_to_none=True)
     for _ in range(opts.warmup):
         step()
     if cuda:
@@ -142,12 +182,12 @@ def measure(method, opts):
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rec = dict(method=method, model=opts.model, teacher=opts.teacher, device=device_name(opts.device),
-               batch_size=B, gflops_teacher=(total - student) / B / 1e9, gflops_student=student / B / 1e9,
-               gflops_decoder=(student - encoder) / B / 1e9, images_per_s=B / median, peak_mem_mb=peak,
+               batch_size=B, gflops_teacher=teacher_flops / B / 1e9, gflops_student=student / B / 1e9,
+               gflops_decoder=decoder / B / 1e9, images_per_s=B / median, peak_mem_mb=peak,
                step_s_median=median, step_s_all=times, variant=opts.variant or "baseline", compile=opts.compile)
     if cuda:
         peak_tflops = opts.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in rec["device"]), None)
-        rec["mfu"] = total / median / (peak_tflops * 1e12) if peak_tflops else None
+        rec["mfu"] = counts[0]["Global"] / median / (peak_tflops * 1e12) if peak_tflops else None
     return rec
 
 
