@@ -234,6 +234,21 @@ class Teacher(nn.Module):
         return self.net.blocks if self.kind == "dino" else self.net.transformer.resblocks
 
     @torch.no_grad()  # not inference_mode: the targets enter the losses' autograd graphs as constants
+    def last_block_with_cls_attn(self, blk, x, out):
+        """The last block, with out['cls_attn'] [B, N] from its own attention probabilities (one pass)."""
+        if self.kind == "dino":  # SDPA returns no weights: the CLS row of softmax(q k^T / sqrt(d)) explicitly
+            q, k, v = blk.attn.qkv_heads(blk.norm1(x))  # [B, H, 1+N, dh]
+            a = (q[:, :, :1].float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+            out["cls_attn"] = a.mean(1)[:, 0, 1:]  # [B, N], not renormalised
+            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # [B, 1+N, W]
+            x = x + blk.ls1(blk.attn.proj(y))
+            return x + blk.ls2(blk.mlp(blk.norm2(x)))
+        y = blk.ln_1(x)  # open_clip ResidualAttentionBlock, with the head-mean weights of its attention
+        y, a = blk.attn(y, y, y, need_weights=True)  # a [B, 1+N, 1+N], averaged over heads
+        out["cls_attn"] = a[:, 0, 1:].float()
+        x = x + blk.ls_1(y)
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
     def forward(self, images, tokens=True, hidden=False, cls_attn=False):
         x, size = images * self.a + self.b, self.grid * self.patch
         if x.shape[-2:] != (size, size):  # e.g. CLIP ViT-L/14 sees 196 px for a 14x14 grid
@@ -247,14 +262,9 @@ class Teacher(nn.Module):
         out, levels, blocks = {}, [], self.blocks()
         for i, blk in enumerate(blocks):
             if cls_attn and i == len(blocks) - 1:  # CLS query over all 1+N keys, head mean, CLS->CLS dropped
-                if self.kind == "dino":  # explicit softmax: SDPA returns no weights
-                    q, k, _ = blk.attn.qkv_heads(blk.norm1(x))  # [B, H, 1+N, dh]
-                    a = (q[:, :, :1].float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
-                    out["cls_attn"] = a.mean(1)[:, 0, 1:]  # [B, N], not renormalised
-                else:
-                    y = blk.ln_1(x)
-                    out["cls_attn"] = blk.attn(y, y, y, need_weights=True)[1][:, 0, 1:].float()  # head mean
-            x = blk(x)
+                x = self.last_block_with_cls_attn(blk, x, out)  # the block's output, computed once
+            else:
+                x = blk(x)
             if hidden:  # keep the per-block outputs only when asked: ~3 GB for ViT-L/14 at batch 256
                 levels.append(x)
         if hidden:

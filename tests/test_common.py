@@ -185,10 +185,10 @@ def test_teacher_cls_attn_equals_recomputation_from_q_and_k(tiny_teacher):
     x = images()
     seen = {}
     last = tiny_teacher.net.transformer.resblocks[-1]
-    hook = last.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    hook = last.ln_1.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))
     got = tiny_teacher(x, tokens=False, cls_attn=True)["cls_attn"]
     hook.remove()
-    y = last.ln_1(seen["x"])  # [B, 197, 64]
+    y = seen["y"]  # the last block's ln_1(x) [B, 197, 64]
     W, b, H = last.attn.in_proj_weight, last.attn.in_proj_bias, 2
     q, k = (y @ W[:64].T + b[:64]), (y @ W[64:128].T + b[64:128])
     probs = []
