@@ -233,7 +233,6 @@ class Teacher(nn.Module):
     def blocks(self):
         return self.net.blocks if self.kind == "dino" else self.net.transformer.resblocks
 
-    @torch.no_grad()  # not inference_mode: the targets enter the losses' autograd graphs as constants
     def last_block_with_cls_attn(self, blk, x, out):
         """The last block, with out['cls_attn'] [B, N] from its own attention probabilities (one pass)."""
         if self.kind == "dino":  # SDPA returns no weights: the CLS row of softmax(q k^T / sqrt(d)) explicitly
@@ -249,6 +248,7 @@ class Teacher(nn.Module):
         x = x + blk.ls_1(y)
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
+    @torch.no_grad()  # not inference_mode: the targets enter the losses' autograd graphs as constants
     def forward(self, images, tokens=True, hidden=False, cls_attn=False):
         x, size = images * self.a + self.b, self.grid * self.patch
         if x.shape[-2:] != (size, size):  # e.g. CLIP ViT-L/14 sees 196 px for a 14x14 grid

@@ -9,7 +9,7 @@ Each method runs in its own process (clean peak-memory numbers) through the inte
 file shares: get_args, build_transform, build_model, forward_step. `milan_mae_decoder` is MILAN with
 an MAE-style decoder in place of the prompting decoder (the MILAN Sec. 2.3 cost comparison).
 `--variant` re-creates the code as it would be without one speed measure, to measure before/after:
-  teacher_grad     the teacher forward records an autograd graph (no torch.no_grad)
+  teacher_grad     the teacher is not frozen and runs with autograd (no requires_grad_(False), no no_grad)
   eager_attention  attention as softmax(q k^T / sqrt(d)) v instead of F.scaled_dot_product_attention
   sync_every_step  loss.item() after every step (a host-device sync)
   unfused_adamw    AdamW without fused=True (CUDA only)
@@ -139,6 +139,8 @@ def measure(method, opts):
     if "teacher_grad" in opts.variant:
         common.Teacher.forward = common.Teacher.forward.__wrapped__  # without the no_grad decorator
     module, args, model, teacher, batch = build(method, opts)
+    if "teacher_grad" in opts.variant and teacher is not None:
+        teacher.requires_grad_(True)
     cuda = opts.device.startswith("cuda")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=cuda and "unfused_adamw" not in opts.variant)
