@@ -402,7 +402,7 @@ class Samples(torch.utils.data.Dataset):
             for j in range(i, i + len(self)):
                 try:
                     return self.dataset[j % len(self)]
-                except OSError as e:  # PIL: unidentified, truncated or unreadable file
+                except (OSError, SyntaxError) as e:  # PIL: unidentified, truncated or broken file
                     self.failed += 1
                     path = getattr(self.dataset, "samples", [[f"#{j}"]] * len(self))[j % len(self)][0]
                     print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
@@ -559,7 +559,10 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     per-patch loss (MILAN Fig. 5 style; grey = patch not in the loss), for the model of --resume if given."""
     from PIL import Image
     if args.resume:
-        model.load_state_dict(load_checkpoint(args.resume, method)["model"])
+        try:
+            model.load_state_dict(load_checkpoint(args.resume, method)["model"])
+        except RuntimeError:
+            raise UserError(f"--resume {args.resume} does not fit this model; pass the flags it was trained with") from None
     args.batch_size = min(args.visualize, len(dataset))
     batch, _ = next(iter(build_loader(dataset, args, train=False)))
     batch = [b.to(args.device) for b in batch] if isinstance(batch, (list, tuple)) else batch.to(args.device)

@@ -132,6 +132,7 @@ BAD = {  # case -> (script, flags after the smoke flags, the flag the message mu
     "size_not_divisible": ("milan.py", ["--input_size", "200"], "--input_size"),
     "batch_too_big": ("milan.py", ["--fake_size", "4"], "--batch_size"),
     "output_not_writable": ("milan.py", ["--output_dir", "{tmp}/a_file/out"], "--output_dir"),
+    "visualize_other_model": ("milan.py", ["--visualize", "2", "--resume", "{tmp}/small.pth"], "--resume"),
     "loss_not_finite": ("milan.py", ["--lr", "1e30", "--fake_size", "32", "--accum_iter", "1"], "--resume"),
     "finetune_no_encoder": ("finetune.py", ["--finetune", "{tmp}/cae.pth"], "--finetune"),
     # the same checks guard every method file
