@@ -66,3 +66,21 @@ def test_mae_style_baseline_is_maes_decoder():
         model.mask_token.add_(1.0)
     after = model.forward_decoder(latent, ids_keep, ids_mask)
     assert not torch.allclose(before[:, :49], after[:, :49])  # visible tokens attend to mask tokens
+
+
+def test_bench_writes_one_record_per_method(tmp_path):
+    """benchmarks/bench.py at the test size: the issue's keys, and a FLOP split that adds up (the decoder is part
+    of the student; MaskAlign's adaptors are far cheaper than MILAN's prompting decoder)."""
+    from conftest import run_script
+    proc = run_script("benchmarks/bench.py", ["--methods", "milan,mask_align", "--model", "vit_nano_patch16", "--teacher",
+                                              "tiny", "--batch_size", 2, "--steps", 1, "--warmup", 0, "--json",
+                                              tmp_path / "out.json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    recs = {r["method"]: r for r in json.loads((tmp_path / "out.json").read_text())}
+    keys = {"method", "model", "teacher", "device", "batch_size", "gflops_teacher", "gflops_student", "gflops_decoder",
+            "images_per_s", "peak_mem_mb"}
+    assert set(recs) == {"milan", "mask_align"} and all(keys <= set(r) for r in recs.values())
+    for r in recs.values():
+        assert 0 < r["gflops_decoder"] < r["gflops_student"] and r["gflops_teacher"] > 0 and r["images_per_s"] > 0
+    assert recs["mask_align"]["gflops_decoder"] < 0.2 * recs["milan"]["gflops_decoder"]
