@@ -218,19 +218,6 @@ def build_tokenizer(args):
     return load_dalle_encoder(args.dalle_weights).to(args.device)
 
 
-def patchify(images, patch):
-    """[B, 3, H, W] -> [B, N, patch * patch * 3], raster order of patches, (row, col, channel) inside one (MAE)."""
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // patch, patch, W // patch, patch)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // patch) * (W // patch), patch * patch * C)
-
-
-def pixel_targets(images, patch):
-    """CAE Sec. 3.1 pixel-colour targets, normalised per patch as MAE's norm_pix_loss: (x - mean) / sqrt(var + 1e-6)."""
-    x = patchify(images.float(), patch)  # [B, N, p*p*3]
-    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
-
-
 # ---- Model: encoder F, latent contextual regressor H, decoder G (Sec. 2.1) ------------------------
 class CrossAttention(nn.Module):
     """Multi-head attention with queries from one set and keys/values from another:
@@ -389,7 +376,7 @@ def forward_step(model, teacher, batch, args):
     if teacher is not None:  # Ybar_m: the DALL-E token of each masked patch
         target = teacher.tokenize(token_images[0]).gather(1, ids_mask)  # [B, M]
     else:  # Sec. 3.1: normalised pixels of the masked patches
-        pixels = pixel_targets(images, common.VIT_CONFIGS[args.model][0])  # [B, N, 768]
+        pixels = common.pixel_targets(images, common.VIT_CONFIGS[args.model][0])  # [B, N, 768], Sec. 3.1
         target = pixels.gather(1, ids_mask[..., None].expand(-1, -1, pixels.shape[-1]))  # [B, M, 768]
     loss, out = model(images, ids_keep, ids_mask, target)
     terms = cae_loss(out["pred"].detach(), target, out["z_m"].detach(), out["zbar_m"], args.align_weight, per_patch=True)

@@ -296,6 +296,15 @@ def random_masking(batch, num_patches, n_keep, device=None):
     """MAE's uniform masking: every sample keeps a uniformly random set of n_keep patches."""
     return mask_from_ids(torch.rand(batch, num_patches, device=device).argsort(1)[:, :n_keep], num_patches)
 
+def pixel_targets(images, patch=16, norm_pix=True):
+    """Pixel targets of every patch: [B, 3, H, W] -> [B, N, patch*patch*3], patches in raster order, values in
+    (row, col, channel) order (MAE's patchify); norm_pix: each patch normalised by its own mean and
+    (unbiased variance + 1e-6)^0.5 (MAE's norm_pix_loss). Used by CAE Sec. 3.1 and MR-MAE Eq. 1."""
+    B, C, H, W = images.shape
+    x = images.float().reshape(B, C, H // patch, patch, W // patch, patch)  # [B, C, h, p, w, p]
+    x = torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** 0.5 if norm_pix else x
+
 class BlockMaskGenerator:
     """Block-wise masking (BEiT; CAE Sec. 2.2): exactly num_masked patches of a grid x grid raster.
     Rectangles of area U(min_patches, remaining) and log-uniform aspect in [min_aspect, 1/min_aspect]

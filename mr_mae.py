@@ -271,23 +271,6 @@ class MRMAE(nn.Module):
 
 
 # ---- Losses (Sec. 3.1 Eq. 1, Sec. 3.2 Eq. 2) ------------------------------------------------------
-def patchify(images, p=16):
-    """[B, 3, H, W] -> [B, N, p*p*3]: patches in raster order, each one's values in (row, col, channel)
-    order (MAE's layout)."""
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // p, p, W // p, p)  # [B, C, h, p, w, p]
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def pixel_targets(images, p=16, norm_pix=True):
-    """I: the RGB values of every patch [B, N, p*p*3]; with norm_pix each patch normalised by its own mean
-    and (unbiased variance + 1e-6)^0.5 (MAE's norm_pix_loss)."""
-    target = patchify(images.float(), p)
-    if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-    return target
-
-
 def reconstruction_loss(d_m, i_m, per_patch=False):
     """MR-MAE Eq. 1: L_R = (1/l_m) ||D_m - I_m||_2^2, the squared error summed over each masked patch's
     p*p*3 values, averaged over the l_m masked patches, then over the batch. d_m, i_m [B, l_m, p*p*3].
@@ -336,7 +319,7 @@ def forward_step(model, teacher, batch, args):
     mask = focused_sampling(attn, n_keep, args.focus)
     ids_keep, ids_mask = common.ids_from_mask(mask, n_keep)  # [B, 49], [B, 147]
     patch = images.shape[-1] // teacher.grid  # the student's patch size: the teacher's grid is the student's
-    pixels, tokens = pixel_targets(images, patch, args.norm_pix_loss), out["tokens"][:, 1:]  # I, F of all patches
+    pixels, tokens = common.pixel_targets(images, patch, args.norm_pix_loss), out["tokens"][:, 1:]  # I, F of all patches
     loss, pred, mimic = model(images, ids_keep, ids_mask, pixels, tokens)
     patch_loss = torch.zeros(mask.shape, device=images.device)  # [B, N]
     patch_loss.scatter_(1, ids_mask, reconstruction_loss(gather(pred.detach(), ids_mask), gather(pixels, ids_mask), True))

@@ -213,7 +213,7 @@ def test_model_loss_is_eq1_of_its_own_parts():
 
 def test_pixel_targets_are_per_patch_normalised_pixels():
     x = images(2)
-    t = cae.pixel_targets(x, 16)
+    t = common.pixel_targets(x, 16)
     assert t.shape == (2, N, 768)
     for b, r, c in [(0, 0, 0), (1, 3, 11), (0, 13, 13)]:
         patch = x[b, :, 16 * r:16 * r + 16, 16 * c:16 * c + 16].permute(1, 2, 0).flatten()  # (row, col, channel)

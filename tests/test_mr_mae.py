@@ -160,7 +160,7 @@ def test_convvit_base_has_the_mcmae_geometry():
 def test_pixel_targets_are_normalised_patches_in_raster_order():
     x = images(2)
     for norm in (True, False):
-        t = mr_mae.pixel_targets(x, 16, norm)
+        t = common.pixel_targets(x, 16, norm)
         assert t.shape == (2, N, 768)
         for b, j in [(0, 0), (0, 13), (1, 14), (1, 100), (0, 195)]:
             r, c = divmod(j, 14)
@@ -195,7 +195,7 @@ def test_mimic_loss_equals_eq2():
 def test_model_loss_is_half_eq1_on_masked_plus_half_eq2_on_visible():
     model = small_model().eval()
     x, (mask, ids_keep, ids_mask) = images(), split()
-    pixels, tokens = mr_mae.pixel_targets(x), torch.randn(2, N, 32)
+    pixels, tokens = common.pixel_targets(x), torch.randn(2, N, 32)
     with torch.no_grad():
         loss, pred, mimic = model(x, ids_keep, ids_mask, pixels, tokens)
     masked = [[j for j in range(N) if mask[b, j]] for b in range(2)]  # hidden patches, found by hand
@@ -209,7 +209,7 @@ def test_model_loss_is_half_eq1_on_masked_plus_half_eq2_on_visible():
 def test_reconstruction_ignores_visible_patches_and_mimic_ignores_masked_ones():
     model = small_model().eval()
     x, (mask, ids_keep, ids_mask) = images(), split()
-    pixels, tokens = mr_mae.pixel_targets(x), torch.randn(2, N, 32)
+    pixels, tokens = common.pixel_targets(x), torch.randn(2, N, 32)
     vis, hid = ~mask[..., None], mask[..., None]
     with torch.no_grad():
         loss = lambda p, t: model(x, ids_keep, ids_mask, p, t)[0].item()
@@ -252,7 +252,7 @@ def test_steps_on_one_batch_lower_the_loss(tiny_teacher):
     out = tiny_teacher(x, cls_attn=True)
     mask = mr_mae.focused_sampling(out["cls_attn"], 49)
     ids_keep, ids_mask = common.ids_from_mask(mask, 49)
-    pixels, tokens = mr_mae.pixel_targets(x), out["tokens"][:, 1:]
+    pixels, tokens = common.pixel_targets(x), out["tokens"][:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses, l_m = [], []
     for _ in range(10):
