@@ -39,7 +39,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
@@ -414,18 +413,7 @@ def main(argv=None):
         return common.visualize(args, dataset, model, teacher, forward_step, "cae")
     loader = common.build_loader(dataset, args)
     optimizer = common.build_optimizer(model, args)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    ckpt = common.Checkpointer(args, "cae", model, optimizer, scaler)
-    start_epoch, start_step = ckpt.resume()
-    ddp = DDP(model) if args.world_size > 1 else model  # the student only
-    step_model = torch.compile(ddp) if args.compile else ddp
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
-        stats = train_one_epoch(step_model, teacher, loader, optimizer, scaler, epoch, args, ckpt)
-        ckpt.epoch_done(epoch)
-        common.log_epoch(args, stats)
-    if args.world_size > 1:
-        torch.distributed.destroy_process_group()
+    common.pretrain(args, "cae", model, teacher, loader, optimizer, train_one_epoch)  # resume, DDP, epochs
 
 
 if __name__ == "__main__":

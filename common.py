@@ -705,6 +705,22 @@ class Checkpointer:
         e = epoch + 1
         self.save(e, 0, keep=e % self.args.save_freq == 0 or e == self.args.epochs)
 
+def pretrain(args, method, model, teacher, loader, optimizer, train_one_epoch):
+    """The epoch loop every method file's main() ends with: grad scaler (fp16), exact resume, DDP around the
+    student only (the frozen teacher stays outside), optional torch.compile, a checkpoint and a log line per epoch."""
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+    ckpt = Checkpointer(args, method, model, optimizer, scaler)
+    start_epoch, start_step = ckpt.resume()
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
+    step_model = torch.compile(ddp) if args.compile else ddp
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        stats = train_one_epoch(step_model, teacher, loader, optimizer, scaler, epoch, args, ckpt)
+        ckpt.epoch_done(epoch)
+        log_epoch(args, stats)
+    if args.world_size > 1:
+        dist.destroy_process_group()
+
 def log_epoch(args, stats):
     """Rank 0 appends one JSON line per epoch to output_dir/log.txt."""
     if args.rank == 0:
