@@ -3,9 +3,9 @@ ViT, frozen Teacher, masking, data, torchrun/DDP, AdamW groups, schedule, checkp
 Whatever a paper's ablation could change (sampler, decoder, loss, recipe) lives in the method file.
 Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep sorted ascending;
 tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, json, math, os, random, sys, time, warnings, zipfile
+import argparse, itertools, json, logging, math, os, random, socket, sys, time, warnings, zipfile
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -23,13 +23,28 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 class UserError(Exception):
     """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback."""
 
+RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None}  # where this process is: for the Ctrl-C line
+
 def cli(main, argv=None):
-    """Entry point of every script: run main(argv); a UserError becomes one clear line."""
+    """Entry point of every script: run main(argv); a UserError becomes one clear line, Ctrl-C one line too."""
     try:
         main(argv)
     except UserError as e:  # raised in a DataLoader worker, it arrives wrapped: keep its own last line
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if RUN["rank"] == 0:
+            print(f"\n{interrupted_line()}", file=sys.stderr)
+        sys.exit(130)
+
+def interrupted_line():
+    """Where a Ctrl-C stopped the run and how to continue it."""
+    at = " at epoch {}, step {}".format(*RUN["at"]) if RUN["at"] else ""
+    last = RUN["output_dir"] and os.path.join(RUN["output_dir"], "checkpoint-last.pth")
+    if not last or not os.path.isfile(last):
+        return f"interrupted{at}; no checkpoint was written, so a relaunch starts from the beginning"
+    saved = " (epoch {}, step {})".format(*RUN["saved"]) if RUN["saved"] else ""
+    return f"interrupted{at}; relaunch the same command with --resume auto to continue from {last}{saved}"
 
 # ---- ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) ---
 def sincos_pos_embed(dim, grid):
@@ -95,7 +110,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x):  # [B, 3, H, W] -> [B, N, D], raster order
         return self.proj(x).flatten(2).transpose(1, 2)
 
-VIT_CONFIGS = {  # name: (patch, width, depth, heads); nano is DESIGN.md's test size
+VIT_CONFIGS = {  # name: (patch, width, depth, heads); nano: the tests' size
     "vit_nano_patch16": (16, 64, 2, 2), "vit_tiny_patch16": (16, 192, 12, 3),
     "vit_small_patch16": (16, 384, 12, 6), "vit_base_patch16": (16, 768, 12, 12),
     "vit_large_patch16": (16, 1024, 24, 16), "vit_huge_patch14": (14, 1280, 32, 16)}
@@ -162,6 +177,32 @@ def read_weights(path, flag="--teacher_weights"):
             sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
     return {k: t.float() for k, t in sd.items() if torch.is_tensor(t)}
 
+@contextmanager
+def quiet_logging():
+    """Silences library log lines (open_clip logs through the root logger) inside a with block."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+def go_offline_if_hub_unreachable(timeout=3.0):
+    """open_clip fetches 'openai' weights from the Hugging Face hub, retrying for about a minute when there is no
+    network. If the hub cannot be reached within `timeout` seconds, switch huggingface_hub to offline mode: a
+    cached copy still loads and a missing one fails in seconds."""
+    try:
+        from urllib.parse import urlparse
+        import huggingface_hub.constants as hub
+    except ImportError:
+        return
+    if hub.is_offline_mode():
+        return
+    url = urlparse(hub.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+
 def resize_pos(pos, grid):
     """[1+G0*G0, W] -> [1+grid*grid, W]: bicubic on the 2-D patch grid, CLS row kept."""
     g0 = math.isqrt(pos.shape[0] - 1)
@@ -171,7 +212,7 @@ def resize_pos(pos, grid):
     return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(grid * grid, -1)])  # [1+grid^2, W]
 
 class Teacher(nn.Module):
-    """Frozen teacher: never in DDP, always eval, no autograd (METHODS.md 'Shared teacher').
+    """Frozen teacher: never in DDP, always eval, no autograd (a constant target, as in all five papers).
     Takes the student's ImageNet-normalised view [B, 3, H, W], re-normalises it to its own
     statistics and resizes it so that its patch grid equals the student's. forward returns a dict
     with what was asked for: tokens [B, 1+N, C] (CLIP: ln_post(all tokens) @ proj; DINO: final
@@ -196,13 +237,16 @@ class Teacher(nn.Module):
                                 f"dino_vitb16, or tiny")
             else:  # OpenAI weights need QuickGELU: loaded into a GELU config they give wrong features
                 quick = weights == "openai" or name.endswith("-quickgelu") or is_torchscript(weights)
+                if weights == "openai":
+                    go_offline_if_hub_unreachable()
                 try:
-                    self.net = open_clip.create_model(base, pretrained="openai" if weights == "openai" else None,
-                                                      force_quick_gelu=quick).visual
+                    with quiet_logging():  # open_clip's "initialized randomly" is wrong when a file follows
+                        self.net = open_clip.create_model(base, pretrained="openai" if weights == "openai" else None,
+                                                          force_quick_gelu=quick).visual
                 except Exception as e:
                     raise UserError(f"--teacher_weights openai: could not get OpenAI weights for {name} "
-                                    f"({type(e).__name__}); without internet, download {base}.pt elsewhere and "
-                                    f"pass --teacher_weights /path/to/{base}.pt") from None
+                                    f"({type(e).__name__}: no internet?); download {base}.pt elsewhere (README, "
+                                    f"'Teacher weights') and pass --teacher_weights /path/to/{base}.pt") from None
             if getattr(self.net, "attn_pool", 1) is not None or not hasattr(self.net, "class_embedding"):
                 raise UserError(f"--teacher {name}: only CLIP ViTs with a class token work here (ViT-B-16, ViT-L-14, ...)")
             mean, std = CLIP_MEAN, CLIP_STD
@@ -215,6 +259,12 @@ class Teacher(nn.Module):
         if weights == "none":
             print(f"WARNING: teacher {name} has RANDOM weights (--teacher_weights none): fine for tests and "
                   f"smoke runs, meaningless for pre-training", file=sys.stderr)
+        elif RUN["rank"] == 0:
+            kind = "OpenAI's TorchScript archive, " if weights != "openai" and is_torchscript(weights) else ""
+            quick = self.kind == "clip" and isinstance(self.blocks()[0].mlp.gelu, open_clip.transformer.QuickGELU)
+            act = ", QuickGELU" if quick else ""
+            print(f"teacher {name}: weights loaded from " + ("open_clip's 'openai' tag" if weights == "openai" else
+                                                             f"{weights} ({kind}{len(self.state_dict())} tensors{act})"))
         pos = self.net.pos_embed[0] if self.kind == "dino" else self.net.positional_embedding
         self.patch = 16 if self.kind == "dino" else self.net.patch_size[0]
         self.register_buffer("pos", resize_pos(pos.detach().float(), grid)[None], persistent=False)  # [1, 1+N, W]
@@ -350,7 +400,10 @@ class WithMask:
     def __call__(self, img):
         return self.transform(img), self.mask_fn()
 
-def build_dataset(args, transform, split="train"):
+def build_dataset(args, transform, split="train", classes=None):
+    """DIR/<split> (train: DIR itself if it has no train folder) as an ImageFolder, or FakeData for --data fake.
+    classes: the class names of the train split, whose indices the labels of this split then take (a val folder
+    with fewer classes, or another order, still gets train's labels); a class that train lacks is refused."""
     if args.data == "fake":  # deterministic random images; 'val' uses other indices
         n = args.fake_size if split == "train" else max(args.fake_size // 4, args.batch_size)
         size, offset = (3, args.input_size, args.input_size), 0 if split == "train" else 10 ** 6
@@ -360,16 +413,25 @@ def build_dataset(args, transform, split="train"):
                         f"(DIR/{split}/<class>/<image>) or --data fake")
     root = os.path.join(args.data, split)
     if not os.path.isdir(root) and split != "train":
-        raise UserError(f"--data {args.data}: has no '{split}' folder")
+        raise UserError(f"--data {args.data}: has no '{split}' folder (expected {root}/<class>/<image>)")
     root = root if os.path.isdir(root) else args.data
     try:
-        return datasets.ImageFolder(root, transform=transform)
+        ds = datasets.ImageFolder(root, transform=transform)
     except FileNotFoundError:
         raise UserError(f"--data {args.data}: no images under {root}; expected {root}/<class>/<image>.jpg") from None
+    if classes is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = [c for c in ds.classes if c not in index]
+        if unknown:
+            raise UserError(f"--data {args.data}: {split} has class folder(s) {', '.join(unknown[:3])} that train has "
+                            f"not; every {split} class must be one of train's {len(classes)}")
+        ds.samples = ds.imgs = [(path, index[ds.classes[t]]) for path, t in ds.samples]
+        ds.targets, ds.classes, ds.class_to_idx = [t for _, t in ds.samples], list(classes), index
+    return ds
 
 class SeededSampler(torch.utils.data.Sampler):
-    """DistributedSampler's order (a permutation seeded by seed + epoch, split across ranks, whole
-    batches when training) that can start mid-epoch without loading the skipped images. It yields
+    """DistributedSampler's order (a permutation seeded by seed + epoch, split across ranks; when training only
+    whole batches: the last partial one is dropped, so the steps announced are the steps run) that can start mid-epoch without loading the skipped images. It yields
     (epoch, index) keys so that Samples seeds each image's augmentation by its identity, not by the
     worker that loads it: a resumed run sees the same pixels and masks as an uninterrupted one."""
     def __init__(self, size, args, train=True):
@@ -386,11 +448,13 @@ class SeededSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=g) if self.train else torch.arange(self.size)
         order = order.repeat(2)[:self.per_rank * self.world]  # drop (train) or wrap-pad (eval) to equal shares
-        for i in order[self.rank::self.world][self.start * self.batch:].tolist():
+        end = self.steps * self.batch if self.train else self.per_rank  # training drops the partial last batch
+        for i in order[self.rank::self.world][self.start * self.batch:end].tolist():
             yield self.epoch, i
 
     def __len__(self):
-        return self.per_rank - min(self.start * self.batch, self.per_rank)
+        end = self.steps * self.batch if self.train else self.per_rank
+        return end - min(self.start * self.batch, end)
 
 class Samples(torch.utils.data.Dataset):
     """dataset[(epoch, i)] with torch, numpy and python RNGs seeded by (seed, epoch, i). An image that
@@ -430,22 +494,29 @@ def build_loader(dataset, args, train=True):
                       persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
 
 # ---- Command line, torchrun / DDP, seeds, precision -----------------------------------------------
-def get_parser(description):
-    """Flags shared by all method files, spelled as in facebookresearch/mae. Each file sets its
-    paper's recipe with parser.set_defaults(...) and adds its own flags."""
+def get_parser(description, pretrain=True):
+    """Flags shared by all scripts, spelled as in facebookresearch/mae. Each file sets its recipe with
+    parser.set_defaults(...) and adds its own flags; pretrain=False (finetune.py) leaves out the teacher, mask
+    and picture flags."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--data", "--data_path", dest="data", required=True, help="ImageFolder root (DIR/train or DIR), or 'fake'")
+    a("--data", "--data_path", dest="data", help="ImageFolder root (DIR/train/<class>/<image>, or DIR/<class>/...), "
+      "or 'fake' (generated images); required to train")
     a("--fake_size", type=int, default=256, help="number of images of --data fake")
     a("--input_size", type=int, default=224, help="image side in pixels")
-    a("--model", default="vit_base_patch16", help=", ".join(VIT_CONFIGS))
+    if pretrain:
+        a("--model", default="vit_base_patch16", help=", ".join(VIT_CONFIGS))
+    else:  # the checkpoint's own, unless given (and then it must agree)
+        a("--model", default=argparse.SUPPRESS, help="the encoder's architecture; default: the one the --finetune file "
+          "holds (" + ", ".join(VIT_CONFIGS) + ")")
     a("--drop_path", type=float, default=0.0, help="stochastic depth of the last block")
-    a("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny (random, tests)")
-    a("--teacher_weights", default="openai", help="'openai' (downloads), a local file, or 'none' (random)")
-    a("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
+    if pretrain:
+        a("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny (a 2-block CLIP tower)")
+        a("--teacher_weights", default="openai", help="'openai' (downloads), a local file, or 'none' (random)")
+        a("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
     a("--batch_size", type=int, default=64, help="per process")
     a("--accum_iter", type=int, default=1, help="gradient accumulation steps")
-    a("--epochs", type=int, default=400, help="pre-training epochs")
+    a("--epochs", type=int, default=400, help="training epochs")
     a("--warmup_epochs", type=float, default=40, help="linear lr warmup, then cosine")
     a("--blr", type=float, default=1.5e-4, help="lr = blr * batch_size * accum_iter * world_size / 256")
     a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
@@ -457,10 +528,13 @@ def get_parser(description):
     a("--output_dir", default="./output", help="checkpoints and log.txt")
     a("--resume", default="", help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint-last.pth if any")
     a("--save_freq", type=int, default=20, help="keep checkpoint-<epoch>.pth every this many epochs")
-    a("--save_every_steps", type=int, default=1000, help="also write checkpoint-last.pth every this many steps "
-      "(a multiple of --accum_iter; 0: epoch ends only)")
-    a("--visualize", type=int, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
-      "--resume CKPT: that model) and exit")
+    a("--save_every_minutes", type=float, default=30, help="also write checkpoint-last.pth within an epoch when "
+      "this many minutes have passed since the last one (checked every --log_every updates; 0: off)")
+    a("--save_every_steps", type=int, default=0, help="also write checkpoint-last.pth every this many steps "
+      "(a multiple of --accum_iter; 0: off)")
+    if pretrain:
+        a("--visualize", type=int, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
+          "--resume CKPT or auto: that model) and exit")
     a("--seed", type=int, default=0, help="each process uses seed + rank")
     a("--num_workers", type=int, default=None, help="DataLoader workers per process (default: the machine's "
       "cores / processes per node, at most 10)")
@@ -470,13 +544,17 @@ def get_parser(description):
     return p
 
 def setup(args):
-    """Check the shared flags, join torchrun's process group if launched by it, seed, set the lr."""
+    """Check the shared flags, join torchrun's process group if launched by it, seed, set the lr. Prints and
+    writes nothing: the output folder is made only once a run is about to write (make_output_dir)."""
+    if not args.data:
+        raise UserError("--data DIR is required: an ImageNet-style folder (DIR/train/<class>/<image>) or 'fake'")
     if args.model not in VIT_CONFIGS:
         raise UserError(f"--model {args.model}: unknown; choose one of {', '.join(VIT_CONFIGS)}")
     patch = VIT_CONFIGS[args.model][0]
     if args.input_size % patch:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {patch} of {args.model}")
-    num_visible((args.input_size // patch) ** 2, args.mask_ratio)
+    if hasattr(args, "mask_ratio"):
+        num_visible((args.input_size // patch) ** 2, args.mask_ratio)
     if args.batch_size < 1 or args.accum_iter < 1:
         raise UserError("--batch_size and --accum_iter must be at least 1")
     if args.save_every_steps % args.accum_iter:
@@ -484,6 +562,7 @@ def setup(args):
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such file; pass a checkpoint-*.pth written by this script")
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    RUN.update(rank=args.rank, output_dir=args.output_dir)
     cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
     args.device = f"cuda:{local}" if cuda else "cpu"
     if cuda:
@@ -497,8 +576,10 @@ def setup(args):
     seed = args.seed + args.rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
-    eff_batch = args.batch_size * args.accum_iter * args.world_size
-    args.lr = args.blr * eff_batch / 256 if args.lr is None else args.lr
+    args.lr = args.blr * args.batch_size * args.accum_iter * args.world_size / 256 if args.lr is None else args.lr
+
+def make_output_dir(args):
+    """Rank 0 makes --output_dir when a run is about to write into it (never for a run refused earlier)."""
     if args.rank == 0:
         try:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -506,9 +587,22 @@ def setup(args):
             os.remove(os.path.join(args.output_dir, ".write_test"))
         except OSError as e:
             raise UserError(f"--output_dir {args.output_dir}: not writable ({e.strerror})") from None
-        print(json.dumps(vars(args), indent=1, default=str))
-        print(f"effective batch {eff_batch} = {args.batch_size} x accum {args.accum_iter} x {args.world_size} "
-              f"process(es); base lr {args.blr:.3g}, lr {args.lr:.4g}")
+
+def announce(args, name, dataset, steps):
+    """Rank 0, before training: a compact summary of the run and the lr arithmetic (every flag is saved in each
+    checkpoint's 'args'), and a warning when the warmup is longer than the run."""
+    if args.rank != 0:
+        return
+    teacher = f", teacher {args.teacher} ({args.teacher_weights})" if hasattr(args, "teacher") else ""
+    print(f"{name}: {args.model}{teacher}; --data {args.data}: {len(dataset)} images, {steps} steps of "
+          f"{args.batch_size} per process per epoch; {args.epochs} epochs; --output_dir {args.output_dir}")
+    print(f"effective batch {args.batch_size * args.accum_iter * args.world_size} = {args.batch_size} x accum "
+          f"{args.accum_iter} x {args.world_size} process(es); base lr {args.blr:.3g}, lr {args.lr:.4g}, warmup "
+          f"{args.warmup_epochs:g} epochs, cosine to {args.min_lr:.3g}")
+    if args.warmup_epochs >= args.epochs:
+        print(f"warning: --warmup_epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the lr "
+              f"peaks at {lr_at(args.epochs, args) / max(args.lr, 1e-30):.0%} of {args.lr:.3g} at the very end; "
+              f"pass a shorter --warmup_epochs (the papers use about 10% of the run)", file=sys.stderr)
 
 def autocast(args):
     if args.amp == "none" or not args.device.startswith("cuda"):
@@ -551,29 +645,48 @@ def set_lr(optimizer, lr):
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 # ---- Pictures: --visualize N ----------------------------------------------------------------------
+def colormap(t):
+    """t in [0, 1] (any shape) -> RGB in [0, 1] (shape + [3]): black, red, yellow, white."""
+    return torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)], -1)
+
 def heat(values, size):
-    """[g, g] values -> a size x size PIL image, black-red-yellow-white (NaN = grey)."""
+    """[g, g] values -> a size x size PIL image, scaled to their own min..max (NaN = grey)."""
     from PIL import Image
     v = values.float()
     lo, hi = v.nan_to_num(float("inf")).min(), v.nan_to_num(float("-inf")).max()
-    t = ((v - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)  # [g, g] in [0, 1]
-    rgb = torch.stack([(3 * t).clamp(max=1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)], -1)
+    rgb = colormap(((v - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1))  # [g, g, 3]
     rgb[v.isnan()] = 0.5
     return Image.fromarray((rgb * 255).byte().numpy()).resize((size, size), Image.NEAREST)
 
+def spread_over_classes(dataset, n):
+    """n indices that take each class in turn (the first image of every class, then the second, ...)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:  # FakeData: its labels are random anyway
+        return list(range(min(n, len(dataset))))
+    by_class = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t, []).append(i)
+    turns = itertools.zip_longest(*by_class.values())
+    return [i for turn in turns for i in turn if i is not None][:n]
+
+VIS_TITLE, VIS_SCALE, VIS_GAP = 16, 34, 4  # --visualize sheet: title row, colour scale row, gap between cells (px)
+
 @torch.no_grad()
 def visualize(args, dataset, model, teacher, forward_step, method):
-    """Writes output_dir/visualize.png, one row per image: the image, the patches the sampler left
-    visible (hidden ones dimmed), the teacher's CLS attention (where the method uses it) and the
-    per-patch loss (MILAN Fig. 5 style; grey = patch not in the loss), for the model of --resume if given."""
-    from PIL import Image
-    if args.resume:
+    """Writes output_dir/visualize.png: a title row, one row per image (N images taking the classes in turn) with
+    the image, the patches the sampler left visible (hidden ones dimmed), the teacher's CLS attention (where the
+    method uses it) and the per-patch loss (MILAN Fig. 5 style), and a colour scale; for the model of --resume
+    (a file, or auto) if given."""
+    from PIL import Image, ImageDraw
+    path = resume_path(args)
+    if path:
         try:
-            model.load_state_dict(load_checkpoint(args.resume, method)["model"])
+            model.load_state_dict(load_checkpoint(path, method)["model"])
         except RuntimeError:
-            raise UserError(f"--resume {args.resume} does not fit this model; pass the flags it was trained with") from None
-    args.batch_size = min(args.visualize, len(dataset))
-    batch, _ = next(iter(build_loader(dataset, args, train=False)))
+            raise UserError(f"--resume {path} does not fit this model; pass the flags it was trained with") from None
+    subset = torch.utils.data.Subset(dataset, spread_over_classes(dataset, args.visualize))
+    args.batch_size = len(subset)
+    batch, _ = next(iter(build_loader(subset, args, train=False)))
     batch = [b.to(args.device) for b in batch] if isinstance(batch, (list, tuple)) else batch.to(args.device)
     model.eval()
     with autocast(args):
@@ -585,6 +698,7 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     hidden = F.interpolate(hidden, size=(size, size), mode="nearest")  # [B, 1, H, W]
     patch_loss = out["patch_loss"].float().cpu().masked_fill(out["patch_loss"].cpu() == 0, float("nan"))
     columns = [images, images * (1 - 0.75 * hidden)]
+    titles = ["image", "visible patches"] + (["CLS attention"] if out.get("cls_attn") is not None else []) + ["per-patch loss"]
     to_pil = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
     rows = []
     for i in range(len(images)):
@@ -593,15 +707,27 @@ def visualize(args, dataset, model, teacher, forward_step, method):
             cells.append(heat(out["cls_attn"][i].cpu().view(g, g), size))
         cells.append(heat(patch_loss[i].view(g, g), size))
         rows.append(cells)
-    sheet = Image.new("RGB", (len(rows[0]) * (size + 4), len(rows) * (size + 4)), "white")
+    step = size + VIS_GAP
+    sheet = Image.new("RGB", (len(titles) * step, VIS_TITLE + len(rows) * step + VIS_SCALE), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(titles):
+        draw.text((c * step + 2, 2), title, fill="black")
     for r, cells in enumerate(rows):
         for c, cell in enumerate(cells):
-            sheet.paste(cell, (c * (size + 4), r * (size + 4)))
+            sheet.paste(cell, (c * step, VIS_TITLE + r * step))
+    y, width = VIS_TITLE + len(rows) * step, min(size, 160)  # the scale of the map columns: low .. high, grey
+    bar = colormap(torch.linspace(0, 1, width))[None].expand(10, -1, -1)  # [10, width, 3]
+    sheet.paste(Image.fromarray((bar * 255).byte().numpy()), (2, y))
+    draw.text((2, y + 12), "low", fill="black")
+    draw.text((width - 22, y + 12), "high", fill="black")
+    sheet.paste(Image.new("RGB", (10, 10), (127, 127, 127)), (width + 12, y))
+    draw.text((width + 26, y - 1), "not in the loss", fill="black")
+    draw.text((width + 12, y + 12), "maps: each image's min..max", fill="black")
     path = os.path.join(args.output_dir, "visualize.png")
     if args.rank == 0:
+        make_output_dir(args)
         sheet.save(path)
-        print(f"wrote {path}: columns image | visible patches | " + ("teacher CLS attention | " if
-              out.get("cls_attn") is not None else "") + "per-patch loss")
+        print(f"wrote {path}: {len(rows)} images, columns " + " | ".join(titles))
     return path
 
 # ---- Checkpoints and logging ----------------------------------------------------------------------
@@ -638,22 +764,41 @@ def set_rng_state(state):
     np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
 
+def resume_path(args):
+    """The checkpoint --resume names: 'auto' is OUTPUT_DIR/checkpoint-last.pth when it exists, else '' (start fresh)."""
+    if args.resume == "auto":
+        last = os.path.join(args.output_dir, "checkpoint-last.pth")
+        return last if os.path.isfile(last) else ""
+    return args.resume
+
+def checkpoint_method(path):
+    """The 'method' entry of a checkpoint file (memory-mapped, so cheap for big files), None if it is no checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return ckpt.get("method") if isinstance(ckpt, dict) else None
+    except Exception:
+        return None
+
 class Checkpointer:
     """Everything a bit-identical continuation needs, written atomically by rank 0 to
-    output_dir/checkpoint-last.pth at every epoch end and every --save_every_steps steps:
-    model, optimizer, grad scaler, epoch in progress, steps of it done (the sampler position),
-    and every rank's RNG states. Keys: model, optimizer, scaler, epoch, step, rng, args, method."""
+    output_dir/checkpoint-last.pth at every epoch end and within an epoch every --save_every_minutes (rank 0's
+    clock, checked every --log_every updates) or --save_every_steps: model, optimizer, grad scaler, epoch in
+    progress, steps of it done (the sampler position), and every rank's RNG states. Keys: model, optimizer,
+    scaler, epoch, step, rng, args, method."""
     def __init__(self, args, method, model, optimizer, scaler):
         self.args, self.method, self.model, self.optimizer, self.scaler = args, method, model, optimizer, scaler
         self.last = os.path.join(args.output_dir, "checkpoint-last.pth")
+        self.saved_at = time.time()
 
-    def resume(self):
+    def resume(self, fresh_ok=False):
         """Restore from --resume (or, with --resume auto, the last checkpoint of --output_dir if there is
-        one); returns (epoch, step) to continue at."""
-        args, path = self.args, self.args.resume
-        if path == "auto":
-            path = self.last if os.path.isfile(self.last) else ""
+        one); returns (epoch, step) to continue at. Without --resume, an output dir that already holds a
+        checkpoint of this script is refused (unless fresh_ok: nothing will be written)."""
+        args, path = self.args, resume_path(self.args)
         if not path:
+            if not fresh_ok and not args.resume and checkpoint_method(self.last) == self.method:
+                raise UserError(f"--output_dir {args.output_dir} already holds a {self.method} run ({self.last}); pass "
+                                f"--resume auto to continue it, or a fresh --output_dir to start a new one")
             return 0, 0
         ckpt = load_checkpoint(path, self.method)
         try:
@@ -675,6 +820,7 @@ class Checkpointer:
             set_rng_state(ckpt["rng"][args.rank])
         if args.rank == 0:
             print(f"resumed from {path}: epoch {epoch}, step {step}")
+        RUN["saved"] = (epoch, step)
         return epoch, step
 
     def save(self, epoch, step, keep=False):
@@ -692,12 +838,27 @@ class Checkpointer:
             save_checkpoint(self.last, **state)
             if keep:
                 save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth"), **state)
+        self.saved_at, RUN["saved"] = time.time(), (epoch, step)
+
+    def due(self, step):
+        """Is a mid-epoch checkpoint due after `step` steps? Every --save_every_steps, and every
+        --save_every_minutes by rank 0's clock, looked at every --log_every updates and broadcast so that all
+        ranks agree (the save gathers from every rank)."""
+        args = self.args
+        if args.save_every_steps and step % args.save_every_steps == 0:
+            return True
+        if not args.save_every_minutes or (step // args.accum_iter) % args.log_every:
+            return False
+        late = torch.tensor([time.time() - self.saved_at >= 60 * args.save_every_minutes], dtype=torch.uint8)
+        if dist.is_initialized():  # nccl broadcasts device tensors, gloo host ones
+            late = late.to(args.device)
+            dist.broadcast(late, 0)
+        return bool(late)
 
     def step_done(self, epoch, step, meter):
-        """After an optimiser update: every --save_every_steps steps, a mid-epoch checkpoint (the loss is
-        checked first, so a diverged run never overwrites a good checkpoint)."""
-        every = self.args.save_every_steps
-        if every and step % every == 0 and step < meter.steps:
+        """After an optimiser update: a mid-epoch checkpoint when one is due (the loss is checked first, so a
+        diverged run never overwrites a good checkpoint)."""
+        if step < meter.steps and self.due(step):
             meter.check(float(meter.sum / meter.count), step - 1)
             self.save(epoch, step)
 
@@ -708,9 +869,11 @@ class Checkpointer:
 def pretrain(args, method, model, teacher, loader, optimizer, train_one_epoch):
     """The epoch loop every method file's main() ends with: grad scaler (fp16), exact resume, DDP around the
     student only (the frozen teacher stays outside), optional torch.compile, a checkpoint and a log line per epoch."""
+    make_output_dir(args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     ckpt = Checkpointer(args, method, model, optimizer, scaler)
     start_epoch, start_step = ckpt.resume()
+    announce(args, method, loader.dataset, loader.sampler.steps)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
     step_model = torch.compile(ddp) if args.compile else ddp
     for epoch in range(start_epoch, args.epochs):
@@ -732,14 +895,16 @@ class Meter:
     images/s (rank 0). The loss stays on the device; .item() runs only every --log_every steps and at
     the epoch end, when the count of unreadable images is checked too."""
     def __init__(self, loader, epoch, args):
-        self.args, self.t0, self.images, self.sum, self.count = args, time.time(), 0, 0.0, 0
+        self.args, self.t0, self.images, self.sum, self.count, self.epoch = args, time.time(), 0, 0.0, 0, epoch
         self.loader, self.start, self.steps = loader, loader.sampler.start, loader.sampler.steps
         loader.dataset.failed.zero_()  # unreadable images are counted per epoch
         self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=args.rank != 0, dynamic_ncols=True, mininterval=1.0,
                         initial=self.start, total=self.steps)
 
     def __iter__(self):
-        return enumerate(self.bar, self.start)
+        for step, batch in enumerate(self.bar, self.start):
+            RUN["at"] = (self.epoch, step)  # for the line a Ctrl-C prints
+            yield step, batch
 
     def update(self, step, loss, lr, images):
         self.sum, self.count, self.images = self.sum + loss.detach().float(), self.count + 1, self.images + images

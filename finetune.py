@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
 import common
@@ -59,7 +60,8 @@ RECIPES = {  # per --mode, for every flag left unset; batch_size is per process 
 
 
 def get_args(argv=None):
-    p = common.get_parser("Fine-tuning, linear probing, attentive probing, timm export of a pre-trained encoder")
+    p = common.get_parser("Fine-tuning, linear probing, attentive probing, timm export of a pre-trained encoder",
+                          pretrain=False)
     p.set_defaults(**{k: None for k in RECIPES["finetune"]}, betas=(0.9, 0.999), crop_min=0.08)  # MAE / timm crop (0.08, 1)
     a = p.add_argument
     a("--mode", choices=list(RECIPES), default="finetune", help="end to end (MAE/BEiT), linear probe (MAE), or "
@@ -369,7 +371,7 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args,
         meter.update(step, loss, lr, len(images))
         if update:
             common.optimizer_step(trained, optimizer, scaler, args)  # clip to --clip_grad, step, zero grads
-            ckpt.step_done(epoch, step + 1, meter)  # mid-epoch checkpoint every --save_every_steps
+            ckpt.step_done(epoch, step + 1, meter)  # mid-epoch checkpoint when due (minutes or steps)
     return meter.stats(epoch, lr)
 
 
@@ -395,12 +397,27 @@ def num_classes(dataset):
     return getattr(dataset, "num_classes", None) or len(dataset.classes)  # FakeData / ImageFolder
 
 
+def class_names(args, src, train):
+    """The class names the labels index: train's folders; for --eval, those the checkpoint was trained on (else
+    DIR/train's, if there is one). None for --data fake."""
+    if train is not None:
+        return getattr(train, "classes", None)
+    if src["args"].get("classes"):
+        return src["args"]["classes"]
+    root = os.path.join(args.data, "train")
+    return datasets.folder.find_classes(root)[0] if args.data != "fake" and os.path.isdir(root) else None
+
+
 def main(argv=None):
     args = get_args(argv)
     src = read_pretrained(args.finetune)
     args.arch = src["args"].get("arch", "vit")
-    if args.arch == "vit":
-        args.model = src["args"].get("model") or infer_model(src["encoder"], args.finetune)
+    own = src["args"].get("model") if args.arch != "vit" else \
+        src["args"].get("model") or infer_model(src["encoder"], args.finetune)
+    if getattr(args, "model", own) != own:
+        raise common.UserError(f"--model {args.model}: --finetune {args.finetune} holds a {own} encoder; pass "
+                               f"--model {own} or leave --model out")
+    args.model = own
     if args.export_timm:
         return export_timm(args, src)
     if src["method"] == "finetune":  # a finetune.py checkpoint brings its head: its mode and classes
@@ -409,8 +426,12 @@ def main(argv=None):
                                    f"--mode {src['args']['mode']} to train it further, or --eval")
         args.mode, args.nb_classes = src["args"]["mode"], src["args"]["nb_classes"]
     common.setup(args)
-    val = common.build_dataset(args, build_transform(args, train=False), split="val")
+    if args.mode != "finetune" and not args.eval and args.batch_size < 2:
+        raise common.UserError(f"--batch_size {args.batch_size}: --mode {args.mode} trains a BatchNorm, which needs "
+                               f"at least 2 images per batch")
     train = None if args.eval else common.build_dataset(args, build_transform(args))
+    args.classes = class_names(args, src, train)  # val labels take train's indices; saved with the checkpoint
+    val = common.build_dataset(args, build_transform(args, train=False), split="val", classes=args.classes)
     data_classes = num_classes(train or val)
     args.nb_classes = args.nb_classes or data_classes
     if data_classes > args.nb_classes:
@@ -419,15 +440,18 @@ def main(argv=None):
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     ckpt = common.Checkpointer(args, "finetune", model, optimizer, scaler)
-    start_epoch, start_step = ckpt.resume()
+    if not args.eval:
+        common.make_output_dir(args)
+    start_epoch, start_step = ckpt.resume(fresh_ok=args.eval)
     val_loader = common.build_loader(val, args, train=False)
     if args.eval:
         stats = evaluate(model, val_loader, args)
         if args.rank == 0:
-            print(f"eval {args.resume or args.finetune}: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% "
-                  f"loss {stats['val_loss']:.4f} on {len(val)} images")
+            print(f"eval {args.resume or args.finetune}: top-1 {stats['acc1']:.2f}% top-5 "
+                  f"{stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {len(val)} images")
         return stats
     loader = common.build_loader(train, args)
+    common.announce(args, f"finetune.py --mode {args.mode}", train, loader.sampler.steps)
     trained = model if model.kind == "finetune" else model.head  # DDP around the trained modules only
     trained = DDP(trained) if args.world_size > 1 else trained
     trained = torch.compile(trained) if args.compile else trained

@@ -190,7 +190,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
         meter.update(step, loss, lr, len(images))
         if update:
             common.optimizer_step(model, optimizer, scaler, args)  # clip to --clip_grad, step, zero grads
-            ckpt.step_done(epoch, step + 1, meter)  # mid-epoch checkpoint every --save_every_steps
+            ckpt.step_done(epoch, step + 1, meter)  # mid-epoch checkpoint when due (minutes or steps)
     return meter.stats(epoch, lr)
 
 

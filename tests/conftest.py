@@ -1,4 +1,4 @@
-"""Shared test helpers: the repo root on sys.path, the DESIGN.md smoke flags, a subprocess runner."""
+"""Shared test helpers: the repo root on sys.path, the README's smoke flags, a subprocess runner."""
 import os
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# DESIGN.md's smoke run: tiny model, random tiny teacher, no downloads
+# the README's smoke run: tiny model, random tiny teacher, no downloads
 SMOKE = ["--data", "fake", "--model", "vit_nano_patch16", "--teacher", "tiny", "--teacher_weights", "none",
          "--epochs", "1", "--batch_size", "8", "--num_workers", "0"]
 

@@ -11,7 +11,7 @@ from conftest import SMOKE, run_script
 
 RUNS = {  # name: (script, extra flags, processes); small --fake_size keeps each run to 2-4 steps
     "pixel": ("cae.py", ["--target", "pixel", "--fake_size", "32"], 2),  # the torchrun --nproc_per_node=2 run
-    "dalle": ("cae.py", ["--fake_size", "16"], None),  # DESIGN.md's smoke flags alone: a narrow random tokenizer
+    "dalle": ("cae.py", ["--fake_size", "16"], None),  # the README's smoke flags alone: a narrow random tokenizer
     "v2": ("cae_v2.py", ["--fake_size", "32"], None),
 }
 

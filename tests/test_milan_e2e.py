@@ -10,7 +10,7 @@ from conftest import SMOKE, run_script
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """DESIGN.md's smoke command, once for this module (256 fake images, batch 8: 32 steps)."""
+    """The README's smoke command, once for this module (256 fake images, batch 8: 32 steps)."""
     out = tmp_path_factory.mktemp("milan_smoke")
     proc = run_script("milan.py", SMOKE + ["--output_dir", out])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,6 +13,7 @@ import common
 from conftest import ROOT, SMOKE, run_forked, run_script
 
 FAST = SMOKE + ["--fake_size", "32"]  # 4 steps of batch 8 per epoch
+FT_SMOKE = ["--data", "fake", "--epochs", "1", "--batch_size", "8", "--num_workers", "0"]
 
 
 # ---- Exact resume ---------------------------------------------------------------------------------
@@ -68,8 +69,8 @@ def test_killed_torchrun_resumes_with_identical_ranks(tmp_path):
 
 
 def test_sampler_is_distributed_samplers_order_and_starts_mid_epoch():
-    """SeededSampler: each rank's share is DistributedSampler's (drop_last), and start_step skips whole
-    batches without touching the others; eval pads by wrapping, in order."""
+    """SeededSampler: each rank's share is DistributedSampler's (drop_last) cut to whole batches, and start_step
+    skips whole batches without touching the others; eval pads by wrapping, in order."""
     from torch.utils.data import DistributedSampler
     for rank in (0, 1):
         args = argparse.Namespace(seed=3, rank=rank, world_size=2, batch_size=4)
@@ -77,9 +78,9 @@ def test_sampler_is_distributed_samplers_order_and_starts_mid_epoch():
         ref.set_epoch(5)
         s = common.SeededSampler(37, args)
         s.set_epoch(5)
-        assert [i for _, i in s] == list(ref) and s.steps == 18 // 4
+        assert [i for _, i in s] == list(ref)[:16] and s.steps == 18 // 4  # 2 images of the 18 left over
         s.set_epoch(5, start_step=2)
-        assert [i for _, i in s] == list(ref)[8:] and len(s) == 10 and {e for e, _ in s} == {5}
+        assert [i for _, i in s] == list(ref)[8:16] and len(s) == 8 and {e for e, _ in s} == {5}
     ev = common.SeededSampler(5, argparse.Namespace(seed=0, rank=1, world_size=2, batch_size=2), train=False)
     assert [i for _, i in ev] == [1, 3, 0] and ev.steps == 2
 
@@ -163,7 +164,8 @@ def bad_runs(tmp_path_factory):
         out.mkdir()
         (out / "checkpoint-last.pth").write_bytes(b"a good checkpoint")
         flags = [f.replace("{tmp}", str(tmp)) for f in flags]
-        cases[case] = [script] + SMOKE + ["--output_dir", out] + flags  # later flags win
+        smoke = FT_SMOKE if script == "finetune.py" else SMOKE  # finetune.py takes no teacher or model flags
+        cases[case] = [script] + smoke + ["--output_dir", out] + flags  # later flags win
     return tmp, run_forked(cases)
 
 
@@ -202,14 +204,20 @@ def test_visualize_draws_image_visible_patches_attention_and_loss(tmp_path):
         return {"loss": torch.zeros(()), "mask": mask, "patch_loss": loss, "cls_attn": torch.arange(196.0).expand(2, -1)}
     common.visualize(args, ds, torch.nn.Linear(1, 1), None, step, "milan")
     sheet = np.asarray(Image.open(tmp_path / "visualize.png")).astype(int)
-    assert sheet.shape == (2 * 228, 4 * 228, 3)
-    image, visible = sheet[:224, :224], sheet[:224, 228:452]
+    top, scale = common.VIS_TITLE, common.VIS_SCALE
+    assert sheet.shape == (top + 2 * 228 + scale, 4 * 228, 3)
+    for c in range(4):  # a title over each column: dark text on white
+        assert sheet[:top, c * 228:c * 228 + 100].min() < 100
+    rows = sheet[top:top + 224]
+    image, visible = rows[:, :224], rows[:, 228:452]
     assert np.abs(visible[16:] - image[16:]).max() == 0  # visible rows unchanged
     assert np.abs(visible[:16] - np.round(image[:16] * 0.25)).max() <= 1  # the hidden row dimmed to 25%
-    attn, patch_loss = sheet[:224, 456:680], sheet[:224, 684:908]
+    attn, patch_loss = rows[:, 456:680], rows[:, 684:908]
     assert attn[0, 0].sum() < attn[100, 100].sum() < attn[223, 223].sum()  # brighter with higher attention
     assert (patch_loss[:16] == 127).all()  # grey: not in the loss
     assert patch_loss[20, 0].sum() < patch_loss[223, 223].sum()
+    bar = sheet[top + 2 * 228 + 4, 2:162]  # the colour scale: black (low) .. white (high)
+    assert bar[0].sum() < 10 and bar[-1].min() > 240 and np.all(np.diff(bar.sum(1)) >= 0)
 
 
 def test_visualize_from_a_checkpoint(tmp_path):
@@ -219,7 +227,8 @@ def test_visualize_from_a_checkpoint(tmp_path):
     assert runs["train"][0] == 0, runs["train"][2][-2000:]
     code, out, err = runs["draw"]
     assert code == 0 and "wrote" in out, err[-2000:]
-    assert Image.open(tmp_path / "visualize.png").size == (4 * 228, 3 * 228)  # MILAN: 4 columns, 3 rows
+    size = (4 * 228, common.VIS_TITLE + 3 * 228 + common.VIS_SCALE)  # MILAN: 4 columns, 3 rows
+    assert Image.open(tmp_path / "visualize.png").size == size
 
 
 @pytest.mark.parametrize("script,columns", [("cae.py", 3), ("cae_v2.py", 3), ("mr_mae.py", 4), ("mask_align.py", 4)])
@@ -228,7 +237,7 @@ def test_visualize_on_every_method_file(script, columns, visualize_runs):
     tmp, runs = visualize_runs
     code, out, err = runs[script]
     assert code == 0 and "wrote" in out, err[-2000:]
-    assert Image.open(tmp / script / "visualize.png").size == (columns * 228, 2 * 228)
+    assert Image.open(tmp / script / "visualize.png").size == (columns * 228, common.VIS_TITLE + 2 * 228 + common.VIS_SCALE)
 
 
 @pytest.fixture(scope="module")
