@@ -274,12 +274,14 @@ class Teacher(nn.Module):
         return out
 
 # ---- Masking: bool mask [B, N], True = hidden from the encoder ------------------------------------
-def num_visible(num_patches, mask_ratio):
-    """floor(N (1 - r)): the number of patches the encoder sees (49 of 196 at r = 0.75)."""
+def num_visible(num_patches, mask_ratio, allow_zero=False):
+    """floor(N (1 - r)): the number of patches the encoder sees (49 of 196 at r = 0.75). allow_zero: r = 0
+    (all N visible) is valid too, for a method with no hidden-patch target (MaskAlign Table 4, first row)."""
     n = int(num_patches * (1 - mask_ratio) + 1e-6)  # + 1e-6 so that 196 * 0.25 cannot floor to 48
-    if not 0 < mask_ratio < 1 or not 0 < n < num_patches:
-        raise UserError(f"--mask_ratio {mask_ratio} must be in (0, 1) and leave 1 to {num_patches - 1} "
-                        f"of the {num_patches} patches visible")
+    low, most = (0 <= mask_ratio, num_patches) if allow_zero else (0 < mask_ratio, num_patches - 1)
+    if not (low and mask_ratio < 1) or not 0 < n <= most:
+        raise UserError(f"--mask_ratio {mask_ratio} must be in {'[' if allow_zero else '('}0, 1) and leave 1 to "
+                        f"{most} of the {num_patches} patches visible")
     return n
 
 def mask_from_ids(ids_keep, num_patches):
@@ -469,14 +471,15 @@ def get_parser(description):
     a("--log_every", type=int, default=20, help="steps between progress updates (the only syncs)")
     return p
 
-def setup(args):
-    """Check the shared flags, join torchrun's process group if launched by it, seed, set the lr."""
+def setup(args, allow_zero_mask=False):
+    """Check the shared flags, join torchrun's process group if launched by it, seed, set the lr.
+    allow_zero_mask: --mask_ratio 0 is valid (MaskAlign only)."""
     if args.model not in VIT_CONFIGS:
         raise UserError(f"--model {args.model}: unknown; choose one of {', '.join(VIT_CONFIGS)}")
     patch = VIT_CONFIGS[args.model][0]
     if args.input_size % patch:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {patch} of {args.model}")
-    num_visible((args.input_size // patch) ** 2, args.mask_ratio)
+    num_visible((args.input_size // patch) ** 2, args.mask_ratio, allow_zero_mask)
     if args.batch_size < 1 or args.accum_iter < 1:
         raise UserError("--batch_size and --accum_iter must be at least 1")
     if args.save_every_steps % args.accum_iter:
