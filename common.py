@@ -261,7 +261,8 @@ class Teacher(nn.Module):
         x = x if self.kind == "dino" else self.net.ln_pre(x)
         out, levels, blocks = {}, [], self.blocks()
         for i, blk in enumerate(blocks):
-            if cls_attn and i == len(blocks) - 1:  # CLS query over all 1+N keys, head mean, CLS->CLS dropped
+            if cls_attn and i == len(blocks) - 1:  # MILAN Eq. 3: s_class = softmax(q_class K^T / sqrt(d)), the CLS
+                # query over all 1+N keys of the last block, averaged over heads; CLS->CLS dropped (MILAN's released code)
                 x = self.last_block_with_cls_attn(blk, x, out)  # the block's output, computed once
             else:
                 x = blk(x)
@@ -432,10 +433,15 @@ def build_loader(dataset, args, train=True):
                       persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
 
 # ---- Command line, torchrun / DDP, seeds, precision -----------------------------------------------
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except None: such a flag's help says what it resolves to."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
 def get_parser(description):
     """Flags shared by all method files, spelled as in facebookresearch/mae. Each file sets its
     paper's recipe with parser.set_defaults(...) and adds its own flags."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     a("--data", "--data_path", dest="data", required=True, help="ImageFolder root (DIR/train or DIR), or 'fake'")
     a("--fake_size", type=int, default=256, help="number of images of --data fake")
@@ -450,11 +456,11 @@ def get_parser(description):
     a("--epochs", type=int, default=400, help="pre-training epochs")
     a("--warmup_epochs", type=float, default=40, help="linear lr warmup, then cosine")
     a("--blr", type=float, default=1.5e-4, help="lr = blr * batch_size * accum_iter * world_size / 256")
-    a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    a("--lr", type=float, default=None, help="absolute lr (overrides --blr; default: from --blr)")
     a("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
     a("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    a("--clip_grad", type=float, default=None, help="max gradient norm (none: no clipping)")
+    a("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     a("--crop_min", type=float, default=0.2, help="RandomResizedCrop scale = (crop_min, 1)")
     a("--output_dir", default="./output", help="checkpoints and log.txt")
     a("--resume", default="", help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint-last.pth if any")
