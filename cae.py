@@ -47,7 +47,9 @@ import common
 
 # ---- Arguments: App. A recipe as defaults ---------------------------------------------------------
 def get_args(argv=None):
-    p = common.get_parser("CAE pre-training (arXiv:2202.03026)")
+    p = common.get_parser("CAE pre-training (arXiv:2202.03026). Defaults: the App. A recipe (ViT-B/16, 300 epochs, "
+                          "block masking of 98 of 196 patches, DALL-E targets, lambda = 2) for 8 GPUs: batch 256 per "
+                          "GPU x accum 1 x 8 = 2048; with fewer GPUs raise --accum_iter.")
     # CAE App. A: AdamW, batch 2048, lr 1.5e-3 (blr 1.875e-4 x 2048 / 256), wd 0.05, 300 epochs with 10 of
     # warmup, cosine, drop path 0.1, mask ratio 50%. From BEiT / the released scripts (the paper says "almost
     # the same as BEiT"): betas (0.9, 0.999), min lr 1e-5, grad clip 3.0, crop scale (0.08, 1) + flip.
@@ -56,16 +58,17 @@ def get_args(argv=None):
     p.add_argument("--target", choices=["dalle", "pixel"], default="dalle",
                    help="Sec. 2.2 DALL-E tokens (cross-entropy), or Sec. 3.1 normalised pixels (MSE, no tokenizer)")
     p.add_argument("--dalle_weights", help="OpenAI's DALL-E encoder.pkl (https://cdn.openai.com/dall-e/encoder.pkl), "
-                   "or 'none' (random tokenizer: tests and smoke runs)")
-    p.add_argument("--dalle_n_hid", type=int, help="width of a random tokenizer (--dalle_weights none): OpenAI's 256, "
-                   "or 16 with --teacher tiny (smoke runs); a weights file sets its own")
+                   "or 'none' (random tokenizer: tests and smoke runs); default: none with --teacher_weights none, "
+                   "else required by --target dalle")
+    p.add_argument("--dalle_n_hid", type=int, help="width of a random tokenizer (--dalle_weights none); default: "
+                   "OpenAI's 256, or 16 with --teacher tiny (smoke runs); a weights file sets its own")
     p.add_argument("--align_weight", type=float, default=2.0, help="lambda of Eq. 1 (2 in the paper)")
-    p.add_argument("--layer_scale", type=float, help="encoder layer scale init: 0.1, 1e-5 for ViT-L/H (released "
-                   "scripts; the paper follows BEiT)")
+    p.add_argument("--layer_scale", type=float, help="encoder layer scale init; default: 0.1, 1e-5 for ViT-L/H "
+                   "(released scripts; the paper follows BEiT)")
     p.add_argument("--regressor_depth", type=int, default=4, help="cross-attention blocks of H (Sec. 4.1)")
     p.add_argument("--decoder_depth", type=int, default=4, help="self-attention blocks of G (Sec. 4.1)")
     args = p.parse_args(argv)
-    # the DALL-E tokenizer is CAE's teacher: DESIGN.md's shared smoke flags (--teacher tiny --teacher_weights none)
+    # the DALL-E tokenizer is CAE's teacher: the README's shared smoke flags (--teacher tiny --teacher_weights none)
     # give a narrow random tokenizer, so the smoke command is the same for every method file
     if args.dalle_weights is None and args.teacher_weights == "none":
         args.dalle_weights = "none"
@@ -256,21 +259,21 @@ class RegressorBlock(nn.Module):
 
 class LatentContextualRegressor(nn.Module):
     """CAE Sec. 2.1: H predicts Z_m [B, M, D] from Z_v [B, n, D]. Queries start as one learned mask token shared by
-    all masked patches; each block lets them attend to [Z_v; queries] with fixed sin-cos positions in q and k.
-    final_norm: CAE's closing LN (CAE v2 has none). Also used by cae_v2.py."""
-    def __init__(self, dim, depth, num_heads, grid, drop_path=0.0, layer_scale=0.1, final_norm=True):
+    all masked patches; each block lets them attend to [Z_v; queries] with fixed sin-cos positions in q and k;
+    a final LN closes it."""
+    def __init__(self, dim, depth, num_heads, grid, drop_path=0.0, layer_scale=0.1):
         super().__init__()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(common.sincos_pos_embed(dim, grid)[None], requires_grad=False)  # [1, 1+N, D]
         dpr = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(RegressorBlock(dim, num_heads, dpr[i], layer_scale) for i in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6) if final_norm else nn.Identity()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)  # CAE's closing LN: Z_m is aligned after it (Sec. 2.1, as released)
         for m in self.modules():  # xavier linears, as the released code
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)  # released: truncated at +-1 std
 
     def positions(self, ids):  # ids [B, L] patch indices -> [B, L, D] (row 0 of pos_embed is CLS)
         dim = self.pos_embed.shape[-1]
@@ -296,6 +299,12 @@ class CAE(nn.Module):
         for m in [*self.decoder_blocks.modules(), self.decoder_pred]:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+        # CAE Sec. 4.1 trains "almost the same as BEiT"; the released code initialises the patch projection and the CLS
+        # token as truncated normals of std 0.02 cut at +-0.02 and the projection bias at 0 (common.ViT's MAE init:
+        # xavier, torch's default bias); xavier linears and the 0.1 layer scales already agree
+        nn.init.trunc_normal_(encoder.patch_embed.proj.weight, std=0.02, a=-0.02, b=0.02)
+        nn.init.zeros_(encoder.patch_embed.proj.bias)
+        nn.init.trunc_normal_(encoder.cls_token, std=0.02, a=-0.02, b=0.02)
 
     def forward_encoder(self, images, ids_keep):
         """Sec. 2.1: F sees CLS + the visible patches only -> [B, 1+n, D]."""

@@ -311,7 +311,8 @@ class Teacher(nn.Module):
         x = x if self.kind == "dino" else self.net.ln_pre(x)
         out, levels, blocks = {}, [], self.blocks()
         for i, blk in enumerate(blocks):
-            if cls_attn and i == len(blocks) - 1:  # CLS query over all 1+N keys, head mean, CLS->CLS dropped
+            if cls_attn and i == len(blocks) - 1:  # MILAN Eq. 3: s_class = softmax(q_class K^T / sqrt(d)), the CLS
+                # query over all 1+N keys of the last block, averaged over heads; CLS->CLS dropped (MILAN's released code)
                 x = self.last_block_with_cls_attn(blk, x, out)  # the block's output, computed once
             else:
                 x = blk(x)
@@ -324,12 +325,14 @@ class Teacher(nn.Module):
         return out
 
 # ---- Masking: bool mask [B, N], True = hidden from the encoder ------------------------------------
-def num_visible(num_patches, mask_ratio):
-    """floor(N (1 - r)): the number of patches the encoder sees (49 of 196 at r = 0.75)."""
+def num_visible(num_patches, mask_ratio, allow_zero=False):
+    """floor(N (1 - r)): the number of patches the encoder sees (49 of 196 at r = 0.75). allow_zero: r = 0
+    (all N visible) is valid too, for a method with no hidden-patch target (MaskAlign Table 4, first row)."""
     n = int(num_patches * (1 - mask_ratio) + 1e-6)  # + 1e-6 so that 196 * 0.25 cannot floor to 48
-    if not 0 < mask_ratio < 1 or not 0 < n < num_patches:
-        raise UserError(f"--mask_ratio {mask_ratio} must be in (0, 1) and leave 1 to {num_patches - 1} "
-                        f"of the {num_patches} patches visible")
+    low, most = (0 <= mask_ratio, num_patches) if allow_zero else (0 < mask_ratio, num_patches - 1)
+    if not (low and mask_ratio < 1) or not 0 < n <= most:
+        raise UserError(f"--mask_ratio {mask_ratio} must be in {'[' if allow_zero else '('}0, 1) and leave 1 to "
+                        f"{most} of the {num_patches} patches visible")
     return n
 
 def mask_from_ids(ids_keep, num_patches):
@@ -494,11 +497,16 @@ def build_loader(dataset, args, train=True):
                       persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
 
 # ---- Command line, torchrun / DDP, seeds, precision -----------------------------------------------
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except None: such a flag's help says what it resolves to."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
 def get_parser(description, pretrain=True):
     """Flags shared by all scripts, spelled as in facebookresearch/mae. Each file sets its recipe with
     parser.set_defaults(...) and adds its own flags; pretrain=False (finetune.py) leaves out the teacher, mask
     and picture flags."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     a("--data", "--data_path", dest="data", help="ImageFolder root (DIR/train/<class>/<image>, or DIR/<class>/...), "
       "or 'fake' (generated images); required to train")
@@ -519,11 +527,11 @@ def get_parser(description, pretrain=True):
     a("--epochs", type=int, default=400, help="training epochs")
     a("--warmup_epochs", type=float, default=40, help="linear lr warmup, then cosine")
     a("--blr", type=float, default=1.5e-4, help="lr = blr * batch_size * accum_iter * world_size / 256")
-    a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    a("--lr", type=float, default=None, help="absolute lr (overrides --blr; default: from --blr)")
     a("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
     a("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    a("--clip_grad", type=float, default=None, help="max gradient norm (none: no clipping)")
+    a("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     a("--crop_min", type=float, default=0.2, help="RandomResizedCrop scale = (crop_min, 1)")
     a("--output_dir", default="./output", help="checkpoints and log.txt")
     a("--resume", default="", help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint-last.pth if any")
@@ -543,9 +551,10 @@ def get_parser(description, pretrain=True):
     a("--log_every", type=int, default=20, help="steps between progress updates (the only syncs)")
     return p
 
-def setup(args):
+def setup(args, allow_zero_mask=False):
     """Check the shared flags, join torchrun's process group if launched by it, seed, set the lr. Prints and
-    writes nothing: the output folder is made only once a run is about to write (make_output_dir)."""
+    writes nothing: the output folder is made only once a run is about to write (make_output_dir).
+    allow_zero_mask: --mask_ratio 0 is valid (MaskAlign only)."""
     if not args.data:
         raise UserError("--data DIR is required: an ImageNet-style folder (DIR/train/<class>/<image>) or 'fake'")
     if args.model not in VIT_CONFIGS:
@@ -553,8 +562,8 @@ def setup(args):
     patch = VIT_CONFIGS[args.model][0]
     if args.input_size % patch:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {patch} of {args.model}")
-    if hasattr(args, "mask_ratio"):
-        num_visible((args.input_size // patch) ** 2, args.mask_ratio)
+    if hasattr(args, "mask_ratio"):  # not finetune.py
+        num_visible((args.input_size // patch) ** 2, args.mask_ratio, allow_zero_mask)
     if args.batch_size < 1 or args.accum_iter < 1:
         raise UserError("--batch_size and --accum_iter must be at least 1")
     if args.save_every_steps % args.accum_iter:

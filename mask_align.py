@@ -16,10 +16,12 @@ Deviations from the released code (github.com/OpenDriveLab/maskalign @4cb577f), 
 - the student's final LN (never reached by a gradient) is frozen at init; released: trainable, DDP find_unused_parameters.
 - cls_token gets no weight decay (common.param_groups); the released code decays it.
 - ids_keep is sorted ascending; released: sampling order (same result: positions are added before the gather).
+- --target_norm bn is per-channel BatchNorm statistics (Table 6: "BatchNorm" without affine); released 'bn': one scalar.
 Kept as released, where the paper is silent: CLS attention of the last teacher block, head mean, drawn without
 replacement; levels are block outputs 1..S and 1..T (no embedding level); LN eps 1e-5, no affine; xavier adaptors.
 
-Paper ViT-B/16 run (Sec. 4.1: batch 128 x accum 1 x 8 GPUs = 1024, lr = 1.5e-4 x 1024 / 256 = 6e-4):
+Paper ViT-B/16 run (Sec. 4.1: batch 128 x accum 1 x 8 GPUs = 1024, lr = 1.5e-4 x 1024 / 256 = 6e-4; the
+defaults assume 8 GPUs: with fewer, raise --accum_iter to keep the batch of 1024):
   torchrun --nproc_per_node=8 mask_align.py --data /imagenet --teacher_weights /path/to/ViT-B-16.pt
 (ViT-L/16: --model vit_large_patch16, drop path 0.2 by default; Table 5's CLIP-L196 teacher: --teacher ViT-L-14.)
 Smoke run, no downloads: python mask_align.py --data fake --model vit_nano_patch16 --teacher tiny
@@ -37,12 +39,18 @@ import common
 
 # ---- Arguments: Sec. 4.1 recipe as defaults -------------------------------------------------------
 def get_args(argv=None):
-    p = common.get_parser("MaskAlign pre-training (arXiv:2211.08887)")
+    p = common.get_parser("MaskAlign pre-training (arXiv:2211.08887). Defaults: the Sec. 4.1 recipe (ViT-B/16, "
+                          "CLIP-B/16 teacher, mask ratio 0.7 of Table 4, top-5 Dynamic Alignment of Table 3) for "
+                          "8 GPUs: batch 128 per GPU x accum 1 x 8 = 1024; with fewer GPUs raise --accum_iter.")
     # MaskAlign Sec. 4.1: AdamW (0.9, 0.95), base lr 1.5e-4, wd 0.05, batch 1024 (released README: 128 per GPU x 8),
     # cosine with 10% warmup (20 of 200 epochs, README), min lr 1e-5 (README), drop path 0.1 (0.2 for ViT-L, README),
     # RandomResizedCrop + flip (MAE's crop scale (0.2, 1)); Table 4: mask ratio 0.7; CLIP ViT-B/16 teacher.
     p.set_defaults(batch_size=128, accum_iter=1, blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, epochs=200,
                    warmup_epochs=20, min_lr=1e-5, crop_min=0.2, mask_ratio=0.7, teacher="ViT-B-16", drop_path=None)
+    p._option_string_actions["--drop_path"].help = "stochastic depth of the last block (default: 0.1; 0.2 for " \
+        "vit_large_patch16, Sec. 4.1 + released README)"
+    p._option_string_actions["--mask_ratio"].help = "fraction of patches hidden from the student, in [0, 1): " \
+        "Table 4 (0 = the student sees all 196 patches, Table 4's first row)"
     p.add_argument("--mask_type", choices=["attention", "random"], default="attention",
                    help="Sec. 3.2 attentive masking, or MAE's uniform random masking (Table 4, last row)")
     p.add_argument("--align", choices=["dynamic", "layerwise"], default="dynamic",
@@ -52,6 +60,10 @@ def get_args(argv=None):
                    "clipped to the teacher depth")
     p.add_argument("--align_cls", action=argparse.BooleanOptionalAction, default=True,
                    help="put the CLS token in the loss (Table 6 best row); --no-align_cls is Tables 3-5's setting")
+    p.add_argument("--adaptor", choices=["linear", "mlp"], default="linear", help="Table 6: a Linear adaptor per "
+                   "student block, or a 2-layer MLP of hidden width D (GELU, as the released 'mlp' head)")
+    p.add_argument("--target_norm", choices=["ln", "bn", "none"], default="ln", help="Table 6 / Eq. 2: normalise "
+                   "each target level by LayerNorm per token, BatchNorm per channel (both without affine), or not")
     args = p.parse_args(argv)
     if args.drop_path is None:  # Sec. 4.1: 0.1; released README: 0.2 for ViT-L
         args.drop_path = 0.2 if args.model == "vit_large_patch16" else 0.1
@@ -64,7 +76,10 @@ def get_args(argv=None):
 def attentive_masking(cls_attn, n_keep):
     """MaskAlign Sec. 3.2: feed the tokens covering important regions to the student "with high probabilities".
     As released: n_keep draws without replacement, p(i) ~ the teacher's last-block CLS attention on patch i
-    (head mean, not renormalised; multinomial normalises), not top-k. cls_attn [B, N] -> mask [B, N]."""
+    (head mean, not renormalised; multinomial normalises), not top-k. cls_attn [B, N] -> mask [B, N].
+    n_keep = N (mask ratio 0, Table 4's first row): every patch is kept, nothing is drawn."""
+    if n_keep == cls_attn.shape[1]:
+        return torch.zeros(cls_attn.shape, dtype=torch.bool, device=cls_attn.device)
     ids_keep = torch.multinomial(cls_attn.float(), n_keep, replacement=False)  # [B, n_keep]
     return common.mask_from_ids(ids_keep, cls_attn.shape[1])
 
@@ -82,15 +97,19 @@ def paired_blocks(student_depth, teacher_depth, num_levels):
 class MaskAlign(nn.Module):
     """Student encoder (a common.ViT, attribute `encoder`) and the Dynamic Alignment module. No decoder: the
     loss is on the student's own CLS + visible tokens. The DA module is dropped after pre-training (Sec. 3.3)."""
-    def __init__(self, encoder, teacher_depth, teacher_width, top_k=5, align="dynamic"):
+    def __init__(self, encoder, teacher_depth, teacher_width, top_k=5, align="dynamic", adaptor="linear"):
         super().__init__()
         self.encoder, self.align, S, D = encoder, align, len(encoder.blocks), encoder.embed_dim
         self.num_levels = K = min(top_k, teacher_depth)  # Table 3: top K = 5 levels of the teacher
         self.pairs = paired_blocks(S, teacher_depth, K)  # student block of each target level
-        # Eq. 1: one adaptor A_i = Linear(D -> W) per student block; layerwise: one per aligned (block, level) pair
-        self.adaptors = nn.ModuleList(nn.Linear(D, teacher_width) for _ in range(S if align == "dynamic" else K))
-        for m in self.adaptors:  # MAE init, as the released heads
-            nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+        # Eq. 1: one adaptor A_i = Linear(D -> W) per student block; layerwise: one per aligned (block, level) pair;
+        # Table 6's MLP adaptor: Linear(D -> D), GELU, Linear(D -> W): hidden width D (Table 6 text), GELU as released
+        make = (lambda: nn.Linear(D, teacher_width)) if adaptor == "linear" else \
+            (lambda: nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, teacher_width)))
+        self.adaptors = nn.ModuleList(make() for _ in range(S if align == "dynamic" else K))
+        for m in self.adaptors.modules():  # MAE init, as the released heads
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
         if align == "dynamic":  # Eq. 1's S x T matrix w, minus the T - K columns no loss reads; no weight decay
             w = torch.full((S, K), 0.01)  # our init (the paper gives none): near Layer-wise, every block reachable
             w[self.pairs, torch.arange(K)] += 1.0
@@ -118,15 +137,20 @@ class MaskAlign(nn.Module):
 
 
 # ---- Loss (Sec. 3.3, Eq. 2 and Eq. 3) -------------------------------------------------------------
-def alignment_targets(hidden, ids_keep, num_levels):
+def alignment_targets(hidden, ids_keep, num_levels, norm="ln"):
     """MaskAlign Eq. 2: ytilde_j = Normalize(y_j) for the teacher's last K levels (block outputs of the intact
     image: no ln_post, no proj), Normalize = LayerNorm per token without scale and bias (Table 6; eps 1e-5 as
     released), at the student's CLS + visible positions. Per-token LN commutes with taking positions, so the
-    positions are taken first. hidden: T x [B, 1+N, W], ids_keep [B, n] -> [K, B, 1+n, W] float32."""
+    positions are taken first. Table 6's other rows: norm "bn" = BatchNorm without affine (per channel, over
+    the batch and all 1+N tokens of the intact image, eps 1e-5), "none" = the raw levels.
+    hidden: T x [B, 1+N, W], ids_keep [B, n] -> [K, B, 1+n, W] float32."""
+    levels = hidden[-num_levels:]
+    if norm == "bn":  # batch statistics per channel: taken before the positions, over [B, 1+N] (Table 6)
+        levels = [F.batch_norm(h.float().flatten(0, 1), None, None, training=True).view(h.shape) for h in levels]
     ids = torch.cat([ids_keep.new_zeros(len(ids_keep), 1), ids_keep + 1], 1)  # [B, 1+n]: CLS row + visible rows
     ids = ids[..., None].expand(-1, -1, hidden[-1].shape[-1])  # [B, 1+n, W]
-    y = torch.stack([h.gather(1, ids) for h in hidden[-num_levels:]])  # [K, B, 1+n, W]
-    return F.layer_norm(y.float(), y.shape[-1:], eps=1e-5)  # Eq. 2, no affine
+    y = torch.stack([h.gather(1, ids) for h in levels]).float()  # [K, B, 1+n, W]
+    return F.layer_norm(y, y.shape[-1:], eps=1e-5) if norm == "ln" else y  # Eq. 2, no affine
 
 
 def mask_align_loss(pred, target, align_cls=True, per_token=False):
@@ -149,7 +173,7 @@ def build_model(args):
     """-> (model, teacher): the trained student (encoder + DA module) and the frozen teacher."""
     encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path)
     teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
-    model = MaskAlign(encoder, teacher.depth, teacher.width, args.top_k, args.align)
+    model = MaskAlign(encoder, teacher.depth, teacher.width, args.top_k, args.align, args.adaptor)
     return model.to(args.device), teacher
 
 
@@ -158,7 +182,7 @@ def forward_step(model, teacher, batch, args):
     benchmarks, the mask [B, N] (True = hidden), the per-patch loss [B, N] (0 on masked patches: they are
     not in the loss) and the teacher's CLS attention."""
     images, N = batch, teacher.grid ** 2
-    n_keep = common.num_visible(N, args.mask_ratio)  # floor(196 x 0.3) = 58 at r = 0.7
+    n_keep = common.num_visible(N, args.mask_ratio, allow_zero=True)  # floor(196 x 0.3) = 58 at r = 0.7; 196 at r = 0
     # one teacher pass on the intact image, no autograd: the K target levels (Eq. 2) and the CLS attention
     out = teacher(images, tokens=False, hidden=True, cls_attn=args.mask_type == "attention")
     if args.mask_type == "attention":
@@ -166,7 +190,7 @@ def forward_step(model, teacher, batch, args):
     else:
         mask = common.random_masking(len(images), N, n_keep, images.device)
     ids_keep, _ = common.ids_from_mask(mask, n_keep)  # [B, 58], ascending
-    target = alignment_targets(out["hidden"], ids_keep, min(args.top_k, teacher.depth))  # [K, B, 59, W]
+    target = alignment_targets(out["hidden"], ids_keep, min(args.top_k, teacher.depth), args.target_norm)  # [K, B, 59, W]
     loss, pred = model(images, ids_keep, target, args.align_cls)
     terms = mask_align_loss(pred.detach(), target, per_token=True)[:, 1:]  # [B, 58], the visible patches
     patch_loss = terms.new_zeros(mask.shape).scatter_(1, ids_keep, terms)  # [B, N]
@@ -196,7 +220,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
 
 def main(argv=None):
     args = get_args(argv)
-    common.setup(args)
+    common.setup(args, allow_zero_mask=True)  # Table 4: ratio 0 (no hidden patch) is a valid MaskAlign run
     dataset = common.build_dataset(args, build_transform(args))
     model, teacher = build_model(args)
     if args.visualize:

@@ -32,7 +32,9 @@ import common
 
 # ---- Arguments: App. A.1 recipe as defaults -------------------------------------------------------
 def get_args(argv=None):
-    p = common.get_parser("MILAN pre-training (arXiv:2208.06049)")
+    p = common.get_parser("MILAN pre-training (arXiv:2208.06049). Defaults: the App. A.1 recipe (ViT-B/16, CLIP-B/16 "
+                          "teacher, 400 epochs, mask ratio 0.75) for 8 GPUs: batch 256 per GPU x accum 2 x 8 = 4096; "
+                          "with fewer GPUs raise --accum_iter.")
     # MILAN App. A.1: AdamW (0.9, 0.95), batch 4096 (256 per GPU x accum 2 x 8 GPUs), base lr 1.5e-4,
     # wd 0.05, 400 epochs with 40 of linear warmup then cosine to 0, RandomResizedCrop + flip only,
     # mask ratio 0.75, CLIP ViT-B/16 teacher (ViT-L/14 for ViT-L). Crop scale (0.2, 1) is MAE's.
@@ -40,10 +42,12 @@ def get_args(argv=None):
                    warmup_epochs=40, min_lr=0.0, crop_min=0.2, mask_ratio=0.75, teacher="ViT-B-16")
     p.add_argument("--mask_type", choices=["attention", "random"], default="attention",
                    help="Sec. 2.4 semantic aware sampling, or MAE's uniform sampling (Table 5 ablation)")
-    p.add_argument("--decoder_dim", type=int, help="prompting decoder width: 512 (released code; the paper gives "
-                   "no decoder size); 64 for the test size vit_nano_patch16")
-    p.add_argument("--decoder_depth", type=int, help="8 (released code); 2 for vit_nano_patch16")
-    p.add_argument("--decoder_heads", type=int, help="16 (released code); 2 for vit_nano_patch16")
+    p.add_argument("--decoder_dim", type=int, help="prompting decoder width; default: 512 (released code; the paper "
+                   "gives no decoder size), 64 for the test size vit_nano_patch16")
+    p.add_argument("--decoder_depth", type=int, help="prompting decoder blocks; default: 8 (released code), 2 for "
+                   "vit_nano_patch16")
+    p.add_argument("--decoder_heads", type=int, help="prompting decoder heads; default: 16 (released code), 2 for "
+                   "vit_nano_patch16")
     args = p.parse_args(argv)
     sizes = (64, 2, 2) if args.model == "vit_nano_patch16" else (512, 8, 16)  # width, depth, heads
     args.decoder_dim, args.decoder_depth, args.decoder_heads = (

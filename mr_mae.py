@@ -49,7 +49,9 @@ import common
 
 # ---- Arguments: Sec. 4.1 recipe as defaults ------------------------------------------------------
 def get_args(argv=None):
-    p = common.get_parser("MR-MAE pre-training (arXiv:2303.05475)")
+    p = common.get_parser("MR-MAE pre-training (arXiv:2303.05475). Defaults: the Sec. 4.1 recipe (ViT-B/16, CLIP-B/16 "
+                          "teacher, 400 epochs, 25% visible, loss 0.5 L_R + 0.5 L_M) for 8 GPUs: batch 128 per GPU x "
+                          "accum 1 x 8 = 1024; with fewer GPUs raise --accum_iter.")
     # MR-MAE Sec. 4.1: AdamW, batch 1024 (128 per GPU x accum 1 x 8 GPUs), max lr 1.5e-4 read as MAE's base lr,
     # wd 0.05, 400 epochs with 80 of warmup then cosine, 25% visible, 8 decoder blocks, CLIP ViT-B/16 teacher.
     # Betas (0.9, 0.95), min lr 0 and crop scale (0.2, 1) are MAE's (the paper follows "the practices in MAE").
@@ -61,12 +63,15 @@ def get_args(argv=None):
                    help="Sec. 3.3 focused mimicking: visible patches drawn in proportion to the teacher's [CLS] "
                    "attention, the most salient ones (topk), or uniform as in MAE (none; Table 3 ablation)")
     p.add_argument("--fusion_layers", type=int, nargs="+", help="Sec. 3.3 multi-layer fusion: 1-based encoder "
-                   "blocks whose outputs are summed; default ceil(d/3) ceil(2d/3) d; pass only d for no fusion")
+                   "blocks whose outputs are summed; default: ceil(d/3) ceil(2d/3) d (4 8 12 for ViT-B); pass only d "
+                   "for no fusion")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="reconstruct per-patch normalised pixels (MAE's target; Sec. 4.1 follows MAE)")
-    p.add_argument("--decoder_dim", type=int, help="MAE decoder width: 512 (MAE); 64 for the test sizes")
-    p.add_argument("--decoder_depth", type=int, help="8 (Sec. 4.1); 2 for the test sizes")
-    p.add_argument("--decoder_heads", type=int, help="16 (MAE); 2 for the test sizes")
+    p.add_argument("--decoder_dim", type=int, help="MAE decoder width; default: 512 (MAE), 64 for the test sizes")
+    p.add_argument("--decoder_depth", type=int, help="decoder blocks; default: 8 (Sec. 4.1), 2 for the test sizes")
+    p.add_argument("--decoder_heads", type=int, help="decoder heads; default: 16 (MAE), 2 for the test sizes")
+    p.add_argument("--loss_weights", type=float, nargs=2, default=(0.5, 0.5), metavar=("W_R", "W_M"), help="weights "
+                   "of L_R and L_M (Sec. 4.1); Table 3: 1 0 = MAE's L_R alone, 0 1 = L_M alone")
     args = p.parse_args(argv)
     nano = args.model == "vit_nano_patch16" if args.arch == "vit" else args.arch == "convvit_nano"
     sizes = (64, 2, 2) if nano else (512, 8, 16)  # width, depth, heads
@@ -220,9 +225,11 @@ def gather(x, ids):
 class MRMAE(nn.Module):
     """MR-MAE Fig. 2: encoder on the visible patches -> E_v (fused blocks, final LN); E_v -> mimic head L
     (visible mimic, L_M) and E_v -> MAE decoder (masked reconstruct, L_R)."""
-    def __init__(self, encoder, target_dim, fusion_layers, decoder_dim=512, decoder_depth=8, decoder_heads=16):
+    def __init__(self, encoder, target_dim, fusion_layers, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+                 loss_weights=(0.5, 0.5)):
         super().__init__()
         self.encoder, self.fusion_layers, D = encoder, list(fusion_layers), encoder.embed_dim
+        self.loss_weights = tuple(loss_weights)  # (w_R, w_M): Sec. 4.1's 0.5 and 0.5; Table 3 rows 1 and 6 zero one
         self.mimic_head = nn.Linear(D, target_dim)  # L in Eq. 2
         self.decoder_embed = nn.Linear(D, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -261,12 +268,13 @@ class MRMAE(nn.Module):
 
     def forward(self, images, ids_keep, ids_mask, pixels, tokens):
         """pixels [B, N, p*p*3] (target I), tokens [B, N, C] (teacher features F of all patches).
-        Returns the loss 0.5 L_R + 0.5 L_M, the pixel predictions [B, N, p*p*3], L(E_v) [B, n, C]."""
+        Returns the loss w_R L_R + w_M L_M (0.5, 0.5), the pixel predictions [B, N, p*p*3], L(E_v) [B, n, C]."""
         latent = self.forward_encoder(images, ids_keep)  # E_v, fed to both branches (Sec. 3.3)
         pred, mimic = self.forward_decoder(latent, ids_keep, ids_mask), self.forward_mimic(latent)
         loss_r = reconstruction_loss(gather(pred, ids_mask), gather(pixels, ids_mask))  # masked patches only
         loss_m = mimic_loss(mimic, gather(tokens, ids_keep))  # visible patches only
-        return 0.5 * loss_r + 0.5 * loss_m, pred, mimic  # MR-MAE Sec. 4.1: weights 0.5 and 0.5
+        w_r, w_m = self.loss_weights  # MR-MAE Sec. 4.1: 0.5 and 0.5 (a zero weight keeps its branch in the graph)
+        return w_r * loss_r + w_m * loss_m, pred, mimic
 
 
 # ---- Losses (Sec. 3.1 Eq. 1, Sec. 3.2 Eq. 2) ------------------------------------------------------
@@ -302,7 +310,7 @@ def build_model(args):
                                f"that include the last block {depth}")
     args.fusion_layers = layers
     teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
-    model = MRMAE(encoder, teacher.dim, layers, args.decoder_dim, args.decoder_depth, args.decoder_heads)
+    model = MRMAE(encoder, teacher.dim, layers, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.loss_weights)
     return model.to(args.device), teacher
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 import cae
 import common
 from conftest import images
+from regressor_formula import randomise
 
 N = 196
 
@@ -83,46 +84,8 @@ def test_masks_come_from_the_loader_workers():
 # ---------------------------------------------------------------------------------------------
 # Latent contextual regressor (Sec. 2.1)
 # ---------------------------------------------------------------------------------------------
-def layer_norm(t, norm):
-    mu, var = t.mean(-1, keepdim=True), t.var(-1, unbiased=False, keepdim=True)
-    return (t - mu) / torch.sqrt(var + 1e-6) * norm.weight + norm.bias
-
-
-def regressor_block_by_hand(blk, x, z_v, pos_m, pos_v):
-    """X + g1 CA(q = LN_q(X + P_m), k = LN_k([Z_v; X] + [P_v; P_m]), v = LN_v([Z_v; X])), LN2, + g2 MLP, per head."""
-    a, D, H = blk.attn, x.shape[-1], blk.attn.num_heads
-    dh = D // H
-    kv, pos_kv = torch.cat([z_v, x], 1), torch.cat([pos_v, pos_m], 1)
-    qi, ki, vi = layer_norm(x + pos_m, blk.norm_q), layer_norm(kv + pos_kv, blk.norm_k), layer_norm(kv, blk.norm_v)
-    out = torch.zeros_like(x)
-    for b in range(len(x)):
-        heads = []
-        for h in range(H):
-            r = slice(h * dh, (h + 1) * dh)
-            q = qi[b] @ a.q.weight[r].T + a.q.bias[r]
-            k = ki[b] @ a.k.weight[r].T
-            v = vi[b] @ a.v.weight[r].T + a.v.bias[r]
-            heads.append(torch.softmax(q @ k.T / math.sqrt(dh), -1) @ v)
-        out[b] = torch.cat(heads, -1) @ a.proj.weight.T + a.proj.bias
-    x = layer_norm(x + blk.ls1.gamma * out, blk.norm2)
-    hidden = F.gelu(x @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias)
-    return x + blk.ls2.gamma * (hidden @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias)
-
-
 def randomised_block(dim=32, heads=4):
-    blk = cae.RegressorBlock(dim, heads, layer_scale=0.1)
-    with torch.no_grad():
-        for p in blk.parameters():  # non-trivial LN affines, gammas and biases
-            p.add_(0.3 * torch.randn_like(p))
-    return blk.eval()
-
-
-def test_regressor_block_equals_its_formula_per_head():
-    blk = randomised_block()
-    x, z_v, pos_m, pos_v = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 5, 32), torch.randn(2, 7, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(blk(x, z_v, pos_m, pos_v), regressor_block_by_hand(blk, x, z_v, pos_m, pos_v),
-                                   atol=2e-5, rtol=2e-5)
+    return randomise(cae.RegressorBlock(dim, heads, layer_scale=0.1))
 
 
 def test_positions_enter_queries_and_keys_but_not_values():

@@ -4,11 +4,12 @@ import random
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
+from torchvision.transforms import v2
 
-import cae
 import cae_v2
 import common
-from conftest import images
+from conftest import SMOKE, images
 
 N = 196
 
@@ -52,8 +53,10 @@ def test_recipe_defaults_follow_table_8():
     assert a.blr * 2048 / 256 == pytest.approx(1.5e-3) and tuple(a.betas) == (0.9, 0.98)
     assert (a.epochs, a.warmup_epochs, a.min_lr, a.clip_grad, a.weight_decay) == (300, 10, 1e-5, 3.0, 0.05)
     assert (a.crop_min, a.color_jitter, a.layer_scale) == (0.4, 0.4, 0.1) and a.batch_size * 8 == 2048
-    jitter = [t for t in cae_v2.build_transform(a).transform.transforms if type(t).__name__ == "ColorJitter"]
+    ops = cae_v2.build_transform(a).transform.transforms
+    jitter = [t for t in ops if type(t).__name__ == "ColorJitter"]
     assert len(jitter) == 1 and jitter[0].brightness == (0.6, 1.4) and jitter[0].saturation == (0.6, 1.4)
+    assert jitter[0].contrast == (0.6, 1.4) and jitter[0].hue is None
 
 
 def test_vit_tiny_has_12_heads_and_a_narrow_regressor_behind_fc_ln(tiny_teacher):
@@ -62,7 +65,7 @@ def test_vit_tiny_has_12_heads_and_a_narrow_regressor_behind_fc_ln(tiny_teacher)
     proj = model.encoder_to_regressor
     assert [type(m) for m in proj] == [nn.Linear, nn.LayerNorm] and proj[0].weight.shape == (96, 192)
     assert len(model.regressor.blocks) == 1 and model.regressor.blocks[0].attn.num_heads == 12
-    assert isinstance(model.regressor.norm, nn.Identity)  # no final LN in CAE v2's regressor
+    assert not hasattr(model.regressor, "norm")  # no final LN in CAE v2's regressor
     assert model.encoder.blocks[-1].drop_path == pytest.approx(0.1) and model.encoder.blocks[0].ls1.gamma[0] == 0.1
     assert isinstance(small_model().encoder_to_regressor, nn.Identity)  # same width: no projection
 
@@ -146,5 +149,89 @@ def test_steps_on_one_batch_lower_the_loss(tiny_teacher):
     assert all(b < a for a, b in zip(losses[::4], losses[4::4])), losses
 
 
-def test_regressor_is_cae_s():
-    assert cae_v2.LatentContextualRegressor is cae.LatentContextualRegressor
+# ---------------------------------------------------------------------------------------------
+# Released-code details the paper leaves open: colour jitter before the crop
+# ---------------------------------------------------------------------------------------------
+def test_colour_jitter_sees_the_whole_image_before_the_crop():
+    """The released pipeline jitters the whole image, then flips and crops: its contrast blends towards the whole
+    image's mean. A 2:1 image with crop scale (1, 1) is always cropped to its central 4:3 part (the widest aspect
+    RandomResizedCrop allows), so two images equal inside that part and different outside it give the same view
+    when the jitter comes after the crop, and different views when it comes first."""
+    a = args_for("vit_nano_patch16", "--crop_min", "1.0")
+    inside = Image.new("RGB", (200, 150), (60, 120, 90))
+    inside.paste((150, 40, 200), (100, 0, 200, 150))  # two colours inside the crop
+    pair = []
+    for outside in [(0, 0, 0), (255, 255, 255)]:  # columns 0..49 and 250..299 are cut away by the crop
+        img = Image.new("RGB", (300, 150), outside)
+        img.paste(inside, (50, 0))
+        pair.append(img)
+    pipelines = {"ours": lambda img: cae_v2.build_transform(a)(img)[0],
+                 "no jitter": lambda img: cae_v2.build_transform(args_for("vit_nano_patch16", "--crop_min", "1.0",
+                                                                          "--color_jitter", "0"))(img)[0],
+                 "jitter after crop": v2.Compose([  # the order before this fix: crop, flip, then jitter
+                     v2.RandomResizedCrop(224, scale=(1.0, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+                     v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4, 0.4), v2.ToImage(),
+                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])}
+    views = {}
+    for name, t in pipelines.items():
+        views[name] = []
+        for img in pair:
+            torch.manual_seed(3)  # the same jitter factors and flip for both images
+            views[name].append(t(img))
+    torch.testing.assert_close(*views["no jitter"])  # the cut-away columns do not reach the view...
+    torch.testing.assert_close(*views["jitter after crop"])  # ...nor the jitter applied to the crop
+    assert (views["ours"][0] - views["ours"][1]).abs().mean() > 0.005  # jitter first: they do (contrast's mean)
+    assert a.color_jitter == 0.4
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation switches: Table 5 (random masking), Table 2 / Table 1 No. 2 (l_z alone), Table 4 (0 layers: l_v alone)
+# ---------------------------------------------------------------------------------------------
+def test_random_masking_hides_as_many_patches_in_no_blocks():
+    gen = cae_v2.block_masking(args_for("vit_base_patch16", "--mask_type", "random"))
+    masks = torch.stack([gen() for _ in range(50)])
+    assert masks.dtype == torch.bool and torch.all(masks.sum(1) == 98)
+    # block masks come in rectangles of >= 16 patches; uniform ones leave most masked patches with a visible
+    # 4-neighbour: on average 98 * (1 - 0.5^4)-ish of them, far above what block masks give
+    def exposed(m):
+        g = m.view(14, 14)
+        vis = ~g
+        nb = torch.zeros_like(g)
+        nb[1:] |= vis[:-1]; nb[:-1] |= vis[1:]; nb[:, 1:] |= vis[:, :-1]; nb[:, :-1] |= vis[:, 1:]
+        return int((g & nb).sum())
+    blocks = cae_v2.block_masking(args_for("vit_base_patch16"))
+    assert sum(map(exposed, masks)) / 50 > 80 > 60 > sum(exposed(blocks()) for _ in range(50)) / 50
+
+
+def test_no_visible_align_trains_on_l_z_alone(tiny_teacher):
+    model, batch, args = fixed_batch(tiny_teacher)
+    model.visible_align = args.visible_align = False
+    images_, mask = batch
+    ids_keep, ids_mask = common.ids_from_mask(mask, 98)
+    tokens = tiny_teacher(images_, tokens=True)["tokens"][:, 1:]
+    take = lambda ids: tokens.gather(1, ids[..., None].expand(-1, -1, tokens.shape[-1]))
+    loss, out = model(images_, ids_keep, ids_mask, take(ids_keep), take(ids_mask))
+    cos = torch.nn.functional.cosine_similarity(out["pred_m"], take(ids_mask), dim=-1)
+    assert loss.item() == pytest.approx((1 - cos).mean().item(), rel=1e-5)  # l_z only
+    step = cae_v2.forward_step(model, tiny_teacher, batch, args)
+    assert torch.all(step["patch_loss"][~mask] == 0) and torch.all(step["patch_loss"][mask] > 0)
+
+
+def test_zero_regressor_layers_train_on_l_v_alone(tiny_teacher, tmp_path):
+    args = args_for("vit_nano_patch16", "--regressor_depth", "0")
+    model, _ = cae_v2.build_model(args)
+    assert model.regressor is None  # Table 4's 0 layers: no regressor parameters at all (DDP needs none unused)
+    images_, (ids_keep, ids_mask) = images(2), split()
+    tokens = tiny_teacher(images_, tokens=True)["tokens"][:, 1:]
+    take = lambda ids: tokens.gather(1, ids[..., None].expand(-1, -1, tokens.shape[-1]))
+    loss, out = model(images_, ids_keep, ids_mask, take(ids_keep), take(ids_mask))
+    cos = torch.nn.functional.cosine_similarity(out["pred_v"], take(ids_keep), dim=-1)
+    assert out["pred_m"] is None and loss.item() == pytest.approx((1 - cos).mean().item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(common.UserError, match="no loss"):
+        args_for("vit_nano_patch16", "--regressor_depth", "0", "--no-visible_align")
+    cae_v2.main(SMOKE + ["--regressor_depth", "0", "--mask_type", "random", "--fake_size", "16", "--output_dir",
+                         str(tmp_path)])  # trains end to end
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert not any(k.startswith("regressor.") for k in ckpt["model"]) and ckpt["optimizer"]["state"][0]["step"] == 2

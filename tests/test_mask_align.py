@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import mask_align
@@ -65,6 +66,29 @@ def test_forward_step_shows_58_patches_and_scores_only_them(tiny_teacher, mask_t
     assert torch.all(patch_loss[mask] == 0) and torch.all(patch_loss[~mask] > 0) and not patch_loss.requires_grad
     assert (out["cls_attn"] is None) == (mask_type == "random")
     assert out["loss"].ndim == 0 and out["loss"].requires_grad
+
+
+def test_mask_ratio_0_shows_every_patch_and_scores_all_of_them(tiny_teacher):
+    """Table 4's first row: ratio 0, the student sees all 196 patches and the loss covers all of them."""
+    assert common.num_visible(N, 0.0, allow_zero=True) == N
+    with pytest.raises(common.UserError, match=r"\(0, 1\)"):  # the other four methods need hidden patches
+        common.num_visible(N, 0.0)
+    with pytest.raises(common.UserError, match=r"\[0, 1\)"):
+        common.num_visible(N, 1.0, allow_zero=True)
+    attn = torch.rand(2, N)
+    attn[:, 5] = 0.0  # a zero attention cannot be drawn without replacement: ratio 0 must not draw
+    assert not mask_align.attentive_masking(attn, N).any()
+    for mask_type in ["attention", "random"]:
+        out = mask_align.forward_step(small_model(tiny_teacher), tiny_teacher, images(2),
+                                      args_for("--mask_ratio", "0", "--mask_type", mask_type))
+        assert not out["mask"].any() and torch.all(out["patch_loss"] > 0)  # all 196 patches, all in the loss
+    model = small_model(tiny_teacher)
+    x = images(2)
+    hidden = tiny_teacher(x, tokens=False, hidden=True)["hidden"]
+    target = mask_align.alignment_targets(hidden, torch.arange(N).expand(2, N), 2)  # [K, B, 197, W]
+    pred = model.dynamic_alignment(model.forward_encoder(x, torch.arange(N).expand(2, N)))
+    out = mask_align.forward_step(model, tiny_teacher, x, args_for("--mask_ratio", "0"))
+    assert out["loss"].item() == pytest.approx(mask_align.mask_align_loss(pred, target).item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +178,40 @@ def test_targets_are_last_k_levels_layernormed_per_token_at_cls_and_visible():
                 mu = v.sum() / W
                 var = ((v - mu) ** 2).sum() / W  # biased variance, no scale or bias
                 torch.testing.assert_close(got[k, b, pos], (v - mu) / math.sqrt(var + 1e-5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_table6_target_norms(norm):
+    """Table 6: BatchNorm without affine = per channel over the batch and all 1+N tokens of the intact image
+    (then the positions are taken); none = the raw levels."""
+    T, B, W = 3, 2, 8
+    hidden = [3.0 * torch.randn(B, 1 + N, W) + torch.arange(W) for _ in range(T)]  # a different mean per channel
+    ids_keep = torch.stack([torch.randperm(N)[:58].sort().values for _ in range(B)])
+    got = mask_align.alignment_targets(hidden, ids_keep, 2, norm)
+    for k, level in enumerate([1, 2]):
+        h = hidden[level]
+        for c in range(W):
+            vals = h[:, :, c].flatten()  # B (1+N) values of channel c
+            mu, var = vals.mean(), ((vals - vals.mean()) ** 2).mean()
+            for b in range(B):
+                toks = [0] + [int(i) + 1 for i in ids_keep[b]]
+                want = h[b, toks, c] if norm == "none" else (h[b, toks, c] - mu) / math.sqrt(var + 1e-5)
+                torch.testing.assert_close(got[k, b, :, c], want, atol=1e-5, rtol=1e-5)
+
+
+def test_table6_mlp_adaptor(tiny_teacher):
+    """Table 6: a 2-layer MLP of hidden width D (the student's) per student block instead of a Linear."""
+    model = mask_align.MaskAlign(student(2, 32), tiny_teacher.depth, tiny_teacher.width, 5, "dynamic", "mlp")
+    for a in model.adaptors:
+        assert [type(m).__name__ for m in a] == ["Linear", "GELU", "Linear"]
+        assert a[0].weight.shape == (32, 32) and a[2].weight.shape == (tiny_teacher.width, 32)
+    x = torch.randn(1, 5, 32)
+    levels = [x, 2 * x]
+    want = sum(model.align_matrix[i, 0] * model.adaptors[i][2](F.gelu(model.adaptors[i][0](levels[i]))) for i in range(2))
+    torch.testing.assert_close(model.dynamic_alignment(levels)[0], want)
+    out = mask_align.forward_step(model, tiny_teacher, images(2), args_for("--adaptor", "mlp", "--target_norm", "bn"))
+    out["loss"].backward()
+    assert model.adaptors[1][0].weight.grad.abs().sum() > 0
 
 
 def smooth_l1_by_hand(pred, target):

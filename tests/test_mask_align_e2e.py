@@ -67,3 +67,16 @@ def test_bad_top_k_gives_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert e.value.code == 2 and len(lines) == 1 and "--top_k" in lines[0], err
+
+
+def test_mask_ratio_0_trains_on_the_smoke_flags(tmp_path, capsys):
+    """Table 4's first row runs: the student sees all 196 patches; the four methods that need hidden patches
+    still refuse ratio 0 with one line."""
+    mask_align.main(SMOKE + ["--mask_ratio", "0", "--fake_size", "16", "--output_dir", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["args"]["mask_ratio"] == 0.0 and ckpt["optimizer"]["state"][0]["step"].item() == 2
+    assert math.isfinite(json.loads((tmp_path / "log.txt").read_text())["train_loss"])
+    import milan
+    with pytest.raises(SystemExit) as e:
+        common.cli(milan.main, SMOKE + ["--mask_ratio", "0", "--output_dir", str(tmp_path / "milan")])
+    assert e.value.code == 2 and "--mask_ratio 0.0 must be in (0, 1)" in capsys.readouterr().err

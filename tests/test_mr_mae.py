@@ -204,6 +204,16 @@ def test_model_loss_is_half_eq1_on_masked_plus_half_eq2_on_visible():
     l_r = loops_eq(rows(pred, masked), rows(pixels, masked))
     l_m = loops_eq(mimic, rows(tokens, visible))  # mimic rows are the visible patches in raster order
     assert loss.item() == pytest.approx(0.5 * l_r + 0.5 * l_m, rel=1e-5)
+    # Table 3 rows 1 and 6 (--loss_weights 1 0: MAE's L_R alone; 0 1: L_M alone)
+    for w_r, w_m in [(1.0, 0.0), (0.0, 1.0)]:
+        model.loss_weights = (w_r, w_m)
+        with torch.no_grad():
+            assert model(x, ids_keep, ids_mask, pixels, tokens)[0].item() == pytest.approx(w_r * l_r + w_m * l_m, rel=1e-5)
+    args = mr_mae.get_args(["--data", "fake", "--model", "vit_nano_patch16", "--teacher", "tiny", "--teacher_weights",
+                            "none", "--loss_weights", "1", "0"])
+    args.device = "cpu"
+    assert mr_mae.get_args(["--data", "fake"]).loss_weights == (0.5, 0.5)
+    assert mr_mae.build_model(args)[0].loss_weights == (1.0, 0.0)
 
 
 def test_reconstruction_ignores_visible_patches_and_mimic_ignores_masked_ones():
