@@ -488,6 +488,13 @@ class Samples(torch.utils.data.Dataset):
                 torch.set_rng_state(saved[0]), np.random.set_state(saved[1]), random.setstate(saved[2])
 
 def build_loader(dataset, args, train=True):
+    if dist.is_initialized():  # every rank must split the same list of images, or the ranks' step counts differ
+        sizes = [None] * args.world_size
+        dist.all_gather_object(sizes, len(dataset))
+        odd = next((r for r, n in enumerate(sizes) if n != sizes[0]), None)
+        if odd is not None:  # every rank knows it: all stop together
+            raise UserError(f"--data {args.data}: rank {odd} sees {sizes[odd]} images, rank 0 {sizes[0]}; every node "
+                            f"needs the same dataset at the same path")
     if train and len(dataset) // args.world_size < args.batch_size:
         raise UserError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is larger than the "
                         f"dataset ({len(dataset)} images); lower --batch_size")
@@ -773,12 +780,31 @@ def set_rng_state(state):
     np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
 
+def agree(problem):
+    """problem: this rank's error message, or None. Every rank raises the first rank's problem, so that no rank is
+    left waiting in a collective for one that stopped (a node must not train on while another quits)."""
+    if dist.is_initialized():
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise UserError(problem)
+
 def resume_path(args):
-    """The checkpoint --resume names: 'auto' is OUTPUT_DIR/checkpoint-last.pth when it exists, else '' (start fresh)."""
-    if args.resume == "auto":
+    """The checkpoint to continue from: --resume, where 'auto' is OUTPUT_DIR/checkpoint-last.pth if it exists, else ''
+    (a fresh start). Rank 0 decides for every rank, on every node: one rank must never resume while another starts
+    fresh; a rank that cannot read rank 0's choice (an output dir that is not shared) stops them all."""
+    path = args.resume
+    if path == "auto":
         last = os.path.join(args.output_dir, "checkpoint-last.pth")
-        return last if os.path.isfile(last) else ""
-    return args.resume
+        path = last if os.path.isfile(last) else ""
+    if dist.is_initialized():
+        choice = [path]
+        dist.broadcast_object_list(choice, 0)
+        path = choice[0]
+        agree(f"--resume: rank {args.rank} cannot read {path}, which rank 0 resumes from; put --output_dir on a "
+              f"filesystem that every node mounts at the same path" if path and not os.path.isfile(path) else None)
+    return path
 
 def checkpoint_method(path):
     """The 'method' entry of a checkpoint file (memory-mapped, so cheap for big files), None if it is no checkpoint."""
@@ -805,9 +831,9 @@ class Checkpointer:
         checkpoint of this script is refused (unless fresh_ok: nothing will be written)."""
         args, path = self.args, resume_path(self.args)
         if not path:
-            if not fresh_ok and not args.resume and checkpoint_method(self.last) == self.method:
-                raise UserError(f"--output_dir {args.output_dir} already holds a {self.method} run ({self.last}); pass "
-                                f"--resume auto to continue it, or a fresh --output_dir to start a new one")
+            taken = not fresh_ok and not args.resume and args.rank == 0 and checkpoint_method(self.last) == self.method
+            agree(f"--output_dir {args.output_dir} already holds a {self.method} run ({self.last}); pass --resume auto "
+                  f"to continue it, or a fresh --output_dir to start a new one" if taken else None)
             return 0, 0
         ckpt = load_checkpoint(path, self.method)
         try:
