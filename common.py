@@ -5,7 +5,7 @@ Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep sorte
 tokens [CLS, patch_1 .. patch_N] in raster order."""
 import argparse, itertools, json, logging, math, os, random, socket, sys, time, warnings, zipfile
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -32,19 +32,14 @@ def cli(main, argv=None):
     except UserError as e:  # raised in a DataLoader worker, it arrives wrapped: keep its own last line
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # where the run stopped, and how to continue it
+        last, at = os.path.join(RUN["output_dir"] or ".", "checkpoint-last.pth"), RUN["at"]
+        saved = " (epoch {}, step {})".format(*RUN["saved"]) if RUN["saved"] else ""
+        how = f"relaunch the same command with --resume auto to continue from {last}{saved}" if RUN["output_dir"] \
+            and os.path.isfile(last) else "no checkpoint was written, so a relaunch starts from the beginning"
         if RUN["rank"] == 0:
-            print(f"\n{interrupted_line()}", file=sys.stderr)
+            print("\ninterrupted" + (" at epoch {}, step {}; ".format(*at) if at else "; ") + how, file=sys.stderr)
         sys.exit(130)
-
-def interrupted_line():
-    """Where a Ctrl-C stopped the run and how to continue it."""
-    at = " at epoch {}, step {}".format(*RUN["at"]) if RUN["at"] else ""
-    last = RUN["output_dir"] and os.path.join(RUN["output_dir"], "checkpoint-last.pth")
-    if not last or not os.path.isfile(last):
-        return f"interrupted{at}; no checkpoint was written, so a relaunch starts from the beginning"
-    saved = " (epoch {}, step {})".format(*RUN["saved"]) if RUN["saved"] else ""
-    return f"interrupted{at}; relaunch the same command with --resume auto to continue from {last}{saved}"
 
 # ---- ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) ---
 def sincos_pos_embed(dim, grid):
@@ -177,29 +172,15 @@ def read_weights(path, flag="--teacher_weights"):
             sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
     return {k: t.float() for k, t in sd.items() if torch.is_tensor(t)}
 
-@contextmanager
-def quiet_logging():
-    """Silences library log lines (open_clip logs through the root logger) inside a with block."""
-    logging.disable(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
 def go_offline_if_hub_unreachable(timeout=3.0):
-    """open_clip fetches 'openai' weights from the Hugging Face hub, retrying for about a minute when there is no
-    network. If the hub cannot be reached within `timeout` seconds, switch huggingface_hub to offline mode: a
-    cached copy still loads and a missing one fails in seconds."""
-    try:
-        from urllib.parse import urlparse
-        import huggingface_hub.constants as hub
-    except ImportError:
-        return
-    if hub.is_offline_mode():
-        return
+    """open_clip fetches 'openai' weights from the Hugging Face hub and, with no network, retries for about a minute:
+    if the hub does not answer within `timeout` s, huggingface_hub goes offline (a cached copy loads, none fails fast)."""
+    from urllib.parse import urlparse
+    import huggingface_hub.constants as hub  # an open_clip dependency
     url = urlparse(hub.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        if not hub.is_offline_mode():
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
     except OSError:
         hub.HF_HUB_OFFLINE = True
 
@@ -239,14 +220,16 @@ class Teacher(nn.Module):
                 quick = weights == "openai" or name.endswith("-quickgelu") or is_torchscript(weights)
                 if weights == "openai":
                     go_offline_if_hub_unreachable()
+                logging.disable(logging.CRITICAL)  # open_clip's log lines ("initialized randomly": a file follows)
                 try:
-                    with quiet_logging():  # open_clip's "initialized randomly" is wrong when a file follows
-                        self.net = open_clip.create_model(base, pretrained="openai" if weights == "openai" else None,
-                                                          force_quick_gelu=quick).visual
+                    self.net = open_clip.create_model(base, pretrained="openai" if weights == "openai" else None,
+                                                      force_quick_gelu=quick).visual
                 except Exception as e:
                     raise UserError(f"--teacher_weights openai: could not get OpenAI weights for {name} "
                                     f"({type(e).__name__}: no internet?); download {base}.pt elsewhere (README, "
                                     f"'Teacher weights') and pass --teacher_weights /path/to/{base}.pt") from None
+                finally:
+                    logging.disable(logging.NOTSET)
             if getattr(self.net, "attn_pool", 1) is not None or not hasattr(self.net, "class_embedding"):
                 raise UserError(f"--teacher {name}: only CLIP ViTs with a class token work here (ViT-B-16, ViT-L-14, ...)")
             mean, std = CLIP_MEAN, CLIP_STD
@@ -731,14 +714,12 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     for r, cells in enumerate(rows):
         for c, cell in enumerate(cells):
             sheet.paste(cell, (c * step, VIS_TITLE + r * step))
-    y, width = VIS_TITLE + len(rows) * step, min(size, 160)  # the scale of the map columns: low .. high, grey
-    bar = colormap(torch.linspace(0, 1, width))[None].expand(10, -1, -1)  # [10, width, 3]
-    sheet.paste(Image.fromarray((bar * 255).byte().numpy()), (2, y))
-    draw.text((2, y + 12), "low", fill="black")
-    draw.text((width - 22, y + 12), "high", fill="black")
+    y, width = VIS_TITLE + len(rows) * step, min(size, 160)  # the maps' colour scale, and the grey of "not in the loss"
+    sheet.paste(Image.fromarray((colormap(torch.linspace(0, 1, width)) * 255).byte()[None].expand(10, -1, -1).numpy()), (2, y))
     sheet.paste(Image.new("RGB", (10, 10), (127, 127, 127)), (width + 12, y))
-    draw.text((width + 26, y - 1), "not in the loss", fill="black")
-    draw.text((width + 12, y + 12), "maps: each image's min..max", fill="black")
+    for xy, text in (((2, y + 12), "low"), ((width - 22, y + 12), "high"), ((width + 26, y - 1), "not in the loss"),
+                     ((width + 12, y + 12), "maps: each image's min..max")):
+        draw.text(xy, text, fill="black")
     path = os.path.join(args.output_dir, "visualize.png")
     if args.rank == 0:
         make_output_dir(args)
@@ -884,11 +865,10 @@ class Checkpointer:
             return True
         if not args.save_every_minutes or (step // args.accum_iter) % args.log_every:
             return False
-        late = torch.tensor([time.time() - self.saved_at >= 60 * args.save_every_minutes], dtype=torch.uint8)
-        if dist.is_initialized():  # nccl broadcasts device tensors, gloo host ones
-            late = late.to(args.device)
-            dist.broadcast(late, 0)
-        return bool(late)
+        late = [time.time() - self.saved_at >= 60 * args.save_every_minutes]
+        if dist.is_initialized():
+            dist.broadcast_object_list(late, 0)  # rank 0's clock decides for every rank
+        return late[0]
 
     def step_done(self, epoch, step, meter):
         """After an optimiser update: a mid-epoch checkpoint when one is due (the loss is checked first, so a
