@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, SMOKE
@@ -86,3 +87,21 @@ def test_num_workers_share_this_nodes_cores(monkeypatch):
         args = common.get_parser("x").parse_args(["--data", "fake", "--mask_ratio", "0.75"])
         common.setup(args)  # one process here (no WORLD_SIZE): no process group
         assert args.num_workers == workers, local
+
+
+def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_every_rank(monkeypatch, tmp_path):
+    """An output dir that is not shared: rank 0 resumes from a file that rank 1 cannot see. Rank 1 takes rank 0's
+    choice (it does not start fresh from its own empty folder) and the problem reaches every rank (the all-gather),
+    so no rank waits for another in a collective."""
+    import argparse
+    import common
+    monkeypatch.setattr(common.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(common.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(common.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, "/node0/ckpt.pth"))
+    gathered = []
+    monkeypatch.setattr(common.dist, "all_gather_object", lambda out, obj: (gathered.append(obj), out.__setitem__(
+        slice(None), [None, obj]))[-1])  # rank 0 had no problem; this is rank 1
+    args = argparse.Namespace(resume="auto", output_dir=str(tmp_path), rank=1)
+    with pytest.raises(common.UserError, match="rank 1 cannot read /node0/ckpt.pth.*--output_dir"):
+        common.resume_path(args)
+    assert gathered and gathered[0].startswith("--resume: rank 1")  # the message went to the other ranks
