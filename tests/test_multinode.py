@@ -33,8 +33,14 @@ def launch(node_args, env=None):
     return procs
 
 
-def finish(procs):
-    return [(p.wait(timeout=240), p.stdout.read(), p.stderr.read()) for p in procs]
+def finish(procs, timeout=240):
+    """(exit code, stdout, stderr) of each launcher; a hang kills them all (and their workers) and fails the test."""
+    try:
+        return [(p.wait(timeout=timeout), p.stdout.read(), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                subprocess.run(["pkill", "-9", "-P", str(p.pid)]), p.kill()
 
 
 def params(folder):
