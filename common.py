@@ -827,7 +827,7 @@ def heat(values, size):
 def spread_over_classes(dataset, n):
     """n indices that take each class in turn (the first image of every class, then the second, ...)."""
     targets = getattr(dataset, "targets", None)
-    if targets is None:  # FakeData: its labels are random anyway
+    if targets is None:  # --data fake: its labels are random anyway
         return list(range(min(n, len(dataset))))
     by_class = {}
     for i, t in enumerate(targets):

@@ -397,7 +397,7 @@ def evaluate(model, loader, args):
 
 
 def num_classes(dataset):
-    return getattr(dataset, "num_classes", None) or len(dataset.classes)  # FakeData / ImageFolder
+    return getattr(dataset, "num_classes", None) or len(dataset.classes)  # FakeImages / ImageFolder
 
 
 def class_names(args, src, train):
