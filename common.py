@@ -454,7 +454,7 @@ class DeviceView:
 
     def __call__(self, img):
         data = getattr(img, "file_bytes", None)
-        if data is None or img.format != "JPEG" or img.mode != "RGB" or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        if data is None or img.format != "JPEG" or img.mode != "RGB" or not bytes(data[-64:]).rstrip(b"\0").endswith(b"\xff\xd9"):
             data = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)  # decoded here: [3, H, W] uint8
         params = [bool(torch.rand(1) < op.p) if isinstance(op, v2.RandomHorizontalFlip) else op.make_params([img])
                   for op in self.ops]
@@ -467,9 +467,10 @@ class DeviceView:
         xs = [x]
         for op, p in zip(self.ops, params):
             if isinstance(op, v2.RandomResizedCrop):  # one box, a resize per view (uint8 cut first: less to convert)
-                v = xs[0][..., p["top"]:p["top"] + p["height"], p["left"]:p["left"] + p["width"]]
-                xs = [v2.functional.resize(unit(v), list(op.size) if s is None else [s, s], op.interpolation,
-                                           antialias=True) for s, _, _ in self.views]
+                v = unit(xs[0][..., p["top"]:p["top"] + p["height"], p["left"]:p["left"] + p["width"]])[None]
+                mode = op.interpolation.value  # 'bicubic' (CAE's LANCZOS view too: torch has no LANCZOS)
+                xs = [F.interpolate(v, op.size if s is None else (s, s), mode=mode, antialias=True)[0]
+                      for s, _, _ in self.views]
             elif isinstance(op, v2.RandomHorizontalFlip):
                 xs = [x.flip(-1) for x in xs] if p else xs
             else:  # colour jitter, resize, centre crop: the op's own tensor kernel
@@ -481,7 +482,8 @@ def read_file_lazily(path):
     from PIL import Image
     import io
     with open(path, "rb") as f:
-        data = f.read()
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(data)  # no copy: the bytes go to the main process as they are
     img = Image.open(io.BytesIO(data))  # an unreadable file raises here, as on the CPU path
     img.file_bytes = data
     return img
@@ -490,9 +492,9 @@ def decode_views(encoded, device):
     """A list of Encoded -> the view tensors [B, 3, size, size] on device: JPEGs decoded there in one batch."""
     from torchvision.io import ImageReadMode, decode_jpeg
     view, images = DeviceView.made[encoded[0].key], [e.data for e in encoded]
-    jpeg = [i for i, x in enumerate(images) if isinstance(x, bytes)]
+    jpeg = [i for i, x in enumerate(images) if isinstance(x, bytearray)]
     if jpeg:
-        blobs = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in jpeg]
+        blobs = [torch.frombuffer(images[i], dtype=torch.uint8) for i in jpeg]
         try:
             decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one the device decoder cannot read: PIL's decode, as on the CPU path

@@ -99,7 +99,7 @@ def test_device_path_draws_exactly_the_cpu_paths_boxes_and_flips(folder):
         enc, _ = common.Samples(dev, seed=0)[key]
         assert drawn[0] == enc.params[0] and ("flipped" in drawn) == enc.params[1], key
         flips += enc.params[1]
-        assert isinstance(enc.data, bytes) == (cpu.samples[key[1]][0].endswith(("0.jpg", "1.jpg", "2.jpg", "3.jpg",
+        assert isinstance(enc.data, bytearray) == (cpu.samples[key[1]][0].endswith(("0.jpg", "1.jpg", "2.jpg", "3.jpg",
                                                                                   "4.jpg", "5.jpg")))
     assert 0 < flips < 2 * len(cpu)
 
