@@ -3,8 +3,8 @@ ViT, frozen Teacher, masking, data, torchrun/DDP, AdamW groups, schedule, checkp
 Whatever a paper's ablation could change (sampler, decoder, loss, recipe) lives in the method file.
 Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep sorted ascending;
 tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, itertools, json, logging, math, os, random, socket, sys, time, warnings, zipfile
-from collections import OrderedDict
+import argparse, io, itertools, json, logging, math, os, random, socket, sys, time, warnings, zipfile
+from collections import OrderedDict, namedtuple
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets
+from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
@@ -423,19 +424,11 @@ class WithMask:
     def __call__(self, img):
         return self.transform(img), self.mask_fn()
 
-class Encoded:
+class Encoded(namedtuple("Encoded", "data params key")):
     """--decode device, what a worker sends for one image: data (the JPEG file's bytes, or uint8 pixels [3, H, W] where
-    the worker had to decode), the params its view's ops drew, and key (the DeviceView, in DeviceView.made)."""
-    __slots__ = ("data", "params", "key")
-
-    def __init__(self, data, params, key):
-        self.data, self.params, self.key = data, params, key
-
-    def __getstate__(self):
-        return self.data, self.params, self.key
-
-    def __setstate__(self, state):
-        self.data, self.params, self.key = state
+    the worker had to decode), params (what its view's ops drew) and key (its DeviceView, in DeviceView.made)."""
+    def pin_memory(self):  # the DataLoader's pin_memory would otherwise copy a bytearray byte by byte, in Python
+        return self
 
 class DeviceView:
     """--decode device: a view made of torchvision v2 ops, split between the workers and the device. A worker reads
@@ -479,8 +472,6 @@ class DeviceView:
 
 def read_file_lazily(path):
     """--decode device's ImageFolder loader: the file's bytes and a PIL image of its header only (not decoded)."""
-    from PIL import Image
-    import io
     with open(path, "rb") as f:
         data = bytearray(os.fstat(f.fileno()).st_size)
         f.readinto(data)  # no copy: the bytes go to the main process as they are
@@ -493,25 +484,25 @@ def decode_views(encoded, device):
     from torchvision.io import ImageReadMode, decode_jpeg
     view, images = DeviceView.made[encoded[0].key], [e.data for e in encoded]
     jpeg = [i for i, x in enumerate(images) if isinstance(x, bytearray)]
-    if jpeg:
-        blobs = [torch.frombuffer(images[i], dtype=torch.uint8) for i in jpeg]
+    blobs = [torch.frombuffer(images[i], dtype=torch.uint8) for i in jpeg]
+
+    def one(blob):  # a file the device decoder cannot read: PIL on the CPU (the CPU path's decoder), else grey
         try:
-            decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one the device decoder cannot read: PIL's decode, as on the CPU path
-            decoded = [decode_one(b, device) for b in blobs]
-        for i, x in zip(jpeg, decoded):
-            images[i] = x
+            return decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            try:
+                return torch.from_numpy(np.array(Image.open(io.BytesIO(blob.numpy())).convert("RGB"))).permute(2, 0, 1)
+            except OSError:
+                print("warning: an image neither the device nor PIL could decode was replaced by grey", file=sys.stderr)
+                return torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    try:
+        decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device) if blobs else []
+    except RuntimeError:
+        decoded = [one(b) for b in blobs]
+    for i, x in zip(jpeg, decoded):
+        images[i] = x
     outs = [view.apply(x.to(device, non_blocking=True), e.params) for x, e in zip(images, encoded)]
     return [v2.functional.normalize(torch.stack(vs), mean, std) for vs, (_, mean, std) in zip(zip(*outs), view.views)]
-
-def decode_one(blob, device):
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from PIL import Image
-    import io
-    try:
-        return decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        return torch.from_numpy(np.array(Image.open(io.BytesIO(blob.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
 
 def to_device(batch, device):
     """A loader batch on the device: tensors moved; --decode device images (lists of Encoded) decoded into their views
@@ -544,7 +535,6 @@ class FakeImages(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        from PIL import Image
         rng = np.random.default_rng(self.offset + i)
         img = Image.fromarray(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8))
         return self.transform(img), int(rng.integers(self.num_classes))

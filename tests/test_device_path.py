@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data._utils.pin_memory import pin_memory
 
 import cae
 import cae_v2
@@ -99,6 +100,7 @@ def test_device_path_draws_exactly_the_cpu_paths_boxes_and_flips(folder):
         enc, _ = common.Samples(dev, seed=0)[key]
         assert drawn[0] == enc.params[0] and ("flipped" in drawn) == enc.params[1], key
         flips += enc.params[1]
+        assert pin_memory([enc])[0] is enc  # the DataLoader's pinning (CUDA) leaves it as it is, not byte by byte
         assert isinstance(enc.data, bytearray) == (cpu.samples[key[1]][0].endswith(("0.jpg", "1.jpg", "2.jpg", "3.jpg",
                                                                                   "4.jpg", "5.jpg")))
     assert 0 < flips < 2 * len(cpu)
