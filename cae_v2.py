@@ -227,7 +227,7 @@ def build_transform(args):
     runs on the whole image first, as released (its contrast blends towards the whole image's mean, not the crop's)."""
     j = args.color_jitter
     jitter = [v2.ColorJitter(j, j, j)] if j else []  # brightness, contrast, saturation; no hue
-    return common.WithMask(v2.Compose(jitter + [common.pretrain_transform(args)]), block_masking(args))
+    return common.pretrain_transform(args, mask_fn=block_masking(args), first=jitter)
 
 
 def build_model(args):
@@ -263,7 +263,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
         if step % args.accum_iter == 0:  # per-iteration schedule (BEiT)
             lr = common.lr_at(epoch + step / meter.steps, args)
             common.set_lr(optimizer, lr)
-        batch = tuple(t.to(args.device, non_blocking=True) for t in batch)
+        batch = common.to_device(batch, args.device)  # --decode device: decoded and cropped here
         update = (step + 1) % args.accum_iter == 0
         with model.no_sync() if args.world_size > 1 and not update else nullcontext():
             with common.autocast(args):

@@ -3,8 +3,8 @@ ViT, frozen Teacher, masking, data, torchrun/DDP, AdamW groups, schedule, checkp
 Whatever a paper's ablation could change (sampler, decoder, loss, recipe) lives in the method file.
 Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep sorted ascending;
 tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, itertools, json, logging, math, os, random, socket, sys, time, warnings, zipfile
-from collections import OrderedDict
+import argparse, io, itertools, json, logging, math, os, random, socket, sys, time, warnings, zipfile
+from collections import OrderedDict, namedtuple
 from contextlib import nullcontext
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets
+from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
@@ -263,6 +264,18 @@ class Teacher(nn.Module):
     def train(self, mode=True):  # a teacher stays in eval mode
         return super().train(False)
 
+    def prepare(self, args):
+        """For training: on CUDA with --amp bf16/fp16 the weights are kept in that dtype (cast once: a frozen teacher
+        needs no fp32 master copy, so autocast casts no teacher weight per step); with --compile its forward is
+        compiled too. On CPU (fp32) the weights stay as they are."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        if dtype and args.device.startswith("cuda"):
+            self.net.to(dtype)
+            self.pos = self.pos.to(dtype)
+        if args.compile:
+            self.compile()
+        return self
+
     def blocks(self):
         return self.net.blocks if self.kind == "dino" else self.net.transformer.resblocks
 
@@ -283,7 +296,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()  # not inference_mode: the targets enter the losses' autograd graphs as constants
     def forward(self, images, tokens=True, hidden=False, cls_attn=False):
-        x, size = images * self.a + self.b, self.grid * self.patch
+        x, size = (images * self.a + self.b).to(self.pos.dtype), self.grid * self.patch  # fp32 maths, then its dtype
         if x.shape[-2:] != (size, size):  # e.g. CLIP ViT-L/14 sees 196 px for a 14x14 grid
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
         if self.kind == "dino":
@@ -371,12 +384,20 @@ class BlockMaskGenerator:
             count += self._add_block(mask, self.num_masked - count)
         return torch.from_numpy(mask.flatten())
 
-# ---- Data: ImageFolder (DIR/train, else DIR) or FakeData, seeded per image, resumable ---------
-def pretrain_transform(args, color_jitter=0.0):
-    """RandomResizedCrop (bicubic) + flip (+ colour jitter) + ImageNet normalisation."""
-    ops = [v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=InterpolationMode.BICUBIC),
-           v2.RandomHorizontalFlip()] + ([v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else [])
-    return v2.Compose(ops + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+# ---- Data: ImageFolder (DIR/train, else DIR) or generated images, seeded per image, resumable ---------
+def pretrain_ops(args):
+    """The random draws of a pre-training view: RandomResizedCrop (bicubic) to --input_size, scale (crop_min, 1), flip."""
+    return [v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip()]
+
+def pretrain_transform(args, color_jitter=0.0, mask_fn=None, first=()):
+    """`first` ops (CAE v2: colour jitter of the whole image) + RandomResizedCrop + flip (+ colour jitter of the crop)
+    + ImageNet normalisation, and mask_fn's masks; for --decode device, the same ops as a DeviceView."""
+    ops = [*first, *pretrain_ops(args)] + ([v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else [])
+    if getattr(args, "decode", None) == "device":
+        return DeviceView(ops, [(args.input_size, IMAGENET_MEAN, IMAGENET_STD)], mask_fn)
+    t = v2.Compose(ops + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return WithMask(t, mask_fn) if mask_fn else t
 
 class WithMask:
     """image -> (transform(image), mask_fn()): masks are made in the DataLoader workers."""
@@ -386,14 +407,128 @@ class WithMask:
     def __call__(self, img):
         return self.transform(img), self.mask_fn()
 
+class Encoded(namedtuple("Encoded", "data params key")):
+    """--decode device, what a worker sends for one image: data (the JPEG file's bytes, or uint8 pixels [3, H, W] where
+    the worker had to decode), params (what its view's ops drew) and key (its DeviceView, in DeviceView.made)."""
+    def pin_memory(self):  # the DataLoader's pin_memory would otherwise copy a bytearray byte by byte, in Python
+        return self
+
+class DeviceView:
+    """--decode device: a view made of torchvision v2 ops, split between the workers and the device. A worker reads
+    the file's bytes and header only and draws each op's parameters with that op's own make_params (a flip: its
+    torch.rand(1) < p), in the order and from the per-image RNG the CPU path uses: the same crop box, flip and jitter
+    by construction; masks as on the CPU path. PNG, CMYK or greyscale JPEG, a JPEG without its end marker (truncated)
+    and generated images are decoded in the worker as on the CPU path (a file PIL cannot read is skipped and counted
+    there). to_device decodes the batch's JPEGs on the device (torchvision.io.decode_jpeg) and applies the ops there
+    (crop + resize: bicubic with antialias, as PIL's); views: one (size or None, mean, std) per output, each
+    cropped by the same RandomResizedCrop box and normalised (x - mean) / std."""
+    made = {}  # key -> DeviceView, for the main process
+
+    def __init__(self, ops, views, mask_fn=None):
+        self.ops, self.views, self.mask_fn, self.key = ops, views, mask_fn, len(DeviceView.made)
+        DeviceView.made[self.key] = self
+
+    def __call__(self, img):
+        data = getattr(img, "file_bytes", None)
+        if data is None or img.format != "JPEG" or img.mode != "RGB" or not bytes(data[-64:]).rstrip(b"\0").endswith(b"\xff\xd9"):
+            data = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)  # decoded here: [3, H, W] uint8
+        params = [bool(torch.rand(1) < op.p) if isinstance(op, v2.RandomHorizontalFlip) else op.make_params([img])
+                  for op in self.ops]
+        enc = Encoded(data, params, self.key)
+        return (enc, self.mask_fn()) if self.mask_fn else enc
+
+    def apply(self, x, params):
+        """One image's uint8 [3, H, W] on the device -> its views, each [3, size, size] in [0, 1]."""
+        unit = lambda v: v.float().div_(255) if v.dtype == torch.uint8 else v
+        xs = [x]
+        for op, p in zip(self.ops, params):
+            if isinstance(op, v2.RandomResizedCrop):  # one box, a resize per view (uint8 cut first: less to convert)
+                v = unit(xs[0][..., p["top"]:p["top"] + p["height"], p["left"]:p["left"] + p["width"]])[None]
+                mode = op.interpolation.value  # 'bicubic' (CAE's LANCZOS view too: torch has no LANCZOS)
+                xs = [F.interpolate(v, op.size if s is None else (s, s), mode=mode, antialias=True)[0]
+                      for s, _, _ in self.views]
+            elif isinstance(op, v2.RandomHorizontalFlip):
+                xs = [x.flip(-1) for x in xs] if p else xs
+            else:  # colour jitter, resize, centre crop: the op's own tensor kernel
+                xs = [op.transform(unit(x), p) for x in xs]
+        return [unit(x).clamp_(0, 1) for x in xs]
+
+def read_file_lazily(path):
+    """--decode device's ImageFolder loader: the file's bytes and a PIL image of its header only (not decoded)."""
+    with open(path, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(data)  # no copy: the bytes go to the main process as they are
+    img = Image.open(io.BytesIO(data))  # an unreadable file raises here, as on the CPU path
+    img.file_bytes = data
+    return img
+
+def decode_views(encoded, device):
+    """A list of Encoded -> the view tensors [B, 3, size, size] on device: JPEGs decoded there in one batch."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    view, images = DeviceView.made[encoded[0].key], [e.data for e in encoded]
+    jpeg = [i for i, x in enumerate(images) if isinstance(x, bytearray)]
+    blobs = [torch.frombuffer(images[i], dtype=torch.uint8) for i in jpeg]
+
+    def one(blob):  # a file the device decoder cannot read: PIL on the CPU (the CPU path's decoder), else grey
+        try:
+            return decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            try:
+                return torch.from_numpy(np.array(Image.open(io.BytesIO(blob.numpy())).convert("RGB"))).permute(2, 0, 1)
+            except OSError:
+                print("warning: an image neither the device nor PIL could decode was replaced by grey", file=sys.stderr)
+                return torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    try:
+        decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device) if blobs else []
+    except RuntimeError:
+        decoded = [one(b) for b in blobs]
+    for i, x in zip(jpeg, decoded):
+        images[i] = x
+    outs = [view.apply(x.to(device, non_blocking=True), e.params) for x, e in zip(images, encoded)]
+    return [v2.functional.normalize(torch.stack(vs), mean, std) for vs, (_, mean, std) in zip(zip(*outs), view.views)]
+
+def to_device(batch, device):
+    """A loader batch on the device: tensors moved; --decode device images (lists of Encoded) decoded into their views
+    (one view: a tensor; CAE's two views: both, in place of the list)."""
+    is_encoded = lambda b: isinstance(b, list) and len(b) > 0 and isinstance(b[0], Encoded)
+    if is_encoded(batch):
+        views = decode_views(batch, device)
+        return views[0] if len(views) == 1 else tuple(views)
+    if isinstance(batch, (list, tuple)):
+        return tuple(v for b in batch for v in (decode_views(b, device) if is_encoded(b) else [to_device(b, device)]))
+    return batch.to(device, non_blocking=True)
+
+def collate(samples):
+    """default_collate, except that --decode device images (Encoded: bytes of different lengths) stay a list."""
+    if isinstance(samples[0], Encoded):
+        return list(samples)
+    if isinstance(samples[0], (tuple, list)):
+        return [collate(list(s)) for s in zip(*samples)]
+    return torch.utils.data.default_collate(samples)
+
+class FakeImages(torch.utils.data.Dataset):
+    """--data fake: image i is uniform noise from a numpy generator seeded by offset + i (the same in every run and
+    worker; about 0.2 ms, no float tensor), in one of 10 classes drawn by the same generator."""
+    num_classes = 10
+
+    def __init__(self, n, size, transform, offset=0):
+        self.n, self.size, self.transform, self.offset = n, size, transform, offset
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(self.offset + i)
+        img = Image.fromarray(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8))
+        return self.transform(img), int(rng.integers(self.num_classes))
+
 def build_dataset(args, transform, split="train", classes=None):
-    """DIR/<split> (train: DIR itself if it has no train folder) as an ImageFolder, or FakeData for --data fake.
+    """DIR/<split> (train: DIR itself if it has no train folder) as an ImageFolder, or FakeImages for --data fake.
     classes: the class names of the train split, whose indices the labels of this split then take (a val folder
     with fewer classes, or another order, still gets train's labels); a class that train lacks is refused."""
     if args.data == "fake":  # deterministic random images; 'val' uses other indices
         n = args.fake_size if split == "train" else max(args.fake_size // 4, args.batch_size)
-        size, offset = (3, args.input_size, args.input_size), 0 if split == "train" else 10 ** 6
-        return datasets.FakeData(n, size, 10, transform, random_offset=offset)
+        return FakeImages(n, args.input_size, transform, 0 if split == "train" else 10 ** 6)
     if not os.path.isdir(args.data):
         raise UserError(f"--data {args.data}: no such directory; pass an ImageNet-style folder "
                         f"(DIR/{split}/<class>/<image>) or --data fake")
@@ -402,7 +537,8 @@ def build_dataset(args, transform, split="train", classes=None):
         raise UserError(f"--data {args.data}: has no '{split}' folder (expected {root}/<class>/<image>)")
     root = root if os.path.isdir(root) else args.data
     try:
-        ds = datasets.ImageFolder(root, transform=transform)
+        ds = datasets.ImageFolder(root, transform=transform,
+                                  loader=read_file_lazily if isinstance(transform, DeviceView) else datasets.folder.default_loader)
     except FileNotFoundError:
         raise UserError(f"--data {args.data}: no images under {root}; expected {root}/<class>/<image>.jpg") from None
     if classes is not None:
@@ -484,7 +620,8 @@ def build_loader(dataset, args, train=True):
     # its own generator: making an iterator must not draw from the training RNG (exact resume)
     return DataLoader(Samples(dataset, args.seed), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
                       num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
-                      persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
+                      persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
+                      collate_fn=collate)
 
 # ---- Command line, torchrun / DDP, seeds, precision -----------------------------------------------
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -536,6 +673,9 @@ def get_parser(description, pretrain=True):
     a("--seed", type=int, default=0, help="each process uses seed + rank")
     a("--num_workers", type=int, default=None, help="DataLoader workers per process (default: the machine's "
       "cores / processes per node, at most 10)")
+    a("--decode", choices=["cpu", "device"], default=None, help="where images are decoded, cropped and resized: in the "
+      "loader workers (cpu), or the workers only read files and draw the crops and the device does the rest (device; "
+      "README 'Cost'); default: device on a GPU, else cpu")
     a("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="autocast on GPU (CPU runs fp32)")
     a("--compile", action="store_true", help="torch.compile the student (slow first steps)")
     a("--log_every", type=int, default=20, help="steps between progress updates (the only syncs)")
@@ -570,6 +710,8 @@ def setup(args, allow_zero_mask=False):
         dist.init_process_group("nccl" if cuda else "gloo")
     if args.num_workers is None:  # size the loaders to the machine: all cores, shared by this node's processes
         args.num_workers = max(1, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    if getattr(args, "decode", "cpu") is None:
+        args.decode = "device" if cuda else "cpu"
     if not cuda:
         args.amp = "none"  # bf16 autocast on these CPUs is ~5x slower than fp32
     seed = args.seed + args.rank
@@ -660,7 +802,7 @@ def heat(values, size):
 def spread_over_classes(dataset, n):
     """n indices that take each class in turn (the first image of every class, then the second, ...)."""
     targets = getattr(dataset, "targets", None)
-    if targets is None:  # FakeData: its labels are random anyway
+    if targets is None:  # --data fake: its labels are random anyway
         return list(range(min(n, len(dataset))))
     by_class = {}
     for i, t in enumerate(targets):
@@ -686,11 +828,11 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     subset = torch.utils.data.Subset(dataset, spread_over_classes(dataset, args.visualize))
     args.batch_size = len(subset)
     batch, _ = next(iter(build_loader(subset, args, train=False)))
-    batch = [b.to(args.device) for b in batch] if isinstance(batch, (list, tuple)) else batch.to(args.device)
+    batch = to_device(batch, args.device)
     model.eval()
     with autocast(args):
         out = forward_step(model, teacher, batch, args)
-    images = (batch[0] if isinstance(batch, list) else batch).float().cpu()
+    images = (batch[0] if isinstance(batch, tuple) else batch).float().cpu()
     images = images * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     g, size = int(out["mask"].shape[1] ** 0.5), images.shape[-1]
     hidden = out["mask"].cpu().view(-1, 1, g, g).float()
@@ -889,6 +1031,8 @@ def pretrain(args, method, model, teacher, loader, optimizer, train_one_epoch):
     ckpt = Checkpointer(args, method, model, optimizer, scaler)
     start_epoch, start_step = ckpt.resume()
     announce(args, method, loader.dataset, loader.sampler.steps)
+    if isinstance(teacher, Teacher):
+        teacher.prepare(args)  # on CUDA: weights in the autocast dtype; --compile: compiled
     ddp = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
     step_model = torch.compile(ddp) if args.compile else ddp
     for epoch in range(start_epoch, args.epochs):

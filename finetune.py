@@ -319,16 +319,19 @@ def build_optimizer(model, args):
 # ---- Training ---------------------------------------------------------------------------------------
 def build_transform(args, train=True):
     """Train: RandomResizedCrop (bicubic) + flip, and in finetune mode RandAugment m9 (2 ops, mean-pixel fill) and
-    random erasing. Val: resize to input/0.875 (256 for 224), centre crop (MAE, BEiT)."""
-    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+    random erasing. Val: resize to input/0.875 (256 for 224), centre crop (MAE, BEiT). --decode device: the probes' and
+    val's ops run on the device (common.DeviceView); finetune mode's RandAugment and erasing keep the CPU path."""
+    norm = (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*norm)]
     bicubic = InterpolationMode.BICUBIC
+    device = getattr(args, "decode", None) == "device"  # resize, crops and flip: on the device too
     if not train:
-        return v2.Compose([v2.Resize(int(args.input_size / 0.875), interpolation=bicubic),
-                           v2.CenterCrop(args.input_size)] + tail)
+        ops = [v2.Resize(int(args.input_size / 0.875), interpolation=bicubic), v2.CenterCrop(args.input_size)]
+        return common.DeviceView(ops, [(None, *norm)]) if device else v2.Compose(ops + tail)
     crop = [v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=bicubic),
             v2.RandomHorizontalFlip()]
     if args.mode != "finetune":  # probes: no other augmentation (CAE App. A, MILAN App. A.1)
-        return v2.Compose(crop + tail)
+        return common.DeviceView(crop, [(None, *norm)]) if device else v2.Compose(crop + tail)
     fill = [round(255 * m) for m in common.IMAGENET_MEAN]
     erase = [v2.RandomErasing(args.reprob, value="random")] if args.reprob > 0 else []  # N(0, 1) pixels, timm 'pixel'
     return v2.Compose(crop + [v2.RandAugment(2, 9, interpolation=bicubic, fill=fill)] + tail + erase)
@@ -359,7 +362,7 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args,
         if step % args.accum_iter == 0:  # per-iteration warmup + cosine (MAE)
             lr = common.lr_at(epoch + step / meter.steps, args)
             common.set_lr(optimizer, lr)
-        images, labels = images.to(args.device, non_blocking=True), labels.to(args.device, non_blocking=True)
+        images, labels = common.to_device(images, args.device), labels.to(args.device, non_blocking=True)
         if mix is not None:
             images, labels = mix(images, labels)  # labels -> soft targets [B, K]
         update = (step + 1) % args.accum_iter == 0
@@ -381,7 +384,7 @@ def evaluate(model, loader, args):
     model.eval()
     total = torch.zeros(4, device=args.device)  # loss sum, top-1 hits, top-5 hits, images
     for images, labels in loader:
-        images, labels = images.to(args.device, non_blocking=True), labels.to(args.device, non_blocking=True)
+        images, labels = common.to_device(images, args.device), labels.to(args.device, non_blocking=True)
         with common.autocast(args):
             logits = model(images).float()  # [B, K]
         hits = logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]  # [B, 5]
@@ -394,7 +397,7 @@ def evaluate(model, loader, args):
 
 
 def num_classes(dataset):
-    return getattr(dataset, "num_classes", None) or len(dataset.classes)  # FakeData / ImageFolder
+    return getattr(dataset, "num_classes", None) or len(dataset.classes)  # FakeImages / ImageFolder
 
 
 def class_names(args, src, train):

@@ -13,10 +13,15 @@ an MAE-style decoder in place of the prompting decoder (the MILAN Sec. 2.3 cost 
   eager_attention  attention as softmax(q k^T / sqrt(d)) v instead of F.scaled_dot_product_attention
   sync_every_step  loss.item() after every step (a host-device sync)
   unfused_adamw    AdamW without fused=True (CUDA only)
+  fp32_teacher     the frozen teacher keeps fp32 weights that autocast casts every step, and is not compiled
 FLOPs come from torch.utils.flop_counter (matmuls, convolutions and attention; no element-wise ops).
+`--profile` also runs torch.profiler over the timed steps and prints where the time goes: on CUDA the share of
+kernel time per kind of kernel (matmul, attention, LayerNorm, copies and casts, compiled fused kernels, optimizer,
+other element-wise) with the top kernels and the copy kernels per step; on CPU the same for the CPU ops' self time.
 """
 import argparse
 import importlib
+import collections
 import json
 import os
 import resource
@@ -74,6 +79,61 @@ def eager_attention_forward(self, x):  # the 'before' of SDPA: materialised [B, 
     return self.proj((a @ v).transpose(1, 2).flatten(2))
 
 
+# ---- Where the time goes (--profile) -------------------------------------------------------------
+KINDS = [  # (kind, name fragments), first match wins; names are CUDA kernels, or aten ops on CPU
+    ("optimizer", ("adam", "multi_tensor", "foreach", "optimizer")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("matmul", ("gemm", "matmul", "aten::mm", "addmm", "bmm", "linear", "cutlass", "xmma", "cublas", "conv", "sm90_")),
+    ("layernorm", ("layer_norm", "layernorm")),
+    ("copy/cast", ("copy", "cat", "clone", "contiguous", "to_copy", "cast", "index", "gather", "scatter")),
+    ("compiled fused", ("triton",)),
+]
+
+
+def kind_of(name):
+    low = name.lower()
+    return next((k for k, frags in KINDS if any(f in low for f in frags)), "other element-wise")
+
+
+def profile_shares(step, steps, cuda):
+    """Runs `steps` steps under torch.profiler -> {kinds: {kind: share}, top: [[name, share, calls/step]], copies_per_step,
+    total_ms_per_step}. CUDA: kernel time on the device; CPU: the ops' self CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    time_of, calls = collections.Counter(), collections.Counter()
+    if cuda:  # every kernel launched, with its duration on the device
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                time_of[e.name] += e.time_range.end - e.time_range.start
+                calls[e.name] += 1
+    else:
+        for e in prof.key_averages():
+            if e.self_cpu_time_total > 0:
+                time_of[e.key] += e.self_cpu_time_total
+                calls[e.key] += e.count
+    total = sum(time_of.values()) or 1
+    kinds = collections.Counter()
+    for name, t in time_of.items():
+        kinds[kind_of(name)] += t / total
+    top = [[name[:90], t / total, calls[name] / steps] for name, t in time_of.most_common(15)]
+    copies = sum(c for name, c in calls.items() if kind_of(name) == "copy/cast") / steps
+    return dict(kinds=dict(kinds.most_common()), top=top, copies_per_step=copies, total_ms_per_step=total / steps / 1e3)
+
+
+def print_profile(method, prof):
+    print(f"{method}: {prof['total_ms_per_step']:.1f} ms of {'kernel' if 'cuda' in prof.get('on', '') else 'op'} time "
+          f"per step, {prof['copies_per_step']:.0f} copy/cast calls per step")
+    print("  " + ", ".join(f"{k} {v:.1%}" for k, v in prof["kinds"].items()))
+    for name, share, calls in prof["top"]:
+        print(f"  {share:6.1%} {calls:6.1f}/step  {name}")
+
+
 # ---- One method, in this process ------------------------------------------------------------------
 def build(method, opts):
     module = importlib.import_module(METHODS[method][0])
@@ -90,8 +150,7 @@ def build(method, opts):
     else:
         model, teacher = module.build_model(args)
     batch, _ = next(iter(common.build_loader(common.build_dataset(args, module.build_transform(args)), args)))
-    to = lambda b: [t.to(opts.device) for t in b] if isinstance(b, (list, tuple)) else b.to(opts.device)
-    return module, args, model, teacher, to(batch)
+    return module, args, model, teacher, common.to_device(batch, opts.device)
 
 
 def mha_flops(query, key, value, embed_dim, num_head, *args, out_shape=None, **kwargs):
@@ -139,6 +198,9 @@ def measure(method, opts):
     if "teacher_grad" in opts.variant:
         common.Teacher.forward = common.Teacher.forward.__wrapped__  # without the no_grad decorator
     module, args, model, teacher, batch = build(method, opts)
+    args.compile = opts.compile
+    if isinstance(teacher, common.Teacher) and "fp32_teacher" not in opts.variant:
+        teacher.prepare(args)  # as in training: on CUDA its weights in bf16; --compile: compiled too
     if "teacher_grad" in opts.variant and teacher is not None:
         teacher.requires_grad_(True)
     cuda = opts.device.startswith("cuda")
@@ -182,11 +244,14 @@ def measure(method, opts):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
+    prof = profile_shares(step, opts.steps, cuda) if opts.profile else None
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rec = dict(method=method, model=opts.model, teacher=opts.teacher, device=device_name(opts.device),
                batch_size=B, gflops_teacher=teacher_flops / B / 1e9, gflops_student=student / B / 1e9,
                gflops_decoder=decoder / B / 1e9, images_per_s=B / median, peak_mem_mb=peak,
                step_s_median=median, step_s_all=times, variant=opts.variant or "baseline", compile=opts.compile)
+    if prof:
+        rec["profile"] = dict(prof, on=opts.device)
     if cuda:
         peak_tflops = opts.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in rec["device"]), None)
         rec["mfu"] = counts[0]["Global"] / median / (peak_tflops * 1e12) if peak_tflops else None
@@ -212,6 +277,7 @@ def main():
     p.add_argument("--variant", default="", help="comma-separated 'before' variants (see above)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--peak_tflops", type=float, help="bf16 peak of the GPU, when its name is not known here")
+    p.add_argument("--profile", action="store_true", help="print the time shares per kind of kernel (CUDA) or op (CPU)")
     p.add_argument("--json", help="write the records (a JSON list) here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method in this process
     opts = p.parse_args()
@@ -234,9 +300,11 @@ def main():
         print(f"{method:18s} GFLOPs/img teacher {rec['gflops_teacher']:7.2f} student {rec['gflops_student']:7.2f} "
               f"(decoder {rec['gflops_decoder']:6.2f})  {rec['images_per_s']:8.2f} img/s  "
               f"peak {rec['peak_mem_mb']:8.0f} MB" + (f"  MFU {rec['mfu']:.1%}" if rec.get("mfu") else ""), flush=True)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(records, f, indent=1)
+        if rec.get("profile"):
+            print_profile(method, rec["profile"])
+        if opts.json:  # after every method: a run cut short keeps what it measured
+            with open(opts.json, "w") as f:
+                json.dump(records, f, indent=1)
     if len(records) < len(opts.methods.split(",")):
         sys.exit(1)
 
