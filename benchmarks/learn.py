@@ -63,7 +63,7 @@ import finetune  # noqa: E402
 
 METHODS = {  # method file -> flags beyond the shared ones
     "milan": [], "cae": ["--target", "pixel"], "cae_v2": [], "mr_mae": [], "mask_align": []}
-CLASSES = ["disc", "square", "triangle", "ring", "plus", "star", "crescent", "stripes", "checker", "dots"]
+CLASSES = ["disc", "stripes", "triangle", "checker", "ring", "dots", "square", "plus", "star", "crescent"]  # --classes N: first N
 
 
 def get_args(argv=None):
@@ -83,6 +83,8 @@ def get_args(argv=None):
     a("--teacher_log", type=int, default=100, help="print the teacher's mean loss every this many steps")
     a("--teacher_lr", type=float, default=2e-3, help="AdamW, wd 0.05, 1 warmup epoch then cosine")
     a("--teacher_batch", type=int, default=64)
+    a("--teacher_loss", choices=["cls", "cls+patch"], default="cls", help="cross-entropy on the CLS output, or also "
+      "on the mean patch token (so that the patch tokens the methods regress carry the class; not yet measured)")
     a("--teacher_crop_min", type=float, default=0.5, help="RandomResizedCrop scale (min, 1) + flip")
     a("--epochs", type=int, default=8, help="pre-training epochs, every method")
     a("--batch_size", type=int, default=64, help="pre-training batch, every method")
@@ -259,7 +261,12 @@ def train_teacher(args, data, path, log):
             batch.append(crop.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else crop)
         x = normalise(torch.cat(batch).clamp(0, 255))
         common.set_lr(opt, common.lr_at(step, sched))
-        loss = F.cross_entropy(head(teacher_tokens(net, x, grid)[:, 0]), labels[idx])
+        tokens = teacher_tokens(net, x, grid)  # [B, 1+N, 32]
+        # cls+patch: also the mean patch token through the same head. The patch tokens are what MILAN, CAE v2, MR-MAE
+        # and MaskAlign regress, and the last block's patch outputs get no gradient from a CLS-only loss
+        loss = F.cross_entropy(head(tokens[:, 0]), labels[idx])
+        if args.teacher_loss == "cls+patch":
+            loss = loss + F.cross_entropy(head(tokens[:, 1:].mean(1)), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,24 +1,16 @@
-"""benchmarks/learn.py, reduced to seconds: does distilling a trained teacher give a better representation than
-random weights? A wiring bug that keeps shapes and loss formulas intact (targets paired with the wrong
-patches, an inverted mask, a teacher fed the wrong normalisation) passes every unit test; it fails this one."""
-import json
+"""benchmarks/learn.py's parts: the synthetic dataset, and the teacher-training forward, which must be the forward
+common.Teacher runs on the saved file. (Issue 12's reduced learning test, distilled student vs random student,
+is not here yet: its margin has not been measured over seeds; see README "See it learn".)"""
 import os
 import sys
 
 import numpy as np
-import pytest
+import torch
 
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import learn  # noqa: E402
-
-# 4 classes (disc, square, triangle, ring) x 64 train / 32 val images; a teacher trained 12 epochs; MaskAlign
-# pre-trains 4 epochs of 8 steps; probes of 6 epochs. MARGIN: see the comment at the assert.
-REDUCED = ["--classes", "4", "--train_per_class", "64", "--val_per_class", "32", "--teacher_epochs", "12",
-           "--teacher_batch", "32", "--epochs", "4", "--batch_size", "32", "--probe_epochs", "6", "--probe_batch", "64",
-           "--threads", "1"]
-MARGIN = None  # set from the seeds below
 
 
 def test_dataset_is_deterministic_and_not_solved_by_mean_colour(tmp_path):
@@ -34,3 +26,28 @@ def test_dataset_is_deterministic_and_not_solved_by_mean_colour(tmp_path):
     between = means.mean(1).std(0).mean()  # spread of the class means
     within = means.std(1).mean()  # spread inside a class
     assert between < 0.25 * within, (between, within)
+
+
+
+def test_teacher_training_forward_is_common_teacher(tmp_path):
+    """learn.py trains the tiny tower through teacher_tokens (with autograd, position embedding resized to the
+    student's grid); the method files see it through common.Teacher. Both must give the same tokens for the same
+    file, at 112 px (7 x 7) and 224 px (14 x 14), including the ImageNet -> CLIP re-normalisation."""
+    import common
+    torch.manual_seed(0)
+    net = learn.tiny_tower()
+    with torch.no_grad():  # move off the init so that a wrong permutation cannot cancel out
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(net.state_dict(), tmp_path / "t.pth")
+    for size in (112, 224):
+        grid = size // 16
+        teacher = common.Teacher("tiny", str(tmp_path / "t.pth"), grid=grid)
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            ours = learn.teacher_tokens(net.eval(), x, grid)
+        assert ours.shape == (2, 1 + grid * grid, 32)
+        torch.testing.assert_close(ours, teacher(x)["tokens"], atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # and it is not trivially equal: CLIP-normalised input would differ
+            other = learn.teacher_tokens(net, x * 0.5, grid)
+        assert not torch.allclose(other, ours, atol=1e-3)
