@@ -322,12 +322,17 @@ def run(cmd, out_dir, log, label, env):
     t0, seen, logf = time.time(), 0, os.path.join(out_dir, "log.txt")
     with open(os.path.join(out_dir, "output.txt"), "w") as f:
         proc = subprocess.Popen([sys.executable] + cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None or seen < len(_records(logf)):
-            for r in _records(logf)[seen:]:
-                seen += 1
-                what = f"train loss {r['train_loss']:.4f}" + (f", val top-1 {r['acc1']:.1f}%" if "acc1" in r else "")
-                log(f"  {label} epoch {r['epoch'] + 1}: {what} ({time.time() - t0:.0f} s)")
-            time.sleep(0.5)
+        try:
+            while proc.poll() is None or seen < len(_records(logf)):
+                for r in _records(logf)[seen:]:
+                    seen += 1
+                    what = f"train loss {r['train_loss']:.4f}" + (f", val top-1 {r['acc1']:.1f}%" if "acc1" in r else "")
+                    log(f"  {label} epoch {r['epoch'] + 1}: {what} ({time.time() - t0:.0f} s)")
+                time.sleep(0.5)
+        finally:  # interrupted (Ctrl-C): do not leave the script running
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
     if proc.returncode:
         tail = open(os.path.join(out_dir, "output.txt")).read()[-3000:]
         raise SystemExit(f"{label} failed (exit {proc.returncode}):\n{tail}")
