@@ -1,0 +1,462 @@
+"""See every method learn, on a laptop, in minutes (nanoGPT's Shakespeare run for mimlab).
+
+  python benchmarks/learn.py --json out.json --plot out.png
+
+1. writes a synthetic image dataset as JPEGs in ImageNet layout (OUT/data/{train,val}/<class>/*.jpg), fixed
+   by --seed: 10 classes told apart by shape (disc, square, triangle, ring, plus, star, crescent) or texture
+   (stripes, checker, dots, drawn inside a disc or a square), each image with its own position, scale,
+   rotation, colours and a noisy gradient background, so that mean colour says nothing about the class;
+2. trains a teacher on its train split: the `--teacher tiny` CLIP tower (open_clip VisionTransformer, width
+   64, 2 blocks), supervised (cross-entropy on a linear head over its CLS output), at the student's grid,
+   through the same forward common.Teacher runs; saved as OUT/teacher.pth, which the method files load with
+   `--teacher tiny --teacher_weights OUT/teacher.pth` (checked: common.Teacher gives the trained features);
+3. pre-trains a vit_nano_patch16 student (--input_size 112: 7 x 7 patches) with each method file through
+   its own command line (`python milan.py ...`), from that teacher (CAE: `--target pixel`, no teacher);
+4. linear-probes every student with `finetune.py --mode linprobe`, and three references with the same
+   probe: the randomly initialised student (through finetune.py too), and, in this process, the teacher's
+   features (its CLS output) and raw pixels.
+
+One recipe rule for all five methods ("the papers' recipes scaled to the run"): every flag keeps the method
+file's default (its paper's --blr, --betas, --weight_decay, --mask_ratio, --min_lr, --clip_grad,
+--crop_min, drop path, decoder sizes for nano), except the run length and the batch, which are the same for
+all: --epochs E, --batch_size B, and --warmup_epochs = E x (the file's warmup_epochs / epochs), i.e. each
+paper's warmup fraction (MILAN 40/400, CAE 10/300, CAE v2 10/300, MR-MAE 80/400, MaskAlign 20/200), and the
+lr, which stays each paper's peak lr (--lr = the file's blr x its default total batch, batch_size x
+accum_iter x 8 GPUs, / 256: MILAN 2.4e-3, CAE and CAE v2 1.5e-3, MR-MAE and MaskAlign 6e-4) rather than
+shrinking by the linear scaling rule with our 16-64x smaller batch (--lr_rule linear: a few hundred steps
+at lr 4e-5 barely move the weights).
+
+The probe is finetune.py's linear probe (MAE's: frozen encoder, CLS token, BatchNorm without affine +
+Linear, LARS, warmup + cosine; crop + flip, val resize + centre crop) with its epochs and batch scaled the
+same way: --probe_epochs, --probe_batch, warmup 10/90 of the epochs, and --probe_lr in place of
+blr x batch / 256: MAE's lr 6.4 is kept, as the papers' peak lrs are for pre-training (measured so far: at a
+hundred-odd steps its bias updates, which LARS does not scale, dominate the first epochs; see the README). The teacher and pixel rows run the same head, optimiser, schedule, images (the same seeded
+crops) and epochs in this process on their features. Reported: top-1 (%) on the val split after the last
+probe epoch (no choice of the best epoch).
+
+Writes OUT/ (data, teacher, one folder per run with its log.txt and the script's output), --json (one record
+per row: method, probe_top1, pretrain_s, probe_s, final_pretrain_loss) and --plot (pre-training loss per
+method over steps, one point per epoch: log.txt's epoch mean; probe top-1 as bars).
+"""
+import argparse
+import importlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+
+import common  # noqa: E402
+import finetune  # noqa: E402
+
+METHODS = {  # method file -> flags beyond the shared ones
+    "milan": [], "cae": ["--target", "pixel"], "cae_v2": [], "mr_mae": [], "mask_align": []}
+CLASSES = ["disc", "stripes", "triangle", "checker", "ring", "dots", "square", "plus", "star", "crescent"]  # --classes N: first N
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--out", default="learn_out", help="work folder (data, teacher, runs); emptied first")
+    a("--json", help="write one record per row (method, probe_top1, pretrain_s, probe_s, final_pretrain_loss)")
+    a("--plot", help="write a PNG: pre-training loss per method over steps, probe top-1 as bars")
+    a("--seed", type=int, default=0, help="data, teacher, students and probes")
+    a("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    a("--classes", type=int, default=10, help=f"first N of {', '.join(CLASSES)}")
+    a("--train_per_class", type=int, default=200)
+    a("--val_per_class", type=int, default=50)
+    a("--image_size", type=int, default=128, help="side of the JPEGs (val: resize to input/0.875, centre crop)")
+    a("--input_size", type=int, default=112, help="student and teacher input (7 x 7 patches of 16)")
+    a("--teacher_steps", type=int, default=1200)
+    a("--teacher_log", type=int, default=100, help="print the teacher's mean loss every this many steps")
+    a("--teacher_lr", type=float, default=2e-3, help="AdamW, wd 0.05, warmup 5%% of the steps, then cosine")
+    a("--teacher_batch", type=int, default=64)
+    a("--teacher_loss", choices=["cls", "cls+patch"], default="cls", help="cross-entropy on the CLS output, or also "
+      "on the mean patch token (so that the patch tokens the methods regress carry the class; not yet measured)")
+    a("--teacher_crop_min", type=float, default=0.5, help="RandomResizedCrop scale (min, 1) + flip")
+    a("--epochs", type=int, default=8, help="pre-training epochs, every method")
+    a("--batch_size", type=int, default=64, help="pre-training batch, every method")
+    a("--lr_rule", choices=["paper", "linear"], default="paper", help="paper: every method trains at its paper's "
+      "peak lr, blr x the file's default total batch (batch_size x accum_iter x 8 GPUs) / 256; linear: blr x "
+      "--batch_size / 256 (the linear scaling rule, 16-64x smaller here)")
+    a("--probe_epochs", type=int, default=8)
+    a("--probe_batch", type=int, default=128)
+    a("--probe_lr", type=float, default=6.4, help="LARS lr (trust coefficient 0.001); 6.4 = MAE's linear probe "
+      "(blr 0.1 x batch 16384 / 256), kept as the papers' peak lrs are kept for pre-training")
+    a("--threads", type=int, default=2, help="torch threads of each run (OMP_NUM_THREADS)")
+    return p.parse_args(argv)
+
+
+# ---- 1. Data: shapes and textures, JPEG, ImageNet layout -------------------------------------------
+def _colour(rng, away_from=None):
+    """A random RGB colour, at L1 distance > 180 from away_from (so the object always shows)."""
+    while True:
+        c = rng.integers(0, 256, 3)
+        if away_from is None or np.abs(c - np.asarray(away_from)).sum() > 180:
+            return tuple(int(v) for v in c)
+
+
+def _polygon(cx, cy, r, n, rot, inner=None):
+    """Regular n-gon (or n-point star with inner radius inner * r) around (cx, cy)."""
+    k = 2 if inner else 1
+    return [(cx + (r if j % 2 == 0 or not inner else r * inner) * math.cos(rot + 2 * math.pi * j / (n * k)),
+             cy + (r if j % 2 == 0 or not inner else r * inner) * math.sin(rot + 2 * math.pi * j / (n * k)))
+            for j in range(n * k)]
+
+
+def draw_image(name, rng, size=128):
+    """One image of class `name`: a noisy linear-gradient background of a random colour, and the shape (or a
+    disc / square of the texture) in another random colour at a random position, radius and rotation."""
+    bg, bg_shift = rng.integers(0, 256, 3), rng.integers(-60, 61, 3)
+    fg = _colour(rng, bg)
+    fg2 = _colour(rng, fg)
+    t = np.linspace(0, 1, size)[None, :, None]
+    img = np.broadcast_to(bg * (1 - t) + np.clip(bg + bg_shift, 0, 255) * t, (size, size, 3))  # [H, W, 3]
+    img = img.transpose(1, 0, 2) if rng.random() < 0.5 else img  # horizontal or vertical gradient
+    im = Image.fromarray(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8))
+    r = size * rng.uniform(0.18, 0.36)
+    cx, cy, rot = rng.uniform(r, size - r), rng.uniform(r, size - r), rng.uniform(0, 2 * math.pi)
+    draw, box = ImageDraw.Draw(im), [cx - r, cy - r, cx + r, cy + r]
+    mask = Image.new("L", (size, size), 0)  # for crescent and textures: where the second layer shows
+    md = ImageDraw.Draw(mask)
+    if name == "disc":
+        draw.ellipse(box, fill=fg)
+    elif name in ("square", "triangle"):
+        draw.polygon(_polygon(cx, cy, r, 4 if name == "square" else 3, rot), fill=fg)
+    elif name == "ring":
+        draw.ellipse(box, outline=fg, width=max(3, int(r * 0.3)))
+    elif name == "plus":
+        w = 0.3 * r
+        for a in (rot, rot + math.pi / 2):
+            dx, dy, px, py = r * math.cos(a), r * math.sin(a), -w * math.sin(a), w * math.cos(a)
+            draw.polygon([(cx - dx - px, cy - dy - py), (cx + dx - px, cy + dy - py), (cx + dx + px, cy + dy + py),
+                          (cx - dx + px, cy - dy + py)], fill=fg)
+    elif name == "star":
+        draw.polygon(_polygon(cx, cy, r, 5, rot, inner=0.4), fill=fg)
+    elif name == "crescent":  # a disc minus an offset disc
+        md.ellipse(box, fill=255)
+        ox, oy, r2 = 0.45 * r * math.cos(rot), 0.45 * r * math.sin(rot), 0.85 * r
+        md.ellipse([cx + ox - r2, cy + oy - r2, cx + ox + r2, cy + oy + r2], fill=0)
+        im.paste(Image.new("RGB", (size, size), fg), (0, 0), mask)
+    else:  # textures in two colours, inside a disc or a square (the silhouettes of other classes)
+        tex = Image.new("RGB", (size, size), fg2)
+        td, period = ImageDraw.Draw(tex), max(6, int(r * rng.uniform(0.35, 0.55)))
+        for i in range(-size, 2 * size, period):
+            if name == "stripes":
+                td.rectangle([i, -size, i + period // 2, 2 * size], fill=fg)
+            for j in range(0, size + period, period) if name != "stripes" else ():
+                if name == "checker" and (i // period + j // period) % 2 == 0:
+                    td.rectangle([i, j, i + period - 1, j + period - 1], fill=fg)
+                elif name == "dots":
+                    td.ellipse([i - 0.28 * period, j - 0.28 * period, i + 0.28 * period, j + 0.28 * period], fill=fg)
+        if name != "dots":
+            tex = tex.rotate(math.degrees(rot), resample=Image.BILINEAR, fillcolor=fg2)
+        if rng.random() < 0.5:
+            md.ellipse([cx - 1.1 * r, cy - 1.1 * r, cx + 1.1 * r, cy + 1.1 * r], fill=255)
+        else:
+            md.polygon(_polygon(cx, cy, 1.2 * r, 4, rot), fill=255)
+        im.paste(tex, (0, 0), mask)
+    return im
+
+
+def make_dataset(root, seed, classes, train_per_class, val_per_class, size=128):
+    """root/{train,val}/<class>/<i>.jpg; image i of a class and split is drawn from rng(seed, split, class, i)."""
+    for split, (sid, n) in {"train": (0, train_per_class), "val": (1, val_per_class)}.items():
+        for c, name in enumerate(CLASSES[:classes]):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(n):
+                rng = np.random.default_rng([seed, sid, c, i])
+                draw_image(name, rng, size).save(os.path.join(root, split, name, f"{i:05d}.jpg"), quality=90)
+    return root
+
+
+# ---- Probe data: finetune.py's linprobe transforms and seeded loader, in this process -------------------
+def probe_args(args, data, split_batch=None):
+    """The Namespace common's data pipeline needs, as finetune.py --mode linprobe sets it for this run."""
+    return argparse.Namespace(data=data, input_size=args.input_size, crop_min=0.08, mode="linprobe", seed=args.seed,
+                              batch_size=split_batch or args.probe_batch, world_size=1, rank=0, num_workers=1,
+                              device="cpu", fake_size=0)
+
+
+def loaders(args, data):
+    pa = probe_args(args, data)
+    train = common.build_dataset(pa, finetune.build_transform(pa, train=True))
+    val = common.build_dataset(pa, finetune.build_transform(pa, train=False), split="val")
+    return pa, common.build_loader(train, pa), common.build_loader(val, pa, train=False), len(train.classes)
+
+
+# ---- 2. Teacher: the `tiny` CLIP tower, trained supervised at the student's grid -------------------------
+def tiny_tower():
+    """The network common.Teacher('tiny') builds (keep in step with common.py)."""
+    import open_clip
+    return open_clip.transformer.VisionTransformer(224, 16, 64, 2, 2, 4.0, output_dim=32,
+                                                   act_layer=open_clip.transformer.QuickGELU)
+
+
+def teacher_tokens(net, images, grid):
+    """common.Teacher.forward's path for a CLIP tower, with autograd: ImageNet-normalised images [B, 3, H, W]
+    -> tokens [B, 1+N, C] = ln_post(all tokens) @ proj, the 14 x 14 position embedding resized to grid."""
+    mean_in, std_in, mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in
+                                  (common.IMAGENET_MEAN, common.IMAGENET_STD, common.CLIP_MEAN, common.CLIP_STD))
+    x = images * (std_in / std) + (mean_in - mean) / std  # ImageNet -> CLIP normalisation, as the Teacher does
+    x = net.conv1(x).flatten(2).transpose(1, 2)  # [B, N, W]
+    x = torch.cat([net.class_embedding.view(1, 1, -1).expand(len(x), -1, -1), x], 1)  # [B, 1+N, W]
+    x = net.ln_pre(x + common.resize_pos(net.positional_embedding, grid)[None])
+    for blk in net.transformer.resblocks:
+        x = blk(x)
+    return net.ln_post(x) @ net.proj  # [B, 1+N, C]
+
+
+def load_split(root, size):
+    """All images of root/<class>/*.jpg, resized to size x size: uint8 [N, 3, size, size], labels [N]."""
+    classes = sorted(os.listdir(root))
+    files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes) for f in sorted(os.listdir(os.path.join(root, c)))]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)) for f, _ in files])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([k for _, k in files])
+
+
+def normalise(x):
+    """uint8 [B, 3, H, W] -> ImageNet-normalised float, as the method files' transforms give it."""
+    mean, std = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def train_teacher(args, data, path, log):
+    """Supervised training of the tiny tower + a linear head on its CLS output, on the train images held in memory
+    (random resized crop + flip per image, AdamW, warmup + cosine); saves the tower's state dict and checks
+    that common.Teacher, loading that file, gives the same features. Returns (seconds, final train loss)."""
+    t0, grid, size = time.time(), args.input_size // 16, args.input_size
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    images, labels = load_split(os.path.join(data, "train"), args.image_size)
+    net, head = tiny_tower(), nn.Linear(32, int(labels.max()) + 1)
+    opt = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=args.teacher_lr, weight_decay=0.05)
+    steps = args.teacher_steps
+    sched = argparse.Namespace(lr=args.teacher_lr, min_lr=0.0, warmup_epochs=0.05 * steps, epochs=steps)
+    total, n = 0.0, 0
+    for step in range(steps):
+        idx = torch.randint(len(images), (args.teacher_batch,), generator=g)
+        batch = []
+        for i in idx.tolist():  # RandomResizedCrop (scale (crop_min, 1), ratio (3/4, 4/3)) + flip
+            area = images.shape[-1] ** 2 * (args.teacher_crop_min + (1 - args.teacher_crop_min) * torch.rand(1, generator=g).item())
+            ratio = math.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(1, generator=g).item())
+            w = min(images.shape[-1], round(math.sqrt(area * ratio)))
+            h = min(images.shape[-1], round(math.sqrt(area / ratio)))
+            top = torch.randint(images.shape[-1] - h + 1, (1,), generator=g).item()
+            left = torch.randint(images.shape[-1] - w + 1, (1,), generator=g).item()
+            crop = images[i:i + 1, :, top:top + h, left:left + w].float()
+            crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            batch.append(crop.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else crop)
+        x = normalise(torch.cat(batch).clamp(0, 255))
+        common.set_lr(opt, common.lr_at(step, sched))
+        tokens = teacher_tokens(net, x, grid)  # [B, 1+N, 32]
+        # cls+patch: also the mean patch token through the same head. The patch tokens are what MILAN, CAE v2, MR-MAE
+        # and MaskAlign regress, and the last block's patch outputs get no gradient from a CLS-only loss
+        loss = F.cross_entropy(head(tokens[:, 0]), labels[idx])
+        if args.teacher_loss == "cls+patch":
+            loss = loss + F.cross_entropy(head(tokens[:, 1:].mean(1)), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, n = total + loss.item(), n + 1
+        if (step + 1) % args.teacher_log == 0 or step + 1 == steps:
+            log(f"  teacher step {step + 1}/{steps}: train loss {total / n:.4f} ({time.time() - t0:.0f} s)")
+            last, total, n = total / n, 0.0, 0
+    torch.save(net.state_dict(), path)
+    check = common.Teacher("tiny", path, grid=grid)  # the file, loaded as the method files load it
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(check(x)["tokens"], teacher_tokens(net.eval(), x, grid), atol=1e-5), \
+            "common.Teacher does not reproduce the trained teacher"
+    return time.time() - t0, last
+
+
+# ---- The linear probe of finetune.py, on features computed here (teacher, pixels) -----------------------
+def probe_features(args, data, features, dim):
+    """finetune.py --mode linprobe's head (BatchNorm(affine=False, eps 1e-6) + Linear, trunc-normal 0.01 init),
+    optimiser (finetune.LARS, wd 0) and per-step warmup + cosine, on features(images) [B, dim] of the same
+    seeded crops; returns val top-1 (%) after the last epoch."""
+    pa, train, val, classes = loaders(args, data)
+    torch.manual_seed(args.seed)
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01), nn.init.zeros_(head[1].bias)
+    opt = finetune.LARS(head.parameters(), lr=args.probe_lr, weight_decay=0.0)
+    sched = argparse.Namespace(lr=args.probe_lr, min_lr=0.0, warmup_epochs=args.probe_epochs / 9, epochs=args.probe_epochs)
+    for epoch in range(args.probe_epochs):
+        train.sampler.set_epoch(epoch)
+        head.train()
+        for step, (images, labels) in enumerate(train):
+            common.set_lr(opt, common.lr_at(epoch + step / len(train), sched))
+            with torch.no_grad():
+                f = features(images)
+            loss = F.cross_entropy(head(f), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    head.eval()
+    hits = n = 0
+    with torch.no_grad():
+        for images, labels in val:
+            hits += (head(features(images)).argmax(1) == labels).sum().item()
+            n += len(labels)
+    return 100.0 * hits / n
+
+
+# ---- 3. and 4. The method files and finetune.py, as a user runs them ---------------------------------
+def run(cmd, out_dir, log, label, env):
+    """Run `python SCRIPT ...` with its output in out_dir/output.txt; print each epoch of its log.txt as it
+    appears. Returns (seconds, [epoch records])."""
+    os.makedirs(out_dir, exist_ok=True)
+    t0, seen, logf = time.time(), 0, os.path.join(out_dir, "log.txt")
+    with open(os.path.join(out_dir, "output.txt"), "w") as f:
+        proc = subprocess.Popen([sys.executable] + cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            while proc.poll() is None or seen < len(_records(logf)):
+                for r in _records(logf)[seen:]:
+                    seen += 1
+                    what = f"train loss {r['train_loss']:.4f}" + (f", val top-1 {r['acc1']:.1f}%" if "acc1" in r else "")
+                    log(f"  {label} epoch {r['epoch'] + 1}: {what} ({time.time() - t0:.0f} s)")
+                time.sleep(0.5)
+        finally:  # interrupted (Ctrl-C): do not leave the script running
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    if proc.returncode:
+        tail = open(os.path.join(out_dir, "output.txt")).read()[-3000:]
+        raise SystemExit(f"{label} failed (exit {proc.returncode}):\n{tail}")
+    return time.time() - t0, _records(logf)
+
+
+def _records(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip().endswith("}")]
+
+
+def pretrain_flags(method, args):
+    """The one scaled-recipe rule: the file's defaults, our epochs / batch, its paper's warmup fraction."""
+    d = importlib.import_module(method).get_args(["--data", "x"])
+    warmup = args.epochs * d.warmup_epochs / d.epochs
+    total = d.batch_size * d.accum_iter * 8 if args.lr_rule == "paper" else args.batch_size  # the papers: 8 GPUs
+    return ["--epochs", args.epochs, "--warmup_epochs", f"{warmup:.4g}", "--batch_size", args.batch_size,
+            "--lr", f"{d.blr * total / 256:.6g}"] + METHODS[method]
+
+
+def linprobe(ckpt, out_dir, args, data, log, label, env):
+    cmd = ["finetune.py", "--mode", "linprobe", "--data", data, "--finetune", ckpt, "--input_size", args.input_size,
+           "--epochs", args.probe_epochs, "--warmup_epochs", f"{args.probe_epochs / 9:.4g}", "--batch_size",
+           args.probe_batch, "--lr", args.probe_lr, "--seed", args.seed, "--num_workers", 1, "--output_dir", out_dir]
+    secs, records = run([str(c) for c in cmd], out_dir, log, label, env)
+    return secs, records[-1]["acc1"]
+
+
+# ---- The picture ------------------------------------------------------------------------------------
+def plot(rows, curves, steps_per_epoch, path):
+    """Left: each method's pre-training loss (log.txt epoch means) against optimiser steps, on its own scale.
+    Right: probe top-1 of every row as bars."""
+    font = ImageFont.load_default()
+    colours = {"milan": (31, 119, 180), "cae": (255, 127, 14), "cae_v2": (44, 160, 44), "mr_mae": (214, 39, 40),
+               "mask_align": (148, 103, 189), "teacher": (60, 60, 60), "random_init": (150, 150, 150),
+               "pixels": (188, 189, 34)}
+    W, H, pw, ph = 1040, 470, 190, 160
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    d.text((10, 8), "pre-training loss (epoch mean) vs step", fill="black", font=font)
+    for k, (method, losses) in enumerate(curves.items()):
+        x0, y0 = 10 + (k % 3) * (pw + 15), 30 + (k // 3) * (ph + 45)
+        d.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(180, 180, 180))
+        d.text((x0 + 4, y0 + 3), method, fill=colours.get(method, "black"), font=font)
+        if losses:
+            lo, hi = min(losses), max(losses)
+            span = (hi - lo) or 1.0
+            pts = [(x0 + 8 + (pw - 16) * (i + 1) / len(losses), y0 + 18 + (ph - 26) * (hi - v) / span)
+                   for i, v in enumerate(losses)]
+            d.line(pts, fill=colours.get(method, "black"), width=2) if len(pts) > 1 else None
+            for p in pts:
+                d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colours.get(method, "black"))
+            d.text((x0 + 4, y0 + ph + 3), f"{hi:.3g} -> {losses[-1]:.3g}, {len(losses) * steps_per_epoch} steps",
+                   fill="black", font=font)
+    bx, by, bw = 640, 30, 260
+    d.text((bx, 8), "linear probe top-1 (%) on val", fill="black", font=font)
+    for k, r in enumerate(rows):
+        y = by + k * 40
+        d.text((bx, y + 8), r["method"], fill="black", font=font)
+        x1 = bx + 90
+        d.rectangle([x1, y, x1 + bw, y + 26], outline=(220, 220, 220))
+        d.rectangle([x1, y, x1 + bw * r["probe_top1"] / 100, y + 26], fill=colours.get(r["method"], "black"))
+        d.text((x1 + bw + 6, y + 8), f"{r['probe_top1']:.1f}", fill="black", font=font)
+    im.save(path)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t_start = time.time()
+    log = lambda s: print(f"[{time.time() - t_start:6.0f} s] {s}", flush=True)  # noqa: E731
+    torch.set_num_threads(args.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    out = os.path.abspath(args.out)
+    shutil.rmtree(out, ignore_errors=True)  # every run starts fresh: the scripts refuse an output dir in use
+    data = make_dataset(os.path.join(out, "data"), args.seed, args.classes, args.train_per_class,
+                        args.val_per_class, args.image_size)
+    log(f"wrote {args.classes * (args.train_per_class + args.val_per_class)} JPEGs to {data}")
+    rows, curves, t0 = [], {}, time.time()
+    pixels = probe_features(args, data, lambda x: x.flatten(1), 3 * args.input_size ** 2)
+    rows.append(dict(method="pixels", probe_top1=pixels, pretrain_s=0.0, probe_s=time.time() - t0,
+                     final_pretrain_loss=None))
+    log(f"pixels: linear probe top-1 {pixels:.1f}%")
+    teacher_path, grid = os.path.join(out, "teacher.pth"), args.input_size // 16
+    secs, loss = train_teacher(args, data, teacher_path, log)
+    teacher = common.Teacher("tiny", teacher_path, grid=grid)
+    t0 = time.time()
+    top1 = probe_features(args, data, lambda x: teacher(x)["tokens"][:, 0], teacher.dim)
+    rows.append(dict(method="teacher", probe_top1=top1, pretrain_s=secs, probe_s=time.time() - t0,
+                     final_pretrain_loss=loss))
+    log(f"teacher: trained in {secs:.0f} s, linear probe top-1 {top1:.1f}%")
+    torch.manual_seed(args.seed)  # the random student, as common.setup seeds before a method builds it
+    random_path = os.path.join(out, "random_init.pth")
+    torch.save(common.build_vit("vit_nano_patch16", args.input_size).state_dict(), random_path)
+    secs, top1 = linprobe(random_path, os.path.join(out, "probe_random_init"), args, data, log, "random_init probe", env)
+    rows.append(dict(method="random_init", probe_top1=top1, pretrain_s=0.0, probe_s=secs, final_pretrain_loss=None))
+    log(f"random_init: linear probe top-1 {top1:.1f}%")
+    shared = ["--data", data, "--model", "vit_nano_patch16", "--input_size", args.input_size, "--teacher", "tiny",
+              "--teacher_weights", teacher_path, "--seed", args.seed, "--num_workers", 1, "--log_every", 10]
+    for method in args.methods:
+        run_dir = os.path.join(out, method)
+        cmd = [f"{method}.py"] + shared + pretrain_flags(method, args) + ["--output_dir", run_dir]
+        log(f"{method}: python {' '.join(str(c) for c in cmd)}")
+        secs, records = run([str(c) for c in cmd], run_dir, log, method, env)
+        curves[method] = [r["train_loss"] for r in records]
+        p_secs, top1 = linprobe(os.path.join(run_dir, "checkpoint-last.pth"), os.path.join(out, f"probe_{method}"),
+                                args, data, log, f"{method} probe", env)
+        rows.append(dict(method=method, probe_top1=top1, pretrain_s=secs, probe_s=p_secs,
+                         final_pretrain_loss=curves[method][-1]))
+        log(f"{method}: pre-trained in {secs:.0f} s, final loss {curves[method][-1]:.4f}, linear probe top-1 {top1:.1f}%")
+    print(f"\n| method | probe top-1 (%) | pre-train s | probe s | final pre-train loss |\n|---|---|---|---|---|")
+    for r in rows:
+        loss = "" if r["final_pretrain_loss"] is None else f"{r['final_pretrain_loss']:.4f}"
+        print(f"| {r['method']} | {r['probe_top1']:.1f} | {r['pretrain_s']:.0f} | {r['probe_s']:.0f} | {loss} |")
+    print(f"total {time.time() - t_start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        steps = args.classes * args.train_per_class // args.batch_size
+        plot(rows, curves, steps, args.plot)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
