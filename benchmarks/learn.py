@@ -95,6 +95,8 @@ def get_args(argv=None):
     a("--probe_batch", type=int, default=128)
     a("--probe_lr", type=float, default=6.4, help="LARS lr (trust coefficient 0.001); 6.4 = MAE's linear probe "
       "(blr 0.1 x batch 16384 / 256), kept as the papers' peak lrs are kept for pre-training")
+    a("--probe_crop_min", type=float, default=0.5, help="the probe's RandomResizedCrop scale (min, 1), for every row "
+      "(finetune.py --crop_min): MAE's 0.08 often crops the one shape of an image out")
     a("--threads", type=int, default=2, help="torch threads of each run (OMP_NUM_THREADS)")
     return p.parse_args(argv)
 
@@ -185,7 +187,7 @@ def make_dataset(root, seed, classes, train_per_class, val_per_class, size=128):
 # ---- Probe data: finetune.py's linprobe transforms and seeded loader, in this process -------------------
 def probe_args(args, data, split_batch=None):
     """The Namespace common's data pipeline needs, as finetune.py --mode linprobe sets it for this run."""
-    return argparse.Namespace(data=data, input_size=args.input_size, crop_min=0.08, mode="linprobe", seed=args.seed,
+    return argparse.Namespace(data=data, input_size=args.input_size, crop_min=args.probe_crop_min, mode="linprobe", seed=args.seed,
                               batch_size=split_batch or args.probe_batch, world_size=1, rank=0, num_workers=1,
                               device="cpu", fake_size=0)
 
@@ -357,7 +359,7 @@ def pretrain_flags(method, args):
 
 def linprobe(ckpt, out_dir, args, data, log, label, env):
     cmd = ["finetune.py", "--mode", "linprobe", "--data", data, "--finetune", ckpt, "--input_size", args.input_size,
-           "--epochs", args.probe_epochs, "--warmup_epochs", f"{args.probe_epochs / 9:.4g}", "--batch_size",
+           "--crop_min", args.probe_crop_min, "--epochs", args.probe_epochs, "--warmup_epochs", f"{args.probe_epochs / 9:.4g}", "--batch_size",
            args.probe_batch, "--lr", args.probe_lr, "--seed", args.seed, "--num_workers", 1, "--output_dir", out_dir]
     secs, records = run([str(c) for c in cmd], out_dir, log, label, env)
     return secs, records[-1]["acc1"]
