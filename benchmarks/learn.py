@@ -7,7 +7,7 @@
    (stripes, checker, dots, drawn inside a disc or a square), each image with its own position, scale,
    rotation, colours and a noisy gradient background, so that mean colour says nothing about the class;
 2. trains a teacher on its train split: the `--teacher tiny` CLIP tower (open_clip VisionTransformer, width
-   64, 2 blocks), supervised (cross-entropy on a linear head over its CLS output), at the student's grid,
+   64, 2 blocks), supervised (cross-entropy of a linear head on its CLS output and on its mean patch token), at the student's grid,
    through the same forward common.Teacher runs; saved as OUT/teacher.pth, which the method files load with
    `--teacher tiny --teacher_weights OUT/teacher.pth` (checked: common.Teacher gives the trained features);
 3. pre-trains a vit_nano_patch16 student (--input_size 112: 7 x 7 patches) with each method file through
@@ -79,15 +79,16 @@ def get_args(argv=None):
     a("--val_per_class", type=int, default=50)
     a("--image_size", type=int, default=128, help="side of the JPEGs (val: resize to input/0.875, centre crop)")
     a("--input_size", type=int, default=112, help="student and teacher input (7 x 7 patches of 16)")
-    a("--teacher_steps", type=int, default=1200)
+    a("--teacher_steps", type=int, default=2400)
     a("--teacher_log", type=int, default=100, help="print the teacher's mean loss every this many steps")
     a("--teacher_lr", type=float, default=2e-3, help="AdamW, wd 0.05, warmup 5%% of the steps, then cosine")
     a("--teacher_batch", type=int, default=64)
-    a("--teacher_loss", choices=["cls", "cls+patch"], default="cls", help="cross-entropy on the CLS output, or also "
-      "on the mean patch token (so that the patch tokens the methods regress carry the class; not yet measured)")
+    a("--teacher_loss", choices=["cls", "cls+patch"], default="cls+patch", help="cross-entropy on the CLS output, and "
+      "(cls+patch) on the mean patch token through the same head, so that the patch tokens the methods regress carry "
+      "the class (a CLS-only loss leaves the last block's patch outputs without a gradient)")
     a("--teacher_crop_min", type=float, default=0.5, help="RandomResizedCrop scale (min, 1) + flip")
-    a("--epochs", type=int, default=8, help="pre-training epochs, every method")
-    a("--batch_size", type=int, default=64, help="pre-training batch, every method")
+    a("--epochs", type=int, default=16, help="pre-training epochs, every method (16 x 2000 / 32: 992 steps)")
+    a("--batch_size", type=int, default=32, help="pre-training batch, every method")
     a("--lr_rule", choices=["paper", "linear"], default="paper", help="paper: every method trains at its paper's "
       "peak lr, blr x the file's default total batch (batch_size x accum_iter x 8 GPUs) / 256; linear: blr x "
       "--batch_size / 256 (the linear scaling rule, 16-64x smaller here)")
@@ -236,7 +237,7 @@ def normalise(x):
 
 
 def train_teacher(args, data, path, log):
-    """Supervised training of the tiny tower + a linear head on its CLS output, on the train images held in memory
+    """Supervised training of the tiny tower + a linear head on its CLS output (and mean patch token: --teacher_loss), on the train images held in memory
     (random resized crop + flip per image, AdamW, warmup + cosine); saves the tower's state dict and checks
     that common.Teacher, loading that file, gives the same features. Returns (seconds, final train loss)."""
     t0, grid, size = time.time(), args.input_size // 16, args.input_size

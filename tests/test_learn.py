@@ -51,3 +51,4 @@ def test_teacher_training_forward_is_common_teacher(tmp_path):
         with torch.no_grad():  # and it is not trivially equal: CLIP-normalised input would differ
             other = learn.teacher_tokens(net, x * 0.5, grid)
         assert not torch.allclose(other, ours, atol=1e-3)
+
