@@ -6,7 +6,8 @@ or BEiT (Bao et al. 2022):
 - --mode finetune: end to end, AdamW with layer-wise lr decay (BEiT), drop path, RandAugment m9,
   mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing 0.25, global average pooling of the patch
   tokens + LayerNorm (fc_norm) + Linear head.
-- --mode linprobe: frozen encoder, CLS token after the final norm, BatchNorm without affine + Linear, LARS.
+- --mode linprobe: frozen encoder, CLS token after the final norm (--pool avg: mean patch token), BatchNorm without affine
+  + Linear, LARS.
 - --mode attnprobe: frozen encoder, one cross-attention unit whose query is a learned extra class token
   over the patch tokens (no MLP, no skip connection), BatchNorm without affine + Linear, SGD (CAE App. A).
 Top-1 / top-5 on the validation split every epoch; --eval alone evaluates; --export_timm writes timm keys.
@@ -71,6 +72,8 @@ def get_args(argv=None):
     a("--finetune", required=True, metavar="CKPT", help="a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or "
       "mask_align.py (its encoder is loaded), a finetune.py checkpoint (encoder and head), or a timm ViT state dict")
     a("--eval", action="store_true", help="only report top-1/top-5 on the val split for --finetune (or --resume)")
+    a("--pool", choices=["cls", "avg"], default="cls", help="linprobe: the CLS token after the final norm (MAE's "
+      "protocol), or the mean of the patch tokens after it (global pooling, as BEiT's linear probe)")
     a("--nb_classes", type=int, help="classes of the head (default: those of the training data; --data fake has 10)")
     a("--layer_decay", type=float, default=0.65, help="finetune: lr scale decay^(L+1-layer) (BEiT; MAE/MILAN/CAE ViT-B "
       "0.65, CAE v2 0.75, MR-MAE and MaskAlign 0.6)")
@@ -113,9 +116,9 @@ class Classifier(nn.Module):
     checkpoint is timm's global_pool='avg' classifier). linprobe: CLS token after the final norm,
     head = BatchNorm(affine=False) + Linear. attnprobe: patch tokens, head = AttentivePool + BN + Linear.
     In the probes the encoder is frozen: no gradients, always in eval mode."""
-    def __init__(self, encoder, kind, nb_classes):
+    def __init__(self, encoder, kind, nb_classes, pool="cls"):
         super().__init__()
-        self.encoder, self.kind, D = encoder, kind, encoder.embed_dim
+        self.encoder, self.kind, self.pool, D = encoder, kind, pool, encoder.embed_dim
         if kind == "finetune":
             encoder.norm = nn.Identity()  # MAE: global pooling replaces the final norm by fc_norm after the mean
             encoder.pos_embed.requires_grad_(True)  # MAE: the sin-cos position embedding becomes learnable
@@ -138,7 +141,9 @@ class Classifier(nn.Module):
         """What the head reads from the encoder output [B, 1+N, D]."""
         if self.kind == "finetune":
             return self.fc_norm(tokens[:, 1:].mean(1))  # [B, D], mean over the N patch tokens
-        return tokens[:, 0] if self.kind == "linprobe" else tokens[:, 1:]  # CLS [B, D] / patches [B, N, D]
+        if self.kind == "linprobe":  # CLS [B, D], or (--pool avg) the mean of the N patch tokens [B, D]
+            return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(1)
+        return tokens[:, 1:]  # attnprobe: patches [B, N, D]
 
     def forward(self, images):
         with nullcontext() if self.kind == "finetune" else torch.no_grad():
@@ -223,7 +228,7 @@ def build_model(args, src):
     """The classifier on the CPU: a finetune.py checkpoint whole, or the pre-trained encoder + a new head."""
     encoder = new_encoder(args, src)
     if src["method"] == "finetune":  # encoder and trained head, as written by this script
-        model = Classifier(encoder, src["args"]["mode"], src["args"]["nb_classes"])
+        model = Classifier(encoder, src["args"]["mode"], src["args"]["nb_classes"], src["args"].get("pool", "cls"))
         try:
             model.load_state_dict(src["state"])
         except RuntimeError as e:
@@ -231,7 +236,7 @@ def build_model(args, src):
                                    f"({str(e).splitlines()[-1].strip()[:150]})") from None
         return model
     load_encoder(encoder, src, args)
-    return Classifier(encoder, args.mode, args.nb_classes)
+    return Classifier(encoder, args.mode, args.nb_classes, args.pool)
 
 
 def export_timm(args, src):

@@ -14,7 +14,7 @@
    its own command line (`python milan.py ...`), from that teacher (CAE: `--target pixel`, no teacher);
 4. linear-probes every student with `finetune.py --mode linprobe`, and three references with the same
    probe: the randomly initialised student (through finetune.py too), and, in this process, the teacher's
-   features (its CLS output) and raw pixels.
+   features (its tokens, pooled as the students') and raw pixels.
 
 One recipe rule for all five methods ("the papers' recipes scaled to the run"): every flag keeps the method
 file's default (its paper's --blr, --betas, --weight_decay, --mask_ratio, --min_lr, --clip_grad,
@@ -26,8 +26,9 @@ accum_iter x 8 GPUs, / 256: MILAN 2.4e-3, CAE and CAE v2 1.5e-3, MR-MAE and Mask
 shrinking by the linear scaling rule with our 16-64x smaller batch (--lr_rule linear: a few hundred steps
 at lr 4e-5 barely move the weights).
 
-The probe is finetune.py's linear probe (MAE's: frozen encoder, CLS token, BatchNorm without affine +
-Linear, LARS, warmup + cosine; crop + flip, val resize + centre crop) with its epochs and batch scaled the
+The probe is finetune.py's linear probe (MAE's: frozen encoder, BatchNorm without affine +
+Linear, LARS, warmup + cosine; crop + flip, val resize + centre crop), reading the mean patch token (--probe_pool
+avg; cls: MAE's CLS token), with its epochs and batch scaled the
 same way: --probe_epochs, --probe_batch, warmup 10/90 of the epochs, and --probe_lr in place of
 blr x batch / 256: MAE's lr 6.4 is kept, as the papers' peak lrs are for pre-training (measured so far: at a
 hundred-odd steps its bias updates, which LARS does not scale, dominate the first epochs; see the README). The teacher and pixel rows run the same head, optimiser, schedule, images (the same seeded
@@ -98,6 +99,9 @@ def get_args(argv=None):
       "(blr 0.1 x batch 16384 / 256), kept as the papers' peak lrs are kept for pre-training")
     a("--probe_crop_min", type=float, default=0.5, help="the probe's RandomResizedCrop scale (min, 1), for every row "
       "(finetune.py --crop_min): MAE's 0.08 often crops the one shape of an image out")
+    a("--probe_pool", choices=["cls", "avg"], default="avg", help="what every probe reads (finetune.py --pool): the "
+      "CLS token (MAE's protocol), or the mean patch token; measured: the CLS probe hides what MILAN, CAE v2 and MR-MAE "
+      "learn, since only MaskAlign trains the CLS token directly (README)")
     a("--threads", type=int, default=2, help="torch threads of each run (OMP_NUM_THREADS)")
     return p.parse_args(argv)
 
@@ -360,7 +364,7 @@ def pretrain_flags(method, args):
 
 def linprobe(ckpt, out_dir, args, data, log, label, env):
     cmd = ["finetune.py", "--mode", "linprobe", "--data", data, "--finetune", ckpt, "--input_size", args.input_size,
-           "--crop_min", args.probe_crop_min, "--epochs", args.probe_epochs, "--warmup_epochs", f"{args.probe_epochs / 9:.4g}", "--batch_size",
+           "--crop_min", args.probe_crop_min, "--pool", args.probe_pool, "--epochs", args.probe_epochs, "--warmup_epochs", f"{args.probe_epochs / 9:.4g}", "--batch_size",
            args.probe_batch, "--lr", args.probe_lr, "--seed", args.seed, "--num_workers", 1, "--output_dir", out_dir]
     secs, records = run([str(c) for c in cmd], out_dir, log, label, env)
     return secs, records[-1]["acc1"]
@@ -424,7 +428,8 @@ def main(argv=None):
     secs, loss = train_teacher(args, data, teacher_path, log)
     teacher = common.Teacher("tiny", teacher_path, grid=grid)
     t0 = time.time()
-    top1 = probe_features(args, data, lambda x: teacher(x)["tokens"][:, 0], teacher.dim)
+    pooled = (lambda t: t[:, 0]) if args.probe_pool == "cls" else (lambda t: t[:, 1:].mean(1))  # as finetune.py --pool
+    top1 = probe_features(args, data, lambda x: pooled(teacher(x)["tokens"]), teacher.dim)
     rows.append(dict(method="teacher", probe_top1=top1, pretrain_s=secs, probe_s=time.time() - t0,
                      final_pretrain_loss=loss))
     log(f"teacher: trained in {secs:.0f} s, linear probe top-1 {top1:.1f}%")

@@ -181,3 +181,16 @@ def test_mixup_cutmix_soft_targets_and_recipe_defaults():
     assert y.shape == (4, 10) and torch.allclose(y.sum(1), torch.ones(4)) and (y > 0).sum(1).max() <= 2
     lin = finetune.get_args(["--data", "fake", "--finetune", "unused.pth", "--mode", "linprobe", "--epochs", "3"])
     assert finetune.build_mixup(lin) is None and (lin.blr, lin.weight_decay, lin.epochs) == (0.1, 0.0, 3)
+
+
+@pytest.mark.parametrize("pool", ["cls", "avg"])
+def test_linear_probe_reads_the_cls_token_or_the_mean_patch_token(pool):
+    """--pool cls: the head sees the CLS token after the final norm (MAE); --pool avg: the mean of the N patch tokens."""
+    model = finetune.Classifier(nano(), "linprobe", 10, pool).eval()
+    x = images(3)
+    with torch.no_grad():
+        tokens = model.encoder(x)  # [3, 1+196, 64]
+        feature = tokens[:, 0] if pool == "cls" else tokens[:, 1:].sum(1) / 196
+        torch.testing.assert_close(model(x), model.head(feature))
+        other = tokens[:, 1:].sum(1) / 196 if pool == "cls" else tokens[:, 0]
+        assert not torch.allclose(model(x), model.head(other))
