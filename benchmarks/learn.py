@@ -35,8 +35,16 @@ hundred-odd steps its bias updates, which LARS does not scale, dominate the firs
 crops) and epochs in this process on their features. Reported: top-1 (%) on the val split after the last
 probe epoch (no choice of the best epoch).
 
+Two more columns say what each network's patch tokens hold, on the first 256 val images (linear_r2: the share of
+the variance an affine least-squares map explains): colour_r2, from each patch's mean RGB to the network's token (a
+random ViT's tokens are mostly the patch's colour, which says nothing about the class here); teacher_r2, from the
+student's token to the teacher's token of the same patch: the wiring check. A student whose targets were paired with
+the wrong image or patch cannot predict its teacher (measured: MaskAlign fed the next image's targets, 0.10, as the
+random student; the probe alone gave it 15.8%, 3 points above the random student's 12.8%: a network that merely lost
+its colour code also probes above random init).
+
 Writes OUT/ (data, teacher, one folder per run with its log.txt and the script's output), --json (one record
-per row: method, probe_top1, pretrain_s, probe_s, final_pretrain_loss) and --plot (pre-training loss per
+per row: method, probe_top1, pretrain_s, probe_s, final_pretrain_loss, colour_r2, teacher_r2) and --plot (pre-training loss per
 method over steps, one point per epoch: log.txt's epoch mean; probe top-1 as bars).
 """
 import argparse
@@ -321,6 +329,42 @@ def probe_features(args, data, features, dim):
     return 100.0 * hits / n
 
 
+def val_patches(tokens_of, args, data, n=256):
+    """tokens_of(images)'s patch tokens (CLS dropped) on the first n val images (fixed order and crops): [n * N, D]."""
+    out, seen = [], 0
+    with torch.no_grad():
+        for images, _ in loaders(args, data)[2]:
+            out.append(tokens_of(images[:n - seen])[:, 1:].flatten(0, 1).float())  # [B * N, D]
+            seen += len(images[:n - seen])
+            if seen == n:
+                break
+    return torch.cat(out)
+
+
+def patch_colour(images):
+    """Each patch's mean (ImageNet-normalised) RGB, as a token: [B, 3, H, W] -> [B, 1 + N, 3] (row 0: a dummy CLS)."""
+    rgb = F.avg_pool2d(images, 16).flatten(2).transpose(1, 2)  # [B, N, 3]
+    return torch.cat([rgb[:, :1], rgb], 1)
+
+
+def linear_r2(x, t):
+    """R^2 of the best affine map from x [M, a] to t [M, b] (least squares): the share of t's variance, summed over
+    its channels, that x explains linearly. 1: t is an affine function of x; about 0: unrelated."""
+    x = torch.cat([x, torch.ones(len(x), 1)], 1)  # [M, a + 1]: and a bias
+    fit = x @ torch.linalg.lstsq(x, t).solution  # [M, b]
+    return round(1 - ((t - fit).pow(2).sum() / (t - t.mean(0)).pow(2).sum()).item(), 3)
+
+
+def student_encoder(path, args):
+    """The encoder of a method checkpoint (or of random_init.pth) as finetune.py builds and loads it, in eval mode."""
+    src = finetune.read_pretrained(path)
+    ns = argparse.Namespace(arch=src["args"].get("arch", "vit"), model="vit_nano_patch16", input_size=args.input_size,
+                            drop_path=0.0, finetune=path, rank=1)
+    encoder = finetune.new_encoder(ns, src)
+    finetune.load_encoder(encoder, src, ns)
+    return encoder.eval()
+
+
 # ---- 3. and 4. The method files and finetune.py, as a user runs them ---------------------------------
 def run(cmd, out_dir, log, label, env):
     """Run `python SCRIPT ...` with its output in out_dir/output.txt; print each epoch of its log.txt as it
@@ -422,7 +466,7 @@ def main(argv=None):
     rows, curves, t0 = [], {}, time.time()
     pixels = probe_features(args, data, lambda x: x.flatten(1), 3 * args.input_size ** 2)
     rows.append(dict(method="pixels", probe_top1=pixels, pretrain_s=0.0, probe_s=time.time() - t0,
-                     final_pretrain_loss=None))
+                     final_pretrain_loss=None, colour_r2=None, teacher_r2=None))
     log(f"pixels: linear probe top-1 {pixels:.1f}%")
     teacher_path, grid = os.path.join(out, "teacher.pth"), args.input_size // 16
     secs, loss = train_teacher(args, data, teacher_path, log)
@@ -430,15 +474,22 @@ def main(argv=None):
     t0 = time.time()
     pooled = (lambda t: t[:, 0]) if args.probe_pool == "cls" else (lambda t: t[:, 1:].mean(1))  # as finetune.py --pool
     top1 = probe_features(args, data, lambda x: pooled(teacher(x)["tokens"]), teacher.dim)
+    colour, teacher_t = (val_patches(f, args, data) for f in (patch_colour, lambda x: teacher(x)["tokens"]))
+
+    def diagnostics(tokens_of):  # how much of a student's patch tokens is the patch's colour; of the teacher's, it predicts
+        t = val_patches(tokens_of, args, data)
+        return dict(colour_r2=linear_r2(colour, t), teacher_r2=linear_r2(t, teacher_t))
     rows.append(dict(method="teacher", probe_top1=top1, pretrain_s=secs, probe_s=time.time() - t0,
-                     final_pretrain_loss=loss))
-    log(f"teacher: trained in {secs:.0f} s, linear probe top-1 {top1:.1f}%")
+                     final_pretrain_loss=loss, colour_r2=linear_r2(colour, teacher_t), teacher_r2=None))
+    log(f"teacher: trained in {secs:.0f} s, linear probe top-1 {top1:.1f}%, colour R^2 {rows[-1]['colour_r2']:.2f}")
     torch.manual_seed(args.seed)  # the random student, as common.setup seeds before a method builds it
     random_path = os.path.join(out, "random_init.pth")
     torch.save(common.build_vit("vit_nano_patch16", args.input_size).state_dict(), random_path)
     secs, top1 = linprobe(random_path, os.path.join(out, "probe_random_init"), args, data, log, "random_init probe", env)
-    rows.append(dict(method="random_init", probe_top1=top1, pretrain_s=0.0, probe_s=secs, final_pretrain_loss=None))
-    log(f"random_init: linear probe top-1 {top1:.1f}%")
+    rows.append(dict(method="random_init", probe_top1=top1, pretrain_s=0.0, probe_s=secs, final_pretrain_loss=None,
+                     **diagnostics(student_encoder(random_path, args))))
+    log(f"random_init: linear probe top-1 {top1:.1f}%, colour R^2 {rows[-1]['colour_r2']:.2f}, teacher R^2 "
+        f"{rows[-1]['teacher_r2']:.2f}")
     shared = ["--data", data, "--model", "vit_nano_patch16", "--input_size", args.input_size, "--teacher", "tiny",
               "--teacher_weights", teacher_path, "--seed", args.seed, "--num_workers", 1, "--log_every", 10]
     for method in args.methods:
@@ -450,12 +501,16 @@ def main(argv=None):
         p_secs, top1 = linprobe(os.path.join(run_dir, "checkpoint-last.pth"), os.path.join(out, f"probe_{method}"),
                                 args, data, log, f"{method} probe", env)
         rows.append(dict(method=method, probe_top1=top1, pretrain_s=secs, probe_s=p_secs,
-                         final_pretrain_loss=curves[method][-1]))
-        log(f"{method}: pre-trained in {secs:.0f} s, final loss {curves[method][-1]:.4f}, linear probe top-1 {top1:.1f}%")
-    print(f"\n| method | probe top-1 (%) | pre-train s | probe s | final pre-train loss |\n|---|---|---|---|---|")
+                         final_pretrain_loss=curves[method][-1],
+                         **diagnostics(student_encoder(os.path.join(run_dir, "checkpoint-last.pth"), args))))
+        log(f"{method}: pre-trained in {secs:.0f} s, final loss {curves[method][-1]:.4f}, linear probe top-1 {top1:.1f}%, "
+            f"colour R^2 {rows[-1]['colour_r2']:.2f}, teacher R^2 {rows[-1]['teacher_r2']:.2f}")
+    print(f"\n| method | probe top-1 (%) | pre-train s | probe s | final pre-train loss | colour R^2 | teacher R^2 |\n"
+          f"|---|---|---|---|---|---|---|")
     for r in rows:
         loss = "" if r["final_pretrain_loss"] is None else f"{r['final_pretrain_loss']:.4f}"
-        print(f"| {r['method']} | {r['probe_top1']:.1f} | {r['pretrain_s']:.0f} | {r['probe_s']:.0f} | {loss} |")
+        r2 = " | ".join("" if r[k] is None else f"{r[k]:.2f}" for k in ("colour_r2", "teacher_r2"))
+        print(f"| {r['method']} | {r['probe_top1']:.1f} | {r['pretrain_s']:.0f} | {r['probe_s']:.0f} | {loss} | {r2} |")
     print(f"total {time.time() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
