@@ -42,8 +42,8 @@ student's token to the teacher's token of the same patch: the wiring check. A st
 image cannot predict its teacher (measured: MaskAlign fed the next image's targets, 0.10, as the random student; the
 probe alone gave it 15.8%, 3 points above the random student's 12.8%: a network that merely lost its colour code
 also probes above random init). Targets from the wrong patch of the right image show only in part (patch order
-reversed: 0.42 against 0.66, probe 31.0 against 38.8%); tests/test_mask_align.py, which recomputes forward_step's
-loss, fails on that bug.
+reversed: 0.42 against 0.66, probe 31.0 against 38.8%); tests/test_wiring.py, which recomputes each method's
+forward_step loss from targets gathered patch by patch, fails on that bug.
 
 Writes OUT/ (data, teacher, one folder per run with its log.txt and the script's output), --json (one record
 per row: method, probe_top1, pretrain_s, probe_s, final_pretrain_loss, colour_r2, teacher_r2) and --plot (pre-training loss per
