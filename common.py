@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
@@ -193,6 +193,12 @@ def resize_pos(pos, grid):
     patch = F.interpolate(pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic")
     return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(grid * grid, -1)])  # [1+grid^2, W]
 
+def tiny_clip_tower():
+    """--teacher tiny: an open_clip CLIP vision tower of 2 blocks, width 64, 2 heads, output 32, QuickGELU."""
+    import open_clip
+    return open_clip.transformer.VisionTransformer(224, 16, 64, 2, 2, 4.0, output_dim=32,
+                                                   act_layer=open_clip.transformer.QuickGELU)
+
 class Teacher(nn.Module):
     """Frozen teacher: never in DDP, always eval, no autograd (a constant target, as in all five papers).
     Takes the student's ImageNet-normalised view [B, 3, H, W], re-normalises it to its own
@@ -212,8 +218,7 @@ class Teacher(nn.Module):
             import open_clip  # only CLIP teachers need it
             base = name.removesuffix("-quickgelu")
             if name == "tiny":  # 2 blocks, width 64, CLIP architecture: tests and smoke runs
-                self.net = open_clip.transformer.VisionTransformer(224, 16, 64, 2, 2, 4.0, output_dim=32,
-                                                                   act_layer=open_clip.transformer.QuickGELU)
+                self.net = tiny_clip_tower()
             elif base not in open_clip.list_models():
                 raise UserError(f"--teacher {name}: unknown; use an open_clip ViT name (ViT-B-16, ViT-L-14, ...), "
                                 f"dino_vitb16, or tiny")
@@ -792,7 +797,6 @@ def colormap(t):
 
 def heat(values, size):
     """[g, g] values -> a size x size PIL image, scaled to their own min..max (NaN = grey)."""
-    from PIL import Image
     v = values.float()
     lo, hi = v.nan_to_num(float("inf")).min(), v.nan_to_num(float("-inf")).max()
     rgb = colormap(((v - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1))  # [g, g, 3]
@@ -818,7 +822,6 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     the image, the patches the sampler left visible (hidden ones dimmed), the teacher's CLS attention (where the
     method uses it) and the per-patch loss (MILAN Fig. 5 style), and a colour scale; for the model of --resume
     (a file, or auto) if given."""
-    from PIL import Image, ImageDraw
     path = resume_path(args)
     if path:
         try:

@@ -215,16 +215,11 @@ def loaders(args, data):
 
 
 # ---- 2. Teacher: the `tiny` CLIP tower, trained supervised at the student's grid -------------------------
-def tiny_tower():
-    """The network common.Teacher('tiny') builds (keep in step with common.py)."""
-    import open_clip
-    return open_clip.transformer.VisionTransformer(224, 16, 64, 2, 2, 4.0, output_dim=32,
-                                                   act_layer=open_clip.transformer.QuickGELU)
-
-
 def teacher_tokens(net, images, grid):
     """common.Teacher.forward's path for a CLIP tower, with autograd: ImageNet-normalised images [B, 3, H, W]
-    -> tokens [B, 1+N, C] = ln_post(all tokens) @ proj, the 14 x 14 position embedding resized to grid."""
+    -> tokens [B, 1+N, C] = ln_post(all tokens) @ proj, the 14 x 14 position embedding resized to grid. Written
+    out here because Teacher.forward runs without autograd on a frozen, pre-resized copy of that embedding; a test
+    checks that both give the same tokens."""
     mean_in, std_in, mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in
                                   (common.IMAGENET_MEAN, common.IMAGENET_STD, common.CLIP_MEAN, common.CLIP_STD))
     x = images * (std_in / std) + (mean_in - mean) / std  # ImageNet -> CLIP normalisation, as the Teacher does
@@ -258,7 +253,7 @@ def train_teacher(args, data, path, log):
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     images, labels = load_split(os.path.join(data, "train"), args.image_size)
-    net, head = tiny_tower(), nn.Linear(32, int(labels.max()) + 1)
+    net, head = common.tiny_clip_tower(), nn.Linear(32, int(labels.max()) + 1)
     opt = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=args.teacher_lr, weight_decay=0.05)
     steps = args.teacher_steps
     sched = argparse.Namespace(lr=args.teacher_lr, min_lr=0.0, warmup_epochs=0.05 * steps, epochs=steps)

@@ -36,7 +36,7 @@ def test_teacher_training_forward_is_common_teacher(tmp_path):
     file, at 112 px (7 x 7) and 224 px (14 x 14), including the ImageNet -> CLIP re-normalisation."""
     import common
     torch.manual_seed(0)
-    net = learn.tiny_tower()
+    net = common.tiny_clip_tower()
     with torch.no_grad():  # move off the init so that a wrong permutation cannot cancel out
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
