@@ -18,8 +18,6 @@ Deviations from the released code (github.com/Atten4Vis/CAE @a7fd162), one line 
 - cls_token and mask_token get no weight decay; the released code decays them.
 - ViT-L regresses at width 1024 as the paper's setting reads; the released script (missing line break) runs it at 768.
 - --target pixel is the paper's Sec. 3.1 analysis; the released code has no pixel target.
-- --decode device (the default on a GPU) resizes the tokenizer's 112 px view bicubic with antialias, where the CPU path
-  (and the released code) use LANCZOS, which torch has not; a test bounds the difference (mean |diff| < 0.005 of the range).
 
 DALL-E weights: download OpenAI's encoder https://cdn.openai.com/dall-e/encoder.pkl (a pickled module of the
 `dall_e` package) and pass --dalle_weights /path/to/encoder.pkl; it loads without installing `dall_e`.
@@ -41,8 +39,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
-from torchvision.transforms.v2 import functional as TF
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 import common
 
@@ -91,21 +90,27 @@ def block_masking(args):
 
 
 class TwoViews:
-    """The data pipeline of the DALL-E target: one random crop (+ flip) of the image, seen twice: at 224 px
-    (bicubic, ImageNet-normalised) by the encoder, and at 112 px (LANCZOS, mapped 0.8 x + 0.1 = DALL-E's
-    map_pixels) by the tokenizer, whose stride 8 gives one token per 16 px patch. image -> (view, token_view, mask)."""
+    """The data pipeline of the DALL-E target (BEiT's, as released): one flip and one random crop of the image, seen
+    twice: at 224 px (bicubic) by the encoder, at 112 px (LANCZOS) by the tokenizer, whose stride 8 gives one token
+    per 16 px patch. Made in a DataLoader worker: image -> (view, token_view, mask), both views uint8 [3, size, size]
+    (common.to_device normalises the encoder's on the device, map_pixels maps the tokenizer's)."""
     def __init__(self, args, mask_fn):
         self.size, self.scale, self.mask_fn = args.input_size, (args.crop_min, 1.0), mask_fn
         self.token_size = args.input_size // common.VIT_CONFIGS[args.model][0] * 8  # 112 for 224 / 16
 
     def __call__(self, img):
-        if torch.rand(1) < 0.5:  # one flip and one crop for both views
-            img = TF.horizontal_flip(img)
-        i, j, h, w = RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))
-        crop = lambda size, mode: TF.to_dtype(TF.to_image(TF.resized_crop(img, i, j, h, w, [size, size], mode)),
-                                              torch.float32, scale=True)  # [3, size, size] in [0, 1]
-        view = TF.normalize(crop(self.size, InterpolationMode.BICUBIC), common.IMAGENET_MEAN, common.IMAGENET_STD)
-        return view, 0.8 * crop(self.token_size, InterpolationMode.LANCZOS) + 0.1, self.mask_fn()
+        flip = bool(torch.rand(1) < 0.5)  # one flip and one crop for both views, the flip drawn first (as released)
+        box = RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))  # (top, left, h, w)
+        img, box, s = common.decode(img, box, self.size)  # a large JPEG at 1/2 .. 1/8 scale, the crop >= 224 px
+        img = img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
+        view = pil_to_tensor(common.resize(img, box, s, self.size, Image.BICUBIC))  # [3, 224, 224] uint8
+        token_view = pil_to_tensor(common.resize(img, box, s, self.token_size, Image.LANCZOS))  # [3, 112, 112] uint8
+        return view, token_view, self.mask_fn()
+
+
+def map_pixels(token_view):
+    """DALL-E's map_pixels, the tokenizer's input: uint8 [B, 3, 112, 112] -> 0.8 x + 0.1, x = pixels / 255 in [0, 1]."""
+    return 0.8 * token_view.float() / 255 + 0.1
 
 
 # ---- Targets: the DALL-E dVAE encoder (Sec. 2.2) and normalised pixels (Sec. 3.1) -----------------
@@ -365,12 +370,6 @@ def build_transform(args):
     """Block masks made in the DataLoader workers: -> (view, mask), or (view, token_view, mask) for DALL-E."""
     if args.target == "pixel":
         return common.pretrain_transform(args, mask_fn=block_masking(args))  # crop + flip (Sec. 4.1)
-    if args.decode == "device":  # TwoViews' draws (flip, then crop) and views; bicubic for its LANCZOS (header)
-        ops = [v2.RandomHorizontalFlip(), v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0),
-                                                               interpolation=InterpolationMode.BICUBIC)]
-        token = (args.input_size // common.VIT_CONFIGS[args.model][0] * 8, (-0.125,) * 3, (1.25,) * 3)  # 0.8 x + 0.1
-        return common.DeviceView(ops, [(args.input_size, common.IMAGENET_MEAN, common.IMAGENET_STD), token],
-                                 block_masking(args))
     return TwoViews(args, block_masking(args))
 
 
@@ -383,20 +382,23 @@ def build_model(args):
     return model.to(args.device), tokenizer
 
 
-def forward_step(model, teacher, batch, args):
+def forward_step(model, teacher, batch, args, per_patch=False):
     """One training forward on a batch (on the device): (images, mask) or (images, token_images, mask). Returns
-    the loss, the mask [B, N] (True = hidden), the per-patch loss [B, N] (0 on visible patches), no CLS attention."""
+    the loss, the mask [B, N] (True = hidden), no CLS attention and, only when asked (per_patch: pictures,
+    benchmarks), the per-patch loss [B, N] (0 on visible patches)."""
     images, *token_images, mask = batch
     N = mask.shape[1]
     ids_keep, ids_mask = common.ids_from_mask(mask, common.num_visible(N, args.mask_ratio))  # [B, 98], [B, 98]
     if teacher is not None:  # Ybar_m: the DALL-E token of each masked patch
-        target = teacher.tokenize(token_images[0]).gather(1, ids_mask)  # [B, M]
+        target = teacher.tokenize(map_pixels(token_images[0])).gather(1, ids_mask)  # [B, M]
     else:  # Sec. 3.1: normalised pixels of the masked patches
         pixels = common.pixel_targets(images, common.VIT_CONFIGS[args.model][0])  # [B, N, 768], Sec. 3.1
         target = pixels.gather(1, ids_mask[..., None].expand(-1, -1, pixels.shape[-1]))  # [B, M, 768]
     loss, out = model(images, ids_keep, ids_mask, target)
-    terms = cae_loss(out["pred"].detach(), target, out["z_m"].detach(), out["zbar_m"], args.align_weight, per_patch=True)
-    patch_loss = torch.zeros(mask.shape, device=mask.device).scatter(1, ids_mask, terms.float())  # [B, N]
+    patch_loss = None
+    if per_patch:  # the terms of Eq. 1 per masked patch (the 8,192-way cross-entropy of every token again: not in training)
+        terms = cae_loss(out["pred"].detach(), target, out["z_m"].detach(), out["zbar_m"], args.align_weight, per_patch=True)
+        patch_loss = torch.zeros(mask.shape, device=mask.device).scatter(1, ids_mask, terms.float())  # [B, N]
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": None}
 
 
@@ -408,7 +410,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
         if step % args.accum_iter == 0:  # per-iteration schedule (BEiT)
             lr = common.lr_at(epoch + step / meter.steps, args)
             common.set_lr(optimizer, lr)
-        batch = common.to_device(batch, args.device)  # --decode device: decoded and cropped here
+        batch = common.to_device(batch, args.device)  # uint8 view -> normalised float, on the device
         update = (step + 1) % args.accum_iter == 0
         with model.no_sync() if args.world_size > 1 and not update else nullcontext():
             with common.autocast(args):

@@ -226,7 +226,7 @@ def build_transform(args):
     """Block masks made in the DataLoader workers: -> (view, mask). Colour jitter, crop + flip (Table 8); the jitter
     runs on the whole image first, as released (its contrast blends towards the whole image's mean, not the crop's)."""
     j = args.color_jitter
-    jitter = [v2.ColorJitter(j, j, j)] if j else []  # brightness, contrast, saturation; no hue
+    jitter = v2.ColorJitter(j, j, j) if j else None  # brightness, contrast, saturation; no hue
     return common.pretrain_transform(args, mask_fn=block_masking(args), first=jitter)
 
 
@@ -239,19 +239,22 @@ def build_model(args):
     return model.to(args.device), teacher
 
 
-def forward_step(model, teacher, batch, args):
+def forward_step(model, teacher, batch, args, per_patch=False):
     """One training forward on a batch (images, mask) on the device. Returns the loss, the mask [B, N] (True =
-    hidden), the per-patch terms 1 - cos [B, N] (visible and masked), no CLS attention."""
+    hidden), no CLS attention and, only when asked (per_patch: pictures, benchmarks), the per-patch terms 1 - cos
+    [B, N] (visible and masked)."""
     images, mask = batch
     N = mask.shape[1]
     ids_keep, ids_mask = common.ids_from_mask(mask, common.num_visible(N, args.mask_ratio))  # [B, n], [B, M]
     target = teacher(images, tokens=True)["tokens"][:, 1:]  # Sec. 2.3: CLIP latents of the intact image [B, N, C]
     take = lambda t, ids: t.gather(1, ids[..., None].expand(-1, -1, t.shape[-1]))  # [B, L, C] at ids [B, L]
     loss, out = model(images, ids_keep, ids_mask, take(target, ids_keep), take(target, ids_mask))
-    pred_m = out["pred_m"].detach() if out["pred_m"] is not None else None
-    l_v, l_z = cae_v2_loss(out["pred_v"].detach(), take(target, ids_keep), pred_m, take(target, ids_mask), True,
-                           args.visible_align)
-    patch_loss = torch.zeros(mask.shape, device=mask.device).scatter(1, ids_keep, l_v).scatter(1, ids_mask, l_z)  # [B, N]
+    patch_loss = None
+    if per_patch:
+        pred_m = out["pred_m"].detach() if out["pred_m"] is not None else None
+        l_v, l_z = cae_v2_loss(out["pred_v"].detach(), take(target, ids_keep), pred_m, take(target, ids_mask), True,
+                               args.visible_align)
+        patch_loss = torch.zeros(mask.shape, device=mask.device).scatter(1, ids_keep, l_v).scatter(1, ids_mask, l_z)
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": None}
 
 
@@ -263,7 +266,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
         if step % args.accum_iter == 0:  # per-iteration schedule (BEiT)
             lr = common.lr_at(epoch + step / meter.steps, args)
             common.set_lr(optimizer, lr)
-        batch = common.to_device(batch, args.device)  # --decode device: decoded and cropped here
+        batch = common.to_device(batch, args.device)  # uint8 view -> normalised float, on the device
         update = (step + 1) % args.accum_iter == 0
         with model.no_sync() if args.world_size > 1 and not update else nullcontext():
             with common.autocast(args):

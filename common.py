@@ -3,8 +3,8 @@ ViT, frozen Teacher, masking, data, torchrun/DDP, AdamW groups, schedule, checkp
 Whatever a paper's ablation could change (sampler, decoder, loss, recipe) lives in the method file.
 Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep sorted ascending;
 tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, io, itertools, json, logging, math, os, random, socket, sys, time, warnings, zipfile
-from collections import OrderedDict, namedtuple
+import argparse, itertools, json, logging, math, os, random, socket, sys, time, warnings, zipfile
+from collections import OrderedDict
 from contextlib import nullcontext
 
 import numpy as np
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets
 from PIL import Image, ImageDraw
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -389,127 +390,63 @@ class BlockMaskGenerator:
             count += self._add_block(mask, self.num_masked - count)
         return torch.from_numpy(mask.flatten())
 
-# ---- Data: ImageFolder (DIR/train, else DIR) or generated images, seeded per image, resumable ---------
-def pretrain_ops(args):
-    """The random draws of a pre-training view: RandomResizedCrop (bicubic) to --input_size, scale (crop_min, 1), flip."""
-    return [v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=InterpolationMode.BICUBIC),
-            v2.RandomHorizontalFlip()]
+# ---- Data: ImageFolder (DIR/train, else DIR) or generated images; uint8 views made in the workers ---------
+def decode(img, box, size):
+    """A PIL image opened but not yet decoded, and the crop box (top, left, height, width) in its pixels that is to be
+    resized to size x size -> (the RGB image, the box as (left, top, right, bottom) in its pixels, decoded scale s).
+    A JPEG whose crop is at least twice `size` a side is decoded at 1/2, 1/4 or 1/8 scale (PIL's Image.draft: libjpeg
+    scales the DCT), s chosen so that the crop keeps at least `size` pixels a side; any other image at full scale."""
+    top, left, h, w = box
+    s = 1
+    while s < 8 and min(h, w) >= 2 * s * size:
+        s *= 2
+    if s == 1 or img.format != "JPEG" or not img.draft("RGB", (img.width // s, img.height // s)):
+        s = 1
+    img.load()  # decodes (an RGB image is then used as it is: convert would copy it)
+    return img if img.mode == "RGB" else img.convert("RGB"), (left / s, top / s, (left + w) / s, (top + h) / s), s
 
-def pretrain_transform(args, color_jitter=0.0, mask_fn=None, first=()):
-    """`first` ops (CAE v2: colour jitter of the whole image) + RandomResizedCrop + flip (+ colour jitter of the crop)
-    + ImageNet normalisation, and mask_fn's masks; for --decode device, the same ops as a DeviceView."""
-    ops = [*first, *pretrain_ops(args)] + ([v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else [])
-    if getattr(args, "decode", None) == "device":
-        return DeviceView(ops, [(args.input_size, IMAGENET_MEAN, IMAGENET_STD)], mask_fn)
-    t = v2.Compose(ops + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return WithMask(t, mask_fn) if mask_fn else t
+def resize(img, box, s, size, resample=Image.BICUBIC):
+    """The box of an image from decode(), resized to size x size (PIL, antialiased). At full scale: crop, then resize,
+    as torchvision's resized_crop (MAE's pixels); at a reduced scale the box is fractional: PIL resizes from it."""
+    if s == 1:
+        return img.crop(tuple(int(v) for v in box)).resize((size, size), resample)
+    return img.resize((size, size), resample, box=box)
 
-class WithMask:
-    """image -> (transform(image), mask_fn()): masks are made in the DataLoader workers."""
-    def __init__(self, transform, mask_fn):
-        self.transform, self.mask_fn = transform, mask_fn
-
-    def __call__(self, img):
-        return self.transform(img), self.mask_fn()
-
-class Encoded(namedtuple("Encoded", "data params key")):
-    """--decode device, what a worker sends for one image: data (the JPEG file's bytes, or uint8 pixels [3, H, W] where
-    the worker had to decode), params (what its view's ops drew) and key (its DeviceView, in DeviceView.made)."""
-    def pin_memory(self):  # the DataLoader's pin_memory would otherwise copy a bytearray byte by byte, in Python
-        return self
-
-class DeviceView:
-    """--decode device: a view made of torchvision v2 ops, split between the workers and the device. A worker reads
-    the file's bytes and header only and draws each op's parameters with that op's own make_params (a flip: its
-    torch.rand(1) < p), in the order and from the per-image RNG the CPU path uses: the same crop box, flip and jitter
-    by construction; masks as on the CPU path. PNG, CMYK or greyscale JPEG, a JPEG without its end marker (truncated)
-    and generated images are decoded in the worker as on the CPU path (a file PIL cannot read is skipped and counted
-    there). to_device decodes the batch's JPEGs on the device (torchvision.io.decode_jpeg) and applies the ops there
-    (crop + resize: bicubic with antialias, as PIL's); views: one (size or None, mean, std) per output, each
-    cropped by the same RandomResizedCrop box and normalised (x - mean) / std."""
-    made = {}  # key -> DeviceView, for the main process
-
-    def __init__(self, ops, views, mask_fn=None):
-        self.ops, self.views, self.mask_fn, self.key = ops, views, mask_fn, len(DeviceView.made)
-        DeviceView.made[self.key] = self
+class View:
+    """A pre-training view, made in a DataLoader worker from a PIL image: RandomResizedCrop (bicubic, scale (crop_min,
+    1), ratio (3/4, 4/3)) to size x size, then a horizontal flip with p 0.5, drawn from torch's RNG as torchvision's
+    v2.RandomResizedCrop and v2.RandomHorizontalFlip draw them (same boxes and flips for the same seed). `first`: a
+    transform of the whole image before the crop (CAE v2's colour jitter). -> uint8 [3, size, size] (to_device
+    normalises it on the device), and mask_fn()'s mask [N] when mask_fn is given."""
+    def __init__(self, size, crop_min, mask_fn=None, first=None):
+        self.size, self.scale, self.mask_fn, self.first = size, (crop_min, 1.0), mask_fn, first
 
     def __call__(self, img):
-        data = getattr(img, "file_bytes", None)
-        if data is None or img.format != "JPEG" or img.mode != "RGB" or not bytes(data[-64:]).rstrip(b"\0").endswith(b"\xff\xd9"):
-            data = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)  # decoded here: [3, H, W] uint8
-        params = [bool(torch.rand(1) < op.p) if isinstance(op, v2.RandomHorizontalFlip) else op.make_params([img])
-                  for op in self.ops]
-        enc = Encoded(data, params, self.key)
-        return (enc, self.mask_fn()) if self.mask_fn else enc
+        if self.first is not None:  # on the whole image, fully decoded
+            img = self.first(img.convert("RGB"))
+        box = RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))  # (top, left, h, w), from the header only
+        flip = bool(torch.rand(1) < 0.5)
+        view = pil_to_tensor(resize(*decode(img, box, self.size), self.size))  # [3, size, size] uint8
+        view = view.flip(-1) if flip else view
+        return (view, self.mask_fn()) if self.mask_fn else view
 
-    def apply(self, x, params):
-        """One image's uint8 [3, H, W] on the device -> its views, each [3, size, size] in [0, 1]."""
-        unit = lambda v: v.float().div_(255) if v.dtype == torch.uint8 else v
-        xs = [x]
-        for op, p in zip(self.ops, params):
-            if isinstance(op, v2.RandomResizedCrop):  # one box, a resize per view (uint8 cut first: less to convert)
-                v = unit(xs[0][..., p["top"]:p["top"] + p["height"], p["left"]:p["left"] + p["width"]])[None]
-                mode = op.interpolation.value  # 'bicubic' (CAE's LANCZOS view too: torch has no LANCZOS)
-                xs = [F.interpolate(v, op.size if s is None else (s, s), mode=mode, antialias=True)[0]
-                      for s, _, _ in self.views]
-            elif isinstance(op, v2.RandomHorizontalFlip):
-                xs = [x.flip(-1) for x in xs] if p else xs
-            else:  # colour jitter, resize, centre crop: the op's own tensor kernel
-                xs = [op.transform(unit(x), p) for x in xs]
-        return [unit(x).clamp_(0, 1) for x in xs]
+def pretrain_transform(args, mask_fn=None, first=None):
+    """RandomResizedCrop (bicubic) to --input_size, scale (--crop_min, 1), + flip; `first`: CAE v2's jitter before it."""
+    return View(args.input_size, args.crop_min, mask_fn, first)
 
-def read_file_lazily(path):
-    """--decode device's ImageFolder loader: the file's bytes and a PIL image of its header only (not decoded)."""
-    with open(path, "rb") as f:
-        data = bytearray(os.fstat(f.fileno()).st_size)
-        f.readinto(data)  # no copy: the bytes go to the main process as they are
-    img = Image.open(io.BytesIO(data))  # an unreadable file raises here, as on the CPU path
-    img.file_bytes = data
-    return img
-
-def decode_views(encoded, device):
-    """A list of Encoded -> the view tensors [B, 3, size, size] on device: JPEGs decoded there in one batch."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    view, images = DeviceView.made[encoded[0].key], [e.data for e in encoded]
-    jpeg = [i for i, x in enumerate(images) if isinstance(x, bytearray)]
-    blobs = [torch.frombuffer(images[i], dtype=torch.uint8) for i in jpeg]
-
-    def one(blob):  # a file the device decoder cannot read: PIL on the CPU (the CPU path's decoder), else grey
-        try:
-            return decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            try:
-                return torch.from_numpy(np.array(Image.open(io.BytesIO(blob.numpy())).convert("RGB"))).permute(2, 0, 1)
-            except OSError:
-                print("warning: an image neither the device nor PIL could decode was replaced by grey", file=sys.stderr)
-                return torch.full((3, 64, 64), 128, dtype=torch.uint8)
-    try:
-        decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device) if blobs else []
-    except RuntimeError:
-        decoded = [one(b) for b in blobs]
-    for i, x in zip(jpeg, decoded):
-        images[i] = x
-    outs = [view.apply(x.to(device, non_blocking=True), e.params) for x, e in zip(images, encoded)]
-    return [v2.functional.normalize(torch.stack(vs), mean, std) for vs, (_, mean, std) in zip(zip(*outs), view.views)]
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 images [B, 3, H, W] -> float32 (x / 255 - mean) / std per channel, where they are (on the device)."""
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (images.float() / 255 - mean) / std
 
 def to_device(batch, device):
-    """A loader batch on the device: tensors moved; --decode device images (lists of Encoded) decoded into their views
-    (one view: a tensor; CAE's two views: both, in place of the list)."""
-    is_encoded = lambda b: isinstance(b, list) and len(b) > 0 and isinstance(b[0], Encoded)
-    if is_encoded(batch):
-        views = decode_views(batch, device)
-        return views[0] if len(views) == 1 else tuple(views)
-    if isinstance(batch, (list, tuple)):
-        return tuple(v for b in batch for v in (decode_views(b, device) if is_encoded(b) else [to_device(b, device)]))
-    return batch.to(device, non_blocking=True)
-
-def collate(samples):
-    """default_collate, except that --decode device images (Encoded: bytes of different lengths) stay a list."""
-    if isinstance(samples[0], Encoded):
-        return list(samples)
-    if isinstance(samples[0], (tuple, list)):
-        return [collate(list(s)) for s in zip(*samples)]
-    return torch.utils.data.default_collate(samples)
+    """A loader batch on the device, each tensor copied with non_blocking=True (from pinned memory on CUDA). The
+    student's view (the batch itself, or its first element) arrives as uint8 and is normalised there (ImageNet mean
+    and std); the rest (masks, CAE's tokenizer view, labels, finetune's float images) is moved as it is."""
+    if isinstance(batch, (tuple, list)):
+        return (to_device(batch[0], device), *(b.to(device, non_blocking=True) for b in batch[1:]))
+    batch = batch.to(device, non_blocking=True)
+    return normalize(batch) if batch.dtype == torch.uint8 else batch
 
 class FakeImages(torch.utils.data.Dataset):
     """--data fake: image i is uniform noise from a numpy generator seeded by offset + i (the same in every run and
@@ -542,8 +479,7 @@ def build_dataset(args, transform, split="train", classes=None):
         raise UserError(f"--data {args.data}: has no '{split}' folder (expected {root}/<class>/<image>)")
     root = root if os.path.isdir(root) else args.data
     try:
-        ds = datasets.ImageFolder(root, transform=transform,
-                                  loader=read_file_lazily if isinstance(transform, DeviceView) else datasets.folder.default_loader)
+        ds = datasets.ImageFolder(root, transform=transform, loader=Image.open)  # header read; decoded by the view
     except FileNotFoundError:
         raise UserError(f"--data {args.data}: no images under {root}; expected {root}/<class>/<image>.jpg") from None
     if classes is not None:
@@ -625,8 +561,7 @@ def build_loader(dataset, args, train=True):
     # its own generator: making an iterator must not draw from the training RNG (exact resume)
     return DataLoader(Samples(dataset, args.seed), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
                       num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
-                      persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
-                      collate_fn=collate)
+                      persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
 
 # ---- Command line, torchrun / DDP, seeds, precision -----------------------------------------------
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -678,9 +613,6 @@ def get_parser(description, pretrain=True):
     a("--seed", type=int, default=0, help="each process uses seed + rank")
     a("--num_workers", type=int, default=None, help="DataLoader workers per process (default: the machine's "
       "cores / processes per node, at most 10)")
-    a("--decode", choices=["cpu", "device"], default=None, help="where images are decoded, cropped and resized: in the "
-      "loader workers (cpu), or the workers only read files and draw the crops and the device does the rest (device; "
-      "README 'Cost'); default: device on a GPU, else cpu")
     a("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="autocast on GPU (CPU runs fp32)")
     a("--compile", action="store_true", help="torch.compile the student (slow first steps)")
     a("--log_every", type=int, default=20, help="steps between progress updates (the only syncs)")
@@ -715,8 +647,6 @@ def setup(args, allow_zero_mask=False):
         dist.init_process_group("nccl" if cuda else "gloo")
     if args.num_workers is None:  # size the loaders to the machine: all cores, shared by this node's processes
         args.num_workers = max(1, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-    if getattr(args, "decode", "cpu") is None:
-        args.decode = "device" if cuda else "cpu"
     if not cuda:
         args.amp = "none"  # bf16 autocast on these CPUs is ~5x slower than fp32
     seed = args.seed + args.rank
@@ -834,7 +764,7 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     batch = to_device(batch, args.device)
     model.eval()
     with autocast(args):
-        out = forward_step(model, teacher, batch, args)
+        out = forward_step(model, teacher, batch, args, per_patch=True)
     images = (batch[0] if isinstance(batch, tuple) else batch).float().cpu()
     images = images * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     g, size = int(out["mask"].shape[1] ** 0.5), images.shape[-1]

@@ -322,24 +322,28 @@ def build_optimizer(model, args):
 
 
 # ---- Training ---------------------------------------------------------------------------------------
+def rgb(img):
+    """The dataset's images are opened, not decoded (common.build_dataset): greyscale, CMYK, palette, RGBA -> RGB."""
+    return img.convert("RGB")
+
+
 def build_transform(args, train=True):
-    """Train: RandomResizedCrop (bicubic) + flip, and in finetune mode RandAugment m9 (2 ops, mean-pixel fill) and
-    random erasing. Val: resize to input/0.875 (256 for 224), centre crop (MAE, BEiT). --decode device: the probes' and
-    val's ops run on the device (common.DeviceView); finetune mode's RandAugment and erasing keep the CPU path."""
-    norm = (common.IMAGENET_MEAN, common.IMAGENET_STD)
-    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*norm)]
+    """Probes: RandomResizedCrop (bicubic) + flip, as pre-training (common.View: uint8, normalised on the device).
+    Val: resize to input/0.875 (256 for 224), centre crop (MAE, BEiT), uint8 too. Finetune mode: crop + flip,
+    RandAugment m9 (2 ops, mean-pixel fill), normalisation and random erasing in the worker (float: the erased
+    pixels are N(0, 1) in normalised units)."""
     bicubic = InterpolationMode.BICUBIC
-    device = getattr(args, "decode", None) == "device"  # resize, crops and flip: on the device too
     if not train:
-        ops = [v2.Resize(int(args.input_size / 0.875), interpolation=bicubic), v2.CenterCrop(args.input_size)]
-        return common.DeviceView(ops, [(None, *norm)]) if device else v2.Compose(ops + tail)
+        return v2.Compose([v2.Lambda(rgb), v2.Resize(int(args.input_size / 0.875), interpolation=bicubic),
+                           v2.CenterCrop(args.input_size), v2.PILToTensor()])
+    if args.mode != "finetune":  # probes: no other augmentation (CAE App. A, MILAN App. A.1)
+        return common.View(args.input_size, args.crop_min)
     crop = [v2.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=bicubic),
             v2.RandomHorizontalFlip()]
-    if args.mode != "finetune":  # probes: no other augmentation (CAE App. A, MILAN App. A.1)
-        return common.DeviceView(crop, [(None, *norm)]) if device else v2.Compose(crop + tail)
     fill = [round(255 * m) for m in common.IMAGENET_MEAN]
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
     erase = [v2.RandomErasing(args.reprob, value="random")] if args.reprob > 0 else []  # N(0, 1) pixels, timm 'pixel'
-    return v2.Compose(crop + [v2.RandAugment(2, 9, interpolation=bicubic, fill=fill)] + tail + erase)
+    return v2.Compose([v2.Lambda(rgb)] + crop + [v2.RandAugment(2, 9, interpolation=bicubic, fill=fill)] + tail + erase)
 
 
 def build_mixup(args):

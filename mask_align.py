@@ -177,10 +177,10 @@ def build_model(args):
     return model.to(args.device), teacher
 
 
-def forward_step(model, teacher, batch, args):
-    """One training forward on a batch of images (on the device). Returns the loss and, for pictures and
-    benchmarks, the mask [B, N] (True = hidden), the per-patch loss [B, N] (0 on masked patches: they are
-    not in the loss) and the teacher's CLS attention."""
+def forward_step(model, teacher, batch, args, per_patch=False):
+    """One training forward on a batch of images (on the device). Returns the loss, the mask [B, N] (True = hidden),
+    the teacher's CLS attention and, only when asked (per_patch: pictures, benchmarks), the per-patch loss [B, N]
+    (0 on masked patches: they are not in the loss)."""
     images, N = batch, teacher.grid ** 2
     n_keep = common.num_visible(N, args.mask_ratio, allow_zero=True)  # floor(196 x 0.3) = 58 at r = 0.7; 196 at r = 0
     # one teacher pass on the intact image, no autograd: the K target levels (Eq. 2) and the CLS attention
@@ -192,8 +192,10 @@ def forward_step(model, teacher, batch, args):
     ids_keep, _ = common.ids_from_mask(mask, n_keep)  # [B, 58], ascending
     target = alignment_targets(out["hidden"], ids_keep, min(args.top_k, teacher.depth), args.target_norm)  # [K, B, 59, W]
     loss, pred = model(images, ids_keep, target, args.align_cls)
-    terms = mask_align_loss(pred.detach(), target, per_token=True)[:, 1:]  # [B, 58], the visible patches
-    patch_loss = terms.new_zeros(mask.shape).scatter_(1, ids_keep, terms)  # [B, N]
+    patch_loss = None
+    if per_patch:
+        terms = mask_align_loss(pred.detach(), target, per_token=True)[:, 1:]  # [B, 58], the visible patches
+        patch_loss = terms.new_zeros(mask.shape).scatter_(1, ids_keep, terms)  # [B, N]
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
 
 
@@ -205,7 +207,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
         if step % args.accum_iter == 0:  # per-iteration schedule (MAE)
             lr = common.lr_at(epoch + step / meter.steps, args)
             common.set_lr(optimizer, lr)
-        images = common.to_device(images, args.device)  # --decode device: decoded and cropped here
+        images = common.to_device(images, args.device)  # uint8 -> normalised float, on the device
         update = (step + 1) % args.accum_iter == 0
         with model.no_sync() if args.world_size > 1 and not update else nullcontext():
             with common.autocast(args):

@@ -158,9 +158,9 @@ def build_model(args):
     return model.to(args.device), teacher
 
 
-def forward_step(model, teacher, batch, args):
-    """One training forward on a batch of images (on the device). Returns the loss and, for pictures and
-    benchmarks, the mask [B, N] (True = hidden), the per-patch loss [B, N] and the teacher's CLS attention."""
+def forward_step(model, teacher, batch, args, per_patch=False):
+    """One training forward on a batch of images (on the device). Returns the loss, the mask [B, N] (True = hidden),
+    the teacher's CLS attention and, only when asked (per_patch: pictures, benchmarks), the per-patch loss [B, N]."""
     images, N = batch, teacher.grid ** 2
     n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
     # one teacher pass on the intact image: targets t_j (Sec. 2.2) and s_class (Eq. 3)
@@ -172,7 +172,7 @@ def forward_step(model, teacher, batch, args):
     ids_keep, ids_mask = common.ids_from_mask(mask, n_keep)  # [B, 49], [B, 147]
     target = out["tokens"][:, 1:]  # t_j of the N patches
     loss, pred = model(images, ids_keep, ids_mask, target)
-    patch_loss = milan_loss(pred.detach(), target, per_patch=True)  # [B, N], Fig. 5 style maps
+    patch_loss = milan_loss(pred.detach(), target, per_patch=True) if per_patch else None  # [B, N], Fig. 5 style
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
 
 
@@ -184,7 +184,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
         if step % args.accum_iter == 0:  # per-iteration schedule (MAE)
             lr = common.lr_at(epoch + step / meter.steps, args)
             common.set_lr(optimizer, lr)
-        images = common.to_device(images, args.device)  # --decode device: decoded and cropped here
+        images = common.to_device(images, args.device)  # uint8 -> normalised float, on the device
         update = (step + 1) % args.accum_iter == 0
         with model.no_sync() if args.world_size > 1 and not update else nullcontext():
             with common.autocast(args):

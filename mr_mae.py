@@ -314,10 +314,10 @@ def build_model(args):
     return model.to(args.device), teacher
 
 
-def forward_step(model, teacher, batch, args):
-    """One training forward on a batch of images (on the device). Returns the loss and, for pictures and
-    benchmarks, the mask [B, N] (True = hidden), the per-patch loss [B, N] (||D_j - I_j||^2 on masked
-    patches, ||L(E_j) - F_j||^2 on visible ones, unweighted) and the teacher's [CLS] attention."""
+def forward_step(model, teacher, batch, args, per_patch=False):
+    """One training forward on a batch of images (on the device). Returns the loss, the mask [B, N] (True = hidden),
+    the teacher's [CLS] attention and, only when asked (per_patch: pictures, benchmarks), the per-patch loss [B, N]
+    (||D_j - I_j||^2 on masked patches, ||L(E_j) - F_j||^2 on visible ones, unweighted)."""
     images, N = batch, teacher.grid ** 2
     n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
     # one teacher pass on the intact image: mimic targets F (Sec. 3.2) and [CLS] attention (Sec. 3.3)
@@ -328,9 +328,11 @@ def forward_step(model, teacher, batch, args):
     patch = images.shape[-1] // teacher.grid  # the student's patch size: the teacher's grid is the student's
     pixels, tokens = common.pixel_targets(images, patch, args.norm_pix_loss), out["tokens"][:, 1:]  # I, F of all patches
     loss, pred, mimic = model(images, ids_keep, ids_mask, pixels, tokens)
-    patch_loss = torch.zeros(mask.shape, device=images.device)  # [B, N]
-    patch_loss.scatter_(1, ids_mask, reconstruction_loss(gather(pred.detach(), ids_mask), gather(pixels, ids_mask), True))
-    patch_loss.scatter_(1, ids_keep, mimic_loss(mimic.detach(), gather(tokens, ids_keep), True))
+    patch_loss = None
+    if per_patch:
+        patch_loss = torch.zeros(mask.shape, device=images.device)  # [B, N]
+        patch_loss.scatter_(1, ids_mask, reconstruction_loss(gather(pred.detach(), ids_mask), gather(pixels, ids_mask), True))
+        patch_loss.scatter_(1, ids_keep, mimic_loss(mimic.detach(), gather(tokens, ids_keep), True))
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
 
 
@@ -342,7 +344,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
         if step % args.accum_iter == 0:  # per-iteration schedule (MAE)
             lr = common.lr_at(epoch + step / meter.steps, args)
             common.set_lr(optimizer, lr)
-        images = common.to_device(images, args.device)  # --decode device: decoded and cropped here
+        images = common.to_device(images, args.device)  # uint8 -> normalised float, on the device
         update = (step + 1) % args.accum_iter == 0
         with model.no_sync() if args.world_size > 1 and not update else nullcontext():
             with common.autocast(args):

@@ -14,6 +14,8 @@ an MAE-style decoder in place of the prompting decoder (the MILAN Sec. 2.3 cost 
   sync_every_step  loss.item() after every step (a host-device sync)
   unfused_adamw    AdamW without fused=True (CUDA only)
   fp32_teacher     the frozen teacher keeps fp32 weights that autocast casts every step, and is not compiled
+  per_patch        forward_step also computes the per-patch loss of the pictures at every step; timed in alternation
+                   with the step without it, in the same process (step_s_median_baseline in the record)
 FLOPs come from torch.utils.flop_counter (matmuls, convolutions and attention; no element-wise ops).
 `--profile` also runs torch.profiler over the timed steps and prints where the time goes: on CUDA the share of
 kernel time per kind of kernel (matmul, attention, LayerNorm, copies and casts, compiled fused kernels, optimizer,
@@ -209,14 +211,21 @@ def measure(method, opts):
     step_model = torch.compile(model) if opts.compile else model
     B = args.batch_size
 
-    def step():
+    def step(per_patch="per_patch" in opts.variant):
         with common.autocast(args):
-            loss = module.forward_step(step_model, teacher, batch, args)["loss"]
+            loss = module.forward_step(step_model, teacher, batch, args, per_patch=per_patch)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if "sync_every_step" in opts.variant:
             loss.item()
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
     # FLOPs of one step. Pass 1, the real step: everything outside the student's root module ran in the
     # teacher (CLIP, DINO or the DALL-E tokenizer, forward only); the rest is the student's forward + backward.
@@ -236,13 +245,11 @@ def measure(method, opts):
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, baseline = [], []
     for _ in range(opts.steps):
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(timed(step))
+        if "per_patch" in opts.variant:  # the same step without the picture outputs, in alternation (same drift)
+            baseline.append(timed(lambda: step(per_patch=False)))
     median = statistics.median(times)
     prof = profile_shares(step, opts.steps, cuda) if opts.profile else None
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -250,6 +257,8 @@ def measure(method, opts):
                batch_size=B, gflops_teacher=teacher_flops / B / 1e9, gflops_student=student / B / 1e9,
                gflops_decoder=decoder / B / 1e9, images_per_s=B / median, peak_mem_mb=peak,
                step_s_median=median, step_s_all=times, variant=opts.variant or "baseline", compile=opts.compile)
+    if baseline:
+        rec.update(step_s_median_baseline=statistics.median(baseline), step_s_all_baseline=baseline)
     if prof:
         rec["profile"] = dict(prof, on=opts.device)
     if cuda:
@@ -300,6 +309,10 @@ def main():
         print(f"{method:18s} GFLOPs/img teacher {rec['gflops_teacher']:7.2f} student {rec['gflops_student']:7.2f} "
               f"(decoder {rec['gflops_decoder']:6.2f})  {rec['images_per_s']:8.2f} img/s  "
               f"peak {rec['peak_mem_mb']:8.0f} MB" + (f"  MFU {rec['mfu']:.1%}" if rec.get("mfu") else ""), flush=True)
+        if rec.get("step_s_median_baseline"):
+            print(f"  step median {rec['step_s_median']:.4f} s with {','.join(rec['variant'])}, "
+                  f"{rec['step_s_median_baseline']:.4f} s without (alternating): ratio "
+                  f"{rec['step_s_median'] / rec['step_s_median_baseline']:.3f}", flush=True)
         if rec.get("profile"):
             print_profile(method, rec["profile"])
         if opts.json:  # after every method: a run cut short keeps what it measured

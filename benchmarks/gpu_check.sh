@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13's GPU numbers in ONE device call of at most 9 minutes (each step has its own time limit and the script
+# The GPU numbers in ONE device call of at most 9 minutes (each step has its own time limit and the script
 # stops starting steps at 530 s); logs and JSON go to $OUT (default ./gpu_out), written as each step ends.
 #
 # The device machine has torch (2.11) and torchvision but no open_clip; bring wheels (wheels/ is git-ignored, ~8 MB).
@@ -13,8 +13,9 @@
 #   1. bench.py eager, batch 128, all five methods (img/s, MFU, peak memory)              bench_eager_b128.json
 #   2. bench.py MILAN batch 128 with --variant fp32_teacher (before the bf16 teacher)      bench_milan_fp32_teacher_b128.json
 #   3. bench.py --profile MILAN batch 128 (kernel-time shares, copies per step)           profile_milan_b128.json
-#   4. loader.py cpu vs device, 12 workers, 6400 generated JPEGs, and milan.py end to end
-#      (torchrun, batch 128, 12 workers) with each path, to compare with step 1's MILAN   loader.json
+#   4. loader.py: the MAE reference pipeline vs ours, 12 workers, both JPEG sets         loader.json
+#      and milan.py end to end (torchrun, batch 128, 12 workers) on 500 x 375 JPEGs,
+#      the training bar's img/s of its second epoch, to compare with step 1's MILAN       e2e_milan_b128.log
 #   5. bench.py --compile, batch 256: MILAN first, then the others as time allows          bench_compiled_b256.json
 # A CPU smoke of this script's plumbing (minutes):  DEVICE=cpu MODEL=vit_nano_patch16 TEACHER=tiny NIMG=64 B1=8 B2=8 \
 #   WORKERS=1 COMPILED=milan OUT=/tmp/gc bash benchmarks/gpu_check.sh
@@ -45,7 +46,7 @@ python -c "import open_clip, tqdm" || { echo "open_clip missing: carry wheels/ (
 cat "$OUT/machine.txt"
 
 DATA=/tmp/gpu_check_jpegs
-python -c "import sys; sys.path.insert(0, 'benchmarks'); import loader; loader.jpeg_folder('$DATA', $NIMG)" &
+python -c "import sys; sys.path.insert(0, 'benchmarks'); import loader; loader.jpeg_folder('$DATA', $NIMG, '500x375')" &
 GEN=$!
 
 BENCH="python benchmarks/bench.py --device $DEVICE --model $MODEL --teacher $TEACHER --teacher_weights none"
@@ -56,8 +57,12 @@ step bench_milan_fp32_teacher_b128 45 $BENCH --batch_size $B1 --warmup 3 --steps
 step profile_milan_b128 45 $BENCH --batch_size $B1 --warmup 3 --steps 5 --methods milan --profile \
     --json "$OUT/profile_milan_b128.json"
 wait $GEN
-step loader 150 python benchmarks/loader.py --device $DEVICE --data "$DATA" --workers $WORKERS --batch_size $B1 \
-    --end_to_end $B1 --json "$OUT/loader.json" --train_flags --model $MODEL --teacher $TEACHER
+step loader 100 python benchmarks/loader.py --device $DEVICE --workers $WORKERS --batch_size $B1 --images $NIMG \
+    --json "$OUT/loader.json"
+step e2e_milan_b128 100 python -m torch.distributed.run --standalone --nproc_per_node=1 milan.py --data "$DATA" \
+    --model $MODEL --teacher $TEACHER --teacher_weights none --batch_size $B1 --accum_iter 1 --num_workers $WORKERS \
+    --epochs 2 --warmup_epochs 1 --log_every 5 --output_dir /tmp/gpu_check_e2e
+grep -o "epoch 1:.*img_s=[0-9.]*" "$OUT/e2e_milan_b128.log" | tail -n 1 | grep -o "img_s=[0-9.]*"
 step bench_compiled_b256 400 $BENCH --batch_size $B2 --warmup 3 --steps 10 --compile \
     --methods $COMPILED --json "$OUT/bench_compiled_b256.json"
 echo "done at $(($(date +%s) - START))s; results in $OUT"

@@ -312,7 +312,7 @@ def probe_features(args, data, features, dim):
         for step, (images, labels) in enumerate(train):
             common.set_lr(opt, common.lr_at(epoch + step / len(train), sched))
             with torch.no_grad():
-                f = features(images)
+                f = features(common.to_device(images, "cpu"))  # uint8 -> ImageNet-normalised, as in training
             loss = F.cross_entropy(head(f), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -321,7 +321,7 @@ def probe_features(args, data, features, dim):
     hits = n = 0
     with torch.no_grad():
         for images, labels in val:
-            hits += (head(features(images)).argmax(1) == labels).sum().item()
+            hits += (head(features(common.to_device(images, "cpu"))).argmax(1) == labels).sum().item()
             n += len(labels)
     return 100.0 * hits / n
 
@@ -331,6 +331,7 @@ def val_patches(tokens_of, args, data, n=256):
     out, seen = [], 0
     with torch.no_grad():
         for images, _ in loaders(args, data)[2]:
+            images = common.to_device(images, "cpu")  # uint8 -> ImageNet-normalised, as in training
             out.append(tokens_of(images[:n - seen])[:, 1:].flatten(0, 1).float())  # [B * N, D]
             seen += len(images[:n - seen])
             if seen == n:

@@ -1,26 +1,27 @@
-"""The pre-training data path, --decode cpu against --decode device: images/s of the loader (with the main
-process's share: for the device path, decoding the batch's JPEGs and cropping them on --device) and the CPU
-seconds per image its workers spend (the cores a GPU needs to be fed), on JPEGs like ImageNet's (500 x 375,
-quality 90; or --data DIR).
+"""The pre-training input path against its anchor, in one run: on the same JPEG files, the MAE reference pipeline
+(torchvision ImageFolder; RandomResizedCrop + flip + ToTensor + Normalize in the workers, float32 out) and ours
+(PIL decode, a large JPEG decoded at reduced scale, the same crop and flip; uint8 out, normalised on the device),
+for MILAN's transform and for CAE's (two views of one crop, 224 px bicubic + 112 px LANCZOS, and a block mask; its
+reference is the same in the MAE way: float views made in the workers).
 
-  python benchmarks/loader.py --workers 2 --images 512 --json loader.json            # this CPU
-  python benchmarks/loader.py --device cuda --workers 12 --images 4096 --json loader.json
-  python benchmarks/loader.py --device cuda --workers 12 --end_to_end 128 --json e2e.json  # + milan.py end to end
+  python benchmarks/loader.py --json loader.json                       # both JPEG sets, both transforms, this CPU
+  python benchmarks/loader.py --device cuda --workers 12 --json loader.json
 
-Worker CPU time: the workers are separate processes, started for each pass and joined at its end, so
-getrusage(RUSAGE_CHILDREN) after the pass holds exactly their user + system seconds (start-up included).
---json: one record per path: path (cpu or device), device, images_per_s, cpu_s_per_image (worker side),
-workers, and main_cpu_s_per_image, method. --end_to_end B also runs `torchrun --nproc_per_node=1 milan.py` for
-two epochs of batch B on the folder with each path and adds e2e_images_per_s (the training bar's img/s at the
-end of the second epoch; the step rate to compare with is bench.py's --batch_size B).
+JPEG sets (generated, quality 90, smooth structure plus noise: ImageNet-like file sizes): '500x375', every file
+500 x 375; 'long_tail', a mix like ImageNet's: 80% with a 500 px long side (4:3, 3:4, 3:2 or 1:1) and 20% with a
+long side drawn from 1000-2500 px. Reported per pipeline: images/s of the loader (the main process takes the
+batches and, with --device, moves them there; ours normalises them there), worker CPU ms per image (user + system
+of the joined workers: getrusage(RUSAGE_CHILDREN) around a pass, start-up included; the last of --epochs passes
+counts, the first warms the page cache), and the projected images/s of 12 cores (12 / worker CPU s per image)
+against the H200 step rates of milan.py (2,200 img/s eager at batch 128, 2,950 compiled at batch 256).
+--json: one record per (sizes, transform, pipeline): pipeline (mae_reference or ours), transform (milan or cae),
+sizes, images_per_s, cpu_ms_per_image, main_cpu_ms_per_image, workers, projected_12_cores, device, images.
 """
 import argparse
 import importlib
 import json
 import os
-import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,28 +32,83 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torchvision import datasets, transforms as T  # noqa: E402
+from torchvision.transforms import functional as TF  # noqa: E402
 
 import common  # noqa: E402
 
-
-def jpeg_folder(root, n, classes=10):
-    """n JPEGs of 500 x 375 at quality 90 with ImageNet-like file sizes (smooth structure plus noise: ~90 KB),
-    written by all cores."""
-    from multiprocessing import Pool
-    with Pool(os.cpu_count()) as pool:
-        pool.starmap(write_jpegs, [(root, range(s, n, 64), classes) for s in range(min(64, n))])
-    return root
+H200_STEP_RATES = {"eager, batch 128": 2200, "compiled, batch 256": 2950}  # milan.py img/s on one H200 (bf16)
 
 
-def write_jpegs(root, indices, classes):
+# ---- The JPEG sets ----------------------------------------------------------------------------------
+def image_size(i, sizes):
+    """The (width, height) of file i of a set."""
+    rng = np.random.default_rng([i, 7])
+    aspect = [4 / 3, 3 / 4, 3 / 2, 1.0][rng.integers(4)]
+    long = 500 if sizes == "500x375" or rng.random() < 0.8 else int(rng.integers(1000, 2501))
+    if sizes == "500x375":
+        return 500, 375
+    return (long, round(long / aspect)) if aspect >= 1 else (round(long * aspect), long)
+
+
+def write_jpegs(root, indices, sizes, classes=10):
     for i in indices:
         rng = np.random.default_rng(i)
+        w, h = image_size(i, sizes)
         d = os.path.join(root, "train", f"class{i % classes}")
         os.makedirs(d, exist_ok=True)
         low = rng.integers(0, 256, (12, 16, 3)).astype(np.uint8)
-        x = np.asarray(Image.fromarray(low).resize((500, 375), Image.BICUBIC), dtype=np.float32)
-        x += rng.normal(0, 16, x.shape)
+        x = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
+        x += rng.normal(0, 16, x.shape).astype(np.float32)
         Image.fromarray(x.clip(0, 255).astype(np.uint8)).save(os.path.join(d, f"{i}.jpg"), quality=90)
+
+
+def jpeg_folder(root, n, sizes):
+    from multiprocessing import Pool
+    with Pool(os.cpu_count()) as pool:
+        pool.starmap(write_jpegs, [(root, range(s, n, 64), sizes) for s in range(min(64, n))])
+    return root
+
+
+# ---- The two pipelines ----------------------------------------------------------------------------------
+class ReferenceTwoViews:
+    """CAE's transform the MAE / BEiT way (the released data path): flip, one crop resized twice (224 bicubic, 112
+    LANCZOS), ToTensor + Normalize and ToTensor + map_pixels in the worker, and a block mask."""
+    def __init__(self, args, mask_fn):
+        self.args, self.mask_fn = args, mask_fn
+
+    def __call__(self, img):
+        img = TF.hflip(img) if torch.rand(1) < 0.5 else img
+        i, j, h, w = T.RandomResizedCrop.get_params(img, (self.args.crop_min, 1.0), (3 / 4, 4 / 3))
+        view = TF.resized_crop(img, i, j, h, w, [224, 224], T.InterpolationMode.BICUBIC)
+        token = TF.resized_crop(img, i, j, h, w, [112, 112], T.InterpolationMode.LANCZOS)
+        view = TF.normalize(TF.to_tensor(view), common.IMAGENET_MEAN, common.IMAGENET_STD)
+        return view, 0.8 * TF.to_tensor(token) + 0.1, self.mask_fn()
+
+
+def reference_dataset(transform, args, data):
+    """torchvision's ImageFolder with its default loader (PIL, convert RGB) and the transform in the workers."""
+    if transform == "milan":
+        t = T.Compose([T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0),
+                                           interpolation=T.InterpolationMode.BICUBIC),
+                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+    else:
+        t = ReferenceTwoViews(args, importlib.import_module("cae").block_masking(args))
+    return datasets.ImageFolder(os.path.join(data, "train"), transform=t)
+
+
+def build(pipeline, transform, data, opts):
+    """-> (dataset, sampler) of one pipeline: the reference shuffles with a RandomSampler; ours is the method
+    file's own (common.build_dataset + Samples + SeededSampler, per-image seeding included)."""
+    module = importlib.import_module(transform)
+    args = module.get_args(["--data", data, "--model", "vit_nano_patch16", "--batch_size", str(opts.batch_size),
+                            "--num_workers", str(opts.workers)])
+    args.rank, args.world_size, args.device = 0, 1, opts.device
+    if pipeline == "mae_reference":
+        ds = reference_dataset(transform, args, data)
+        return ds, torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds), opts.batch_size, drop_last=True)
+    loader = common.build_loader(common.build_dataset(args, module.build_transform(args)), args)
+    return loader.dataset, torch.utils.data.BatchSampler(loader.sampler, opts.batch_size, drop_last=True)
 
 
 def cpu_seconds(who):
@@ -60,43 +116,26 @@ def cpu_seconds(who):
     return r.ru_utime + r.ru_stime
 
 
-def measure(path, data, opts):
-    module = importlib.import_module(opts.method)
-    args = module.get_args(["--data", data, "--model", "vit_nano_patch16", "--batch_size", str(opts.batch_size),
-                            "--num_workers", str(opts.workers)])
-    args.rank, args.world_size, args.device, args.decode = 0, 1, opts.device, path
-    loader = common.build_loader(common.build_dataset(args, module.build_transform(args)), args)
-    loader = torch.utils.data.DataLoader(loader.dataset, opts.batch_size, sampler=loader.sampler, num_workers=opts.workers,
-                                         collate_fn=common.collate, pin_memory=opts.device.startswith("cuda"))
-    rec = None
-    for epoch in range(opts.epochs):  # the last pass counts (the first warms the page cache)
-        loader.sampler.set_epoch(epoch)
+def measure(pipeline, transform, sizes, data, opts):
+    dataset, batches = build(pipeline, transform, data, opts)
+    for epoch in range(opts.epochs):  # a fresh, non-persistent loader per pass: its workers are joined at the end
+        if hasattr(batches.sampler, "set_epoch"):
+            batches.sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=opts.workers,
+                                             pin_memory=opts.device.startswith("cuda"))
         workers, main, t0, n = cpu_seconds(resource.RUSAGE_CHILDREN), cpu_seconds(resource.RUSAGE_SELF), time.perf_counter(), 0
         for batch, _ in loader:
-            batch = common.to_device(batch, opts.device)
+            batch = common.to_device(batch, opts.device)  # ours: uint8 view normalised there; reference: moved
             n += len(batch[0] if isinstance(batch, tuple) else batch)
         if opts.device.startswith("cuda"):
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0  # the iterator has ended: its workers are joined
+        seconds = time.perf_counter() - t0
+        del loader
         worker_s, main_s = cpu_seconds(resource.RUSAGE_CHILDREN) - workers, cpu_seconds(resource.RUSAGE_SELF) - main
-        rec = dict(path=path, device=device_name(opts.device), images_per_s=n / seconds,
-                   cpu_s_per_image=worker_s / n if opts.workers else main_s / n, workers=opts.workers,
-                   main_cpu_s_per_image=main_s / n, method=opts.method, images=n)
-    return rec
-
-
-def end_to_end(path, data, opts):
-    """milan.py as a user runs it, two epochs; the training bar's last img/s (second epoch: workers warm)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           os.path.join(ROOT, "milan.py"), "--data", data, "--batch_size", str(opts.end_to_end), "--num_workers",
-           str(opts.workers), "--decode", path, "--epochs", "2", "--warmup_epochs", "1", "--teacher_weights", "none",
-           "--accum_iter", "1", "--log_every", "5", "--output_dir", tempfile.mkdtemp()] + opts.train_flags
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    rates = re.findall(r"epoch 1:.*?img_s=([0-9.]+)", proc.stderr)
-    if proc.returncode or not rates:
-        print(f"end to end ({path}) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return float(rates[-1])
+    cpu_ms = 1e3 * (worker_s if opts.workers else main_s) / n
+    return dict(pipeline=pipeline, transform=transform, sizes=sizes, images_per_s=n / seconds, cpu_ms_per_image=cpu_ms,
+                main_cpu_ms_per_image=1e3 * main_s / n, workers=opts.workers, projected_12_cores=12e3 / cpu_ms,
+                device=device_name(opts.device), images=n)
 
 
 def device_name(device):
@@ -105,31 +144,29 @@ def device_name(device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="an ImageFolder root; default: --images generated JPEGs in a temp folder")
-    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--sizes", nargs="+", default=["500x375", "long_tail"], choices=["500x375", "long_tail"])
+    p.add_argument("--transforms", nargs="+", default=["milan", "cae"], choices=["milan", "cae"])
+    p.add_argument("--images", type=int, default=768, help="JPEGs per set")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2, help="passes over the data; the last one is reported")
-    p.add_argument("--paths", nargs="+", default=["cpu", "device"], choices=["cpu", "device"])
-    p.add_argument("--method", default="milan", help="whose build_transform (milan, cae, cae_v2, mr_mae, mask_align)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--end_to_end", type=int, metavar="B", help="also torchrun milan.py with batch B (GPU)")
-    p.add_argument("--train_flags", nargs=argparse.REMAINDER, default=[], help="more flags for milan.py (last)")
     p.add_argument("--json", help="write the records (a JSON list) here")
     opts = p.parse_args()
-    tmp = None if opts.data else tempfile.TemporaryDirectory()
-    data = opts.data or jpeg_folder(tmp.name, opts.images)
     records = []
-    for path in opts.paths:
-        rec = measure(path, data, opts)
-        if opts.end_to_end:
-            rec["e2e_images_per_s"], rec["e2e_batch_size"] = end_to_end(path, data, opts), opts.end_to_end
-        records.append(rec)
-        print(f"{path:6s} on {rec['device']}: {rec['images_per_s']:8.1f} img/s, worker CPU {1e3 * rec['cpu_s_per_image']:6.2f} "
-              f"ms/img ({opts.workers} workers), main process {1e3 * rec['main_cpu_s_per_image']:6.2f} ms/img"
-              + (f", milan.py end to end {rec['e2e_images_per_s']} img/s" if opts.end_to_end else ""), flush=True)
-    if len(records) == 2:
-        print(f"worker CPU per image, device / cpu: {records[1]['cpu_s_per_image'] / records[0]['cpu_s_per_image']:.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for sizes in opts.sizes:
+            data = jpeg_folder(os.path.join(tmp, sizes), opts.images, sizes)
+            for transform in opts.transforms:
+                pair = [measure(pipeline, transform, sizes, data, opts) for pipeline in ("mae_reference", "ours")]
+                for r in pair:
+                    print(f"{sizes:9s} {transform:5s} {r['pipeline']:13s} {r['images_per_s']:7.1f} img/s, worker CPU "
+                          f"{r['cpu_ms_per_image']:5.2f} ms/img ({r['workers']} workers), main {r['main_cpu_ms_per_image']:5.2f} "
+                          f"ms/img; 12 cores: {r['projected_12_cores']:6.0f} img/s", flush=True)
+                print(f"{sizes:9s} {transform:5s} worker CPU per image, ours / reference: "
+                      f"{pair[1]['cpu_ms_per_image'] / pair[0]['cpu_ms_per_image']:.2f}", flush=True)
+                records += pair
+    print("H200 step rates of milan.py to feed: " + ", ".join(f"{k}: {v} img/s" for k, v in H200_STEP_RATES.items()))
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(records, f, indent=1)

@@ -60,9 +60,12 @@ def test_data_pipeline_yields_two_views_of_one_crop_and_98_block_masked_patches(
     torch.manual_seed(1), random.seed(1)
     view, token_view, mask = cae.build_transform(args_for())(img)
     assert view.shape == (3, 224, 224) and token_view.shape == (3, 112, 112)
+    assert view.dtype == token_view.dtype == torch.uint8  # made in the workers; converted on the device
     assert mask.dtype == torch.bool and mask.shape == (N,) and int(mask.sum()) == 98
     # DALL-E map_pixels 0.8 x + 0.1: black and white squares land on 0.1 and 0.9
+    token_view = cae.map_pixels(token_view[None])[0]
     assert token_view.min().item() == pytest.approx(0.1) and token_view.max().item() == pytest.approx(0.9)
+    view = common.to_device(view[None], "cpu")[0]  # ImageNet-normalised, as the loop gets it
     pixels = view * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
     same = F.avg_pool2d(pixels[None], 2)[0]  # the encoder's view at 112 px
     assert ((token_view - 0.1) / 0.8 - same).abs().mean() < 0.02  # the same crop and flip
@@ -320,14 +323,14 @@ def fixed_batch(target, seed=0):
     for blk in model.encoder.blocks:  # drop path off for a deterministic loss curve
         blk.drop_path = 0.0
     x, (ids_keep, ids_mask) = images(4, seed=seed), split(4, seed)
-    batch = (x, 0.8 * torch.rand(4, 3, 112, 112) + 0.1, common.mask_from_ids(ids_keep, N))
+    batch = (x, torch.randint(0, 256, (4, 3, 112, 112), dtype=torch.uint8), common.mask_from_ids(ids_keep, N))
     return model, tokenizer, (batch if target == "dalle" else (batch[0], batch[2])), args
 
 
 @pytest.mark.parametrize("target", ["dalle", "pixel"])
 def test_gradients_reach_the_student_never_the_tokenizer(target):
     model, tokenizer, batch, args = fixed_batch(target)
-    out = cae.forward_step(model, tokenizer, batch, args)
+    out = cae.forward_step(model, tokenizer, batch, args, per_patch=True)
     out["loss"].backward()
     for name in ["encoder.patch_embed.proj.weight", "encoder.blocks.1.ls1.gamma", "encoder.cls_token",
                  "regressor.mask_token", "regressor.blocks.3.attn.k.weight", "decoder_blocks.3.attn.qkv.weight",

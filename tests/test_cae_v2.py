@@ -53,10 +53,11 @@ def test_recipe_defaults_follow_table_8():
     assert a.blr * 2048 / 256 == pytest.approx(1.5e-3) and tuple(a.betas) == (0.9, 0.98)
     assert (a.epochs, a.warmup_epochs, a.min_lr, a.clip_grad, a.weight_decay) == (300, 10, 1e-5, 3.0, 0.05)
     assert (a.crop_min, a.color_jitter, a.layer_scale) == (0.4, 0.4, 0.1) and a.batch_size * 8 == 2048
-    ops = cae_v2.build_transform(a).transform.transforms
-    jitter = [t for t in ops if type(t).__name__ == "ColorJitter"]
-    assert len(jitter) == 1 and jitter[0].brightness == (0.6, 1.4) and jitter[0].saturation == (0.6, 1.4)
-    assert jitter[0].contrast == (0.6, 1.4) and jitter[0].hue is None
+    t = cae_v2.build_transform(a)
+    jitter = t.first  # on the whole image, before the crop
+    assert (t.size, t.scale) == (224, (0.4, 1.0))
+    assert type(jitter).__name__ == "ColorJitter" and jitter.brightness == (0.6, 1.4) and jitter.saturation == (0.6, 1.4)
+    assert jitter.contrast == (0.6, 1.4) and jitter.hue is None
 
 
 def test_vit_tiny_has_12_heads_and_a_narrow_regressor_behind_fc_ln(tiny_teacher):
@@ -123,7 +124,7 @@ def fixed_batch(tiny_teacher, seed=0):
 
 def test_gradients_reach_the_student_never_the_teacher(tiny_teacher):
     model, batch, args = fixed_batch(tiny_teacher)
-    out = cae_v2.forward_step(model, tiny_teacher, batch, args)
+    out = cae_v2.forward_step(model, tiny_teacher, batch, args, per_patch=True)
     out["loss"].backward()
     for name in ["encoder.patch_embed.proj.weight", "encoder.blocks.1.ls2.gamma", "encoder.cls_token",
                  "regressor.mask_token", "regressor.blocks.0.attn.q.weight", "head.fc.weight", "head.norm.weight"]:
@@ -165,9 +166,10 @@ def test_colour_jitter_sees_the_whole_image_before_the_crop():
         img = Image.new("RGB", (300, 150), outside)
         img.paste(inside, (50, 0))
         pair.append(img)
-    pipelines = {"ours": lambda img: cae_v2.build_transform(a)(img)[0],
-                 "no jitter": lambda img: cae_v2.build_transform(args_for("vit_nano_patch16", "--crop_min", "1.0",
-                                                                          "--color_jitter", "0"))(img)[0],
+    normalised = lambda t: lambda img: common.to_device(t(img)[0][None], "cpu")[0]  # the uint8 view, as the loop gets it
+    pipelines = {"ours": normalised(cae_v2.build_transform(a)),
+                 "no jitter": normalised(cae_v2.build_transform(args_for("vit_nano_patch16", "--crop_min", "1.0",
+                                                                         "--color_jitter", "0"))),
                  "jitter after crop": v2.Compose([  # the order before this fix: crop, flip, then jitter
                      v2.RandomResizedCrop(224, scale=(1.0, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
                      v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4, 0.4), v2.ToImage(),
@@ -213,7 +215,7 @@ def test_no_visible_align_trains_on_l_z_alone(tiny_teacher):
     loss, out = model(images_, ids_keep, ids_mask, take(ids_keep), take(ids_mask))
     cos = torch.nn.functional.cosine_similarity(out["pred_m"], take(ids_mask), dim=-1)
     assert loss.item() == pytest.approx((1 - cos).mean().item(), rel=1e-5)  # l_z only
-    step = cae_v2.forward_step(model, tiny_teacher, batch, args)
+    step = cae_v2.forward_step(model, tiny_teacher, batch, args, per_patch=True)
     assert torch.all(step["patch_loss"][~mask] == 0) and torch.all(step["patch_loss"][mask] > 0)
 
 

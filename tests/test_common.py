@@ -147,7 +147,7 @@ def test_block_masks_are_made_in_dataloader_workers():
     args = argparse.Namespace(data="fake", fake_size=16, input_size=224, batch_size=4, crop_min=0.2, world_size=1,
                               rank=0, seed=0, num_workers=2, device="cpu")
     gen = common.BlockMaskGenerator(num_masked=98)
-    ds = common.build_dataset(args, common.WithMask(common.pretrain_transform(args), gen))
+    ds = common.build_dataset(args, common.pretrain_transform(args, mask_fn=gen))
     (imgs, masks), _ = next(iter(common.build_loader(ds, args)))
     assert imgs.shape == (4, 3, 224, 224) and masks.shape == (4, N) and torch.all(masks.sum(1) == 98)
     assert not hasattr(gen, "blocks")  # the main process never drew a mask: the workers did

@@ -60,7 +60,7 @@ def test_attentive_masking_keeps_58_mostly_salient_patches():
 def test_forward_step_shows_58_patches_and_scores_only_them(tiny_teacher, mask_type):
     args = args_for("--mask_type", mask_type)
     model = small_model(tiny_teacher)
-    out = mask_align.forward_step(model, tiny_teacher, images(3), args)
+    out = mask_align.forward_step(model, tiny_teacher, images(3), args, per_patch=True)
     mask, patch_loss = out["mask"], out["patch_loss"]
     assert mask.shape == (3, N) and torch.all((~mask).sum(1) == 58)
     assert torch.all(patch_loss[mask] == 0) and torch.all(patch_loss[~mask] > 0) and not patch_loss.requires_grad
@@ -80,7 +80,7 @@ def test_mask_ratio_0_shows_every_patch_and_scores_all_of_them(tiny_teacher):
     assert not mask_align.attentive_masking(attn, N).any()
     for mask_type in ["attention", "random"]:
         out = mask_align.forward_step(small_model(tiny_teacher), tiny_teacher, images(2),
-                                      args_for("--mask_ratio", "0", "--mask_type", mask_type))
+                                      args_for("--mask_ratio", "0", "--mask_type", mask_type), per_patch=True)
         assert not out["mask"].any() and torch.all(out["patch_loss"] > 0)  # all 196 patches, all in the loss
     model = small_model(tiny_teacher)
     x = images(2)

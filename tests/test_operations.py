@@ -90,7 +90,7 @@ def test_augmentation_depends_on_the_image_not_on_the_loader():
     and the main process's RNG is left as it was."""
     args = argparse.Namespace(data="fake", fake_size=8, input_size=224, batch_size=2, crop_min=0.2, world_size=1,
                               rank=0, seed=0, num_workers=0, device="cpu")
-    ds = common.build_dataset(args, common.WithMask(common.pretrain_transform(args), common.BlockMaskGenerator()))
+    ds = common.build_dataset(args, common.pretrain_transform(args, mask_fn=common.BlockMaskGenerator()))
     first = next(iter(common.build_loader(ds, args)))
     state = torch.get_rng_state()
     again = next(iter(common.build_loader(ds, args)))
@@ -200,7 +200,8 @@ def test_visualize_draws_image_visible_patches_attention_and_loss(tmp_path):
     loss = torch.zeros(2, 196)
     loss[:, 14:] = torch.arange(182.0)  # 0 on the first row: not in the loss
 
-    def step(model, teacher, batch, args):
+    def step(model, teacher, batch, args, per_patch=False):
+        assert per_patch  # the picture asks for the per-patch loss
         return {"loss": torch.zeros(()), "mask": mask, "patch_loss": loss, "cls_attn": torch.arange(196.0).expand(2, -1)}
     common.visualize(args, ds, torch.nn.Linear(1, 1), None, step, "milan")
     sheet = np.asarray(Image.open(tmp_path / "visualize.png")).astype(int)

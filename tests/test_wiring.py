@@ -58,13 +58,13 @@ def test_cae_targets_are_the_token_or_pixels_of_each_masked_patch(target):
     model, tokenizer = cae.build_model(args)
     model.eval()
     x, mask = images(B), block_mask(98)
-    token_view = 0.8 * torch.rand(B, 3, 112, 112) + 0.1
+    token_view = torch.randint(0, 256, (B, 3, 112, 112), dtype=torch.uint8)  # as the loader gives it
     batch = (x, token_view, mask) if target == "dalle" else (x, mask)
     with torch.no_grad():
         out = cae.forward_step(model, tokenizer, batch, args)
         ids_keep, ids_mask = common.ids_from_mask(mask, 98)
         if target == "dalle":  # the tokenizer's token of each masked patch
-            per_patch = tokenizer.tokenize(token_view)  # [B, N]
+            per_patch = tokenizer.tokenize(0.8 * token_view.float() / 255 + 0.1)  # [B, N], DALL-E's map_pixels
         else:  # each masked patch's own 16 x 16 x 3 pixels, normalised by their mean and std
             per_patch = torch.stack([torch.stack([
                 (p - p.mean()) / (p.var() + 1e-6) ** 0.5 for p in
