@@ -50,27 +50,36 @@ import common
 def get_args(argv=None):
     p = common.get_parser("CAE pre-training (arXiv:2202.03026). Defaults: the App. A recipe (ViT-B/16, 300 epochs, "
                           "block masking of 98 of 196 patches, DALL-E targets, lambda = 2) for 8 GPUs: batch 256 per "
-                          "GPU x accum 1 x 8 = 2048; with fewer GPUs raise --accum_iter.")
+                          "GPU x accum 1 x 8 = 2048; with fewer GPUs raise --accum_iter.", helps={
+        "--teacher": "CAE has no teacher network (its targets: --dalle_weights or --target pixel); only 'tiny' is "
+                     "taken, the smoke runs' flag: a narrow random tokenizer",
+        "--teacher_weights": "CAE has no teacher network; only 'none' is taken, the smoke runs' flag: "
+                             "--dalle_weights none"})
     # CAE App. A: AdamW, batch 2048, lr 1.5e-3 (blr 1.875e-4 x 2048 / 256), wd 0.05, 300 epochs with 10 of
     # warmup, cosine, drop path 0.1, mask ratio 50%. From BEiT / the released scripts (the paper says "almost
     # the same as BEiT"): betas (0.9, 0.999), min lr 1e-5, grad clip 3.0, crop scale (0.08, 1) + flip.
     p.set_defaults(batch_size=256, accum_iter=1, blr=1.875e-4, betas=(0.9, 0.999), weight_decay=0.05, epochs=300,
-                   warmup_epochs=10, min_lr=1e-5, clip_grad=3.0, crop_min=0.08, drop_path=0.1, mask_ratio=0.5)
+                   warmup_epochs=10, min_lr=1e-5, clip_grad=3.0, crop_min=0.08, drop_path=0.1, mask_ratio=0.5,
+                   teacher=None, teacher_weights=None)
     p.add_argument("--target", choices=["dalle", "pixel"], default="dalle",
                    help="Sec. 2.2 DALL-E tokens (cross-entropy), or Sec. 3.1 normalised pixels (MSE, no tokenizer)")
     p.add_argument("--dalle_weights", help="OpenAI's DALL-E encoder.pkl (https://cdn.openai.com/dall-e/encoder.pkl), "
                    "or 'none' (random tokenizer: tests and smoke runs); default: none with --teacher_weights none, "
                    "else required by --target dalle")
-    p.add_argument("--dalle_n_hid", type=int, help="width of a random tokenizer (--dalle_weights none); default: "
+    p.add_argument("--dalle_n_hid", type=common.COUNT, help="width of a random tokenizer (--dalle_weights none); default: "
                    "OpenAI's 256, or 16 with --teacher tiny (smoke runs); a weights file sets its own")
-    p.add_argument("--align_weight", type=float, default=2.0, help="lambda of Eq. 1 (2 in the paper)")
-    p.add_argument("--layer_scale", type=float, help="encoder layer scale init; default: 0.1, 1e-5 for ViT-L/H "
+    p.add_argument("--align_weight", type=common.NONNEG, default=2.0, help="lambda of Eq. 1 (2 in the paper)")
+    p.add_argument("--layer_scale", type=common.NONNEG, help="encoder layer scale init; default: 0.1, 1e-5 for ViT-L/H "
                    "(released scripts; the paper follows BEiT)")
-    p.add_argument("--regressor_depth", type=int, default=4, help="cross-attention blocks of H (Sec. 4.1)")
-    p.add_argument("--decoder_depth", type=int, default=4, help="self-attention blocks of G (Sec. 4.1)")
+    p.add_argument("--regressor_depth", type=common.COUNT, default=4, help="cross-attention blocks of H (Sec. 4.1)")
+    p.add_argument("--decoder_depth", type=common.SIZE, default=4, help="self-attention blocks of G (Sec. 4.1)")
     args = p.parse_args(argv)
     # the DALL-E tokenizer is CAE's teacher: the README's shared smoke flags (--teacher tiny --teacher_weights none)
-    # give a narrow random tokenizer, so the smoke command is the same for every method file
+    # give a narrow random tokenizer, so the smoke command is the same for every method file; other values are refused
+    if args.teacher not in (None, "tiny") or args.teacher_weights not in (None, "none"):
+        raise common.UserError(f"--teacher {args.teacher} --teacher_weights {args.teacher_weights}: cae.py has no teacher "
+                               f"network; its targets are DALL-E tokens (--dalle_weights /path/to/encoder.pkl) or pixels "
+                               f"(--target pixel); only the smoke flags --teacher tiny --teacher_weights none are taken")
     if args.dalle_weights is None and args.teacher_weights == "none":
         args.dalle_weights = "none"
     if args.dalle_n_hid is None:
@@ -405,7 +414,7 @@ def forward_step(model, teacher, batch, args, per_patch=False):
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt):
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    meter = common.Meter(loader, epoch, args)
+    meter = common.Meter(loader, epoch, args, ckpt)  # a resumed epoch goes on from its checkpoint
     for step, (batch, _) in meter:  # step counts from the resume point
         if step % args.accum_iter == 0:  # per-iteration schedule (BEiT)
             lr = common.lr_at(epoch + step / meter.steps, args)
@@ -432,7 +441,8 @@ def main(argv=None):
         return common.visualize(args, dataset, model, teacher, forward_step, "cae")
     loader = common.build_loader(dataset, args)
     optimizer = common.build_optimizer(model, args)
-    common.pretrain(args, "cae", model, teacher, loader, optimizer, train_one_epoch)  # resume, DDP, epochs
+    targets = f"targets: DALL-E tokens ({args.dalle_weights})" if args.target == "dalle" else "targets: normalised pixels"
+    common.pretrain(args, "cae", model, teacher, loader, optimizer, train_one_epoch, targets)  # resume, DDP, epochs
 
 
 if __name__ == "__main__":

@@ -54,27 +54,27 @@ SIZES = {"vit_tiny_patch16": (0.15, 1, 96, 0.1), "vit_small_patch16": (0.25, 1, 
 def get_args(argv=None):
     p = common.get_parser("CAE v2 pre-training (arXiv:2211.09799). Defaults: the Table 8 recipe (ViT-B/16, CLIP-B/16 "
                           "targets, 300 epochs; mask ratio, drop path and regressor by model size, Sec. 3.2, App. B.1) "
-                          "for 8 GPUs: batch 256 per GPU x accum 1 x 8 = 2048; with fewer GPUs raise --accum_iter.")
+                          "for 8 GPUs: batch 256 per GPU x accum 1 x 8 = 2048; with fewer GPUs raise --accum_iter.", helps={
+        "--mask_ratio": "fraction of patches hidden from the encoder; default by model size: 0.15/0.25/0.5/0.6 for "
+                        "vit_tiny/small/base/large_patch16 (Sec. 3.2, Table 8), 0.5 otherwise",
+        "--drop_path": "stochastic depth of the last block; default by model size: 0.1/0.1/0.1/0.2 for T/S/B/L "
+                       "(Table 8), 0.1 otherwise"})
     # CAE v2 Table 8: AdamW (0.9, 0.98), batch 2048, peak lr 1.5e-3 (blr 1.875e-4 x 2048 / 256), min lr 1e-5,
     # cosine, 300 epochs with 10 of warmup, grad clip 3.0, wd 0.05, crop scale (0.4, 1) + flip, colour jitter 0.4.
     # Mask ratio, drop path and the regressor follow the model size (SIZES) unless given.
     p.set_defaults(batch_size=256, accum_iter=1, blr=1.875e-4, betas=(0.9, 0.98), weight_decay=0.05, epochs=300,
                    warmup_epochs=10, min_lr=1e-5, clip_grad=3.0, crop_min=0.4, drop_path=None, mask_ratio=None,
                    teacher="ViT-B-16")
-    p._option_string_actions["--mask_ratio"].help = "fraction of patches hidden from the encoder; default by model " \
-        "size: 0.15/0.25/0.5/0.6 for vit_tiny/small/base/large_patch16 (Sec. 3.2, Table 8), 0.5 otherwise"
-    p._option_string_actions["--drop_path"].help = "stochastic depth of the last block; default by model size: " \
-        "0.1/0.1/0.1/0.2 for T/S/B/L (Table 8), 0.1 otherwise"
-    p.add_argument("--color_jitter", type=float, default=0.4, help="brightness/contrast/saturation jitter of the whole "
+    p.add_argument("--color_jitter", type=common.NONNEG, default=0.4, help="brightness/contrast/saturation jitter of the whole "
                    "image before the crop (Table 8; order as released)")
     p.add_argument("--mask_type", choices=["block", "random"], default="block", help="Sec. 2.3 random block-wise "
                    "masking, or MAE's uniform random masking of as many patches (Table 5)")
     p.add_argument("--visible_align", action=argparse.BooleanOptionalAction, default=True, help="Eq. 2's visible "
                    "latent alignment l_v; --no-visible_align trains with l_z alone (Table 1 No. 2, Table 2)")
-    p.add_argument("--layer_scale", type=float, default=0.1, help="encoder layer scale init (released scripts, all sizes)")
-    p.add_argument("--regressor_depth", type=int, help="blocks of H; default: 1/1/4/4 for T/S/B/L (App. B.1), 1 "
+    p.add_argument("--layer_scale", type=common.NONNEG, default=0.1, help="encoder layer scale init (released scripts, all sizes)")
+    p.add_argument("--regressor_depth", type=common.SIZE, help="blocks of H; default: 1/1/4/4 for T/S/B/L (App. B.1), 1 "
                    "otherwise; 0: no regressor, l_v alone (Table 4's 0 layers = Table 2's l_v-only row, Sec. 3.2)")
-    p.add_argument("--regressor_dim", type=int, help="width of H; default: 96/384/768/1024 for T/S/B/L (App. B.1), "
+    p.add_argument("--regressor_dim", type=common.COUNT, help="width of H; default: 96/384/768/1024 for T/S/B/L (App. B.1), "
                    "the encoder width otherwise; FC + LN maps the encoder output to it when they differ")
     args = p.parse_args(argv)
     ratio, depth, dim, dpr = SIZES.get(args.model, (0.5, 1, common.VIT_CONFIGS.get(args.model, (0, 0))[1], 0.1))
@@ -261,7 +261,7 @@ def forward_step(model, teacher, batch, args, per_patch=False):
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt):
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    meter = common.Meter(loader, epoch, args)
+    meter = common.Meter(loader, epoch, args, ckpt)  # a resumed epoch goes on from its checkpoint
     for step, (batch, _) in meter:  # step counts from the resume point
         if step % args.accum_iter == 0:  # per-iteration schedule (BEiT)
             lr = common.lr_at(epoch + step / meter.steps, args)

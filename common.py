@@ -3,7 +3,7 @@ ViT, frozen Teacher, masking, data, torchrun/DDP, AdamW groups, schedule, checkp
 Whatever a paper's ablation could change (sampler, decoder, loss, recipe) lives in the method file.
 Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep sorted ascending;
 tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, itertools, json, logging, math, os, random, socket, sys, time, warnings, zipfile
+import argparse, itertools, json, logging, math, os, random, signal, socket, sys, time, warnings, zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -25,23 +25,39 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 class UserError(Exception):
     """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback."""
 
-RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None}  # where this process is: for the Ctrl-C line
+RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None, "stop": None}  # where this process is, for the last line
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C: the run stops; after the update in progress it writes a mid-epoch checkpoint (Checkpointer)."""
+
+def on_signal(signum, frame):
+    """SIGTERM (a scheduler's preemption, with a grace period) or Ctrl-C: a training run finishes the update in
+    progress, saves a mid-epoch checkpoint and stops (Checkpointer.step_done); before training, or at a second
+    signal, it stops at once."""
+    if RUN["at"] is None or RUN["stop"]:
+        raise Stopped(signal.Signals(signum).name)
+    RUN["stop"] = signal.Signals(signum).name
 
 def cli(main, argv=None):
-    """Entry point of every script: run main(argv); a UserError becomes one clear line, Ctrl-C one line too."""
+    """Entry point of every script: run main(argv); a UserError becomes one clear line (exit 2); SIGTERM and Ctrl-C
+    save where training stands and print one line on how to continue (exit 143 and 130)."""
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         main(argv)
     except UserError as e:  # raised in a DataLoader worker, it arrives wrapped: keep its own last line
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # where the run stopped, and how to continue it
+    except (Stopped, KeyboardInterrupt) as e:  # where the run stopped, and how to continue it
+        name = str(e) if isinstance(e, Stopped) else "SIGINT"
         last, at = os.path.join(RUN["output_dir"] or ".", "checkpoint-last.pth"), RUN["at"]
         saved = " (epoch {}, step {})".format(*RUN["saved"]) if RUN["saved"] else ""
         how = f"relaunch the same command with --resume auto to continue from {last}{saved}" if RUN["output_dir"] \
             and os.path.isfile(last) else "no checkpoint was written, so a relaunch starts from the beginning"
         if RUN["rank"] == 0:
-            print("\ninterrupted" + (" at epoch {}, step {}; ".format(*at) if at else "; ") + how, file=sys.stderr)
-        sys.exit(130)
+            what = "interrupted" if name == "SIGINT" else f"stopped by {name}"
+            print(f"\n{what}" + (" at epoch {}, step {}; ".format(*at) if at else "; ") + how, file=sys.stderr)
+        sys.exit(130 if name == "SIGINT" else 143)
 
 # ---- ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) ---
 def sincos_pos_embed(dim, grid):
@@ -465,23 +481,32 @@ class FakeImages(torch.utils.data.Dataset):
         return self.transform(img), int(rng.integers(self.num_classes))
 
 def build_dataset(args, transform, split="train", classes=None):
-    """DIR/<split> (train: DIR itself if it has no train folder) as an ImageFolder, or FakeImages for --data fake.
-    classes: the class names of the train split, whose indices the labels of this split then take (a val folder
-    with fewer classes, or another order, still gets train's labels); a class that train lacks is refused."""
+    """DIR/<split> (train: DIR itself if it has neither train nor val folder) as an ImageFolder whose images are opened,
+    not decoded (the view decodes them), or FakeImages for --data fake. classes: the class names of the train split,
+    whose indices the labels of this split then take (a val folder with fewer classes, or another order, still gets
+    train's labels); a class that train lacks is refused. Layouts that would train on validation images are refused."""
     if args.data == "fake":  # deterministic random images; 'val' uses other indices
         n = args.fake_size if split == "train" else max(args.fake_size // 4, args.batch_size)
         return FakeImages(n, args.input_size, transform, 0 if split == "train" else 10 ** 6)
+    layout = "pass an ImageNet-style folder (DIR/train/<class>/<image>, DIR/val/<class>/<image>) or --data fake"
     if not os.path.isdir(args.data):
-        raise UserError(f"--data {args.data}: no such directory; pass an ImageNet-style folder "
-                        f"(DIR/{split}/<class>/<image>) or --data fake")
+        raise UserError(f"--data {args.data}: " + ("is a file, not a folder; " if os.path.exists(args.data) else
+                                                   "no such folder; ") + layout)
     root = os.path.join(args.data, split)
-    if not os.path.isdir(root) and split != "train":
-        raise UserError(f"--data {args.data}: has no '{split}' folder (expected {root}/<class>/<image>)")
-    root = root if os.path.isdir(root) else args.data
+    if not os.path.isdir(root):
+        if split != "train" or os.path.isdir(os.path.join(args.data, "val")):  # DIR/val alone, or DIR/<class> + DIR/val
+            raise UserError(f"--data {args.data}: has " + (f"no '{split}' folder" if split != "train" else
+                            "a 'val' folder but no 'train' folder, so val would be trained on as a class") + f"; {layout}")
+        root = args.data  # DIR/<class>/<image>: pre-training needs no val split
     try:
         ds = datasets.ImageFolder(root, transform=transform, loader=Image.open)  # header read; decoded by the view
     except FileNotFoundError:
-        raise UserError(f"--data {args.data}: no images under {root}; expected {root}/<class>/<image>.jpg") from None
+        names = datasets.folder.find_classes(root)[0] if any(e.is_dir() for e in os.scandir(root)) else []
+        empty = [c for c in names if not any(datasets.folder.has_file_allowed_extension(f, datasets.folder.IMG_EXTENSIONS)
+                                             for _, _, files in os.walk(os.path.join(root, c)) for f in files)]
+        what = f"class folder(s) {', '.join(empty[:3])} of {root} hold no image file" if names and len(empty) < len(names) \
+            else f"no images under {root}; expected {root}/<class>/<image>.jpg"
+        raise UserError(f"--data {args.data}: {what}") from None
     if classes is not None:
         index = {c: i for i, c in enumerate(classes)}
         unknown = [c for c in ds.classes if c not in index]
@@ -493,13 +518,14 @@ def build_dataset(args, transform, split="train", classes=None):
     return ds
 
 class SeededSampler(torch.utils.data.Sampler):
-    """DistributedSampler's order (a permutation seeded by seed + epoch, split across ranks; when training only
-    whole batches: the last partial one is dropped, so the steps announced are the steps run) that can start mid-epoch without loading the skipped images. It yields
-    (epoch, index) keys so that Samples seeds each image's augmentation by its identity, not by the
-    worker that loads it: a resumed run sees the same pixels and masks as an uninterrupted one."""
+    """Training: DistributedSampler's order (a permutation seeded by seed + epoch, split across ranks), whole batches
+    only (the last partial one is dropped, so the steps announced are the steps run), able to start mid-epoch without
+    loading the skipped images. Evaluation: each image once, rank r taking images r, r + W, ... (no padding; the
+    shares differ by at most one). It yields (epoch, index) keys so that Samples seeds each image's augmentation by its
+    identity, not by the worker that loads it: a resumed run sees the same pixels and masks as an uninterrupted one."""
     def __init__(self, size, args, train=True):
         self.size, self.train, self.seed, self.rank, self.world = size, train, args.seed, args.rank, args.world_size
-        self.per_rank = size // self.world if train else math.ceil(size / self.world)  # eval pads by wrapping
+        self.per_rank = size // self.world if train else len(range(self.rank, size, self.world))
         self.batch = args.batch_size
         self.steps = self.per_rank // self.batch if train else math.ceil(self.per_rank / self.batch)  # per epoch
         self.epoch = self.start = 0
@@ -508,11 +534,12 @@ class SeededSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start_step
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=g) if self.train else torch.arange(self.size)
-        order = order.repeat(2)[:self.per_rank * self.world]  # drop (train) or wrap-pad (eval) to equal shares
-        end = self.steps * self.batch if self.train else self.per_rank  # training drops the partial last batch
-        for i in order[self.rank::self.world][self.start * self.batch:end].tolist():
+        if self.train:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            mine = order[:self.per_rank * self.world][self.rank::self.world][:self.steps * self.batch]
+        else:
+            mine = torch.arange(self.rank, self.size, self.world)
+        for i in mine[self.start * self.batch:].tolist():
             yield self.epoch, i
 
     def __len__(self):
@@ -520,10 +547,12 @@ class SeededSampler(torch.utils.data.Sampler):
         return end - min(self.start * self.batch, end)
 
 class Samples(torch.utils.data.Dataset):
-    """dataset[(epoch, i)] with torch, numpy and python RNGs seeded by (seed, epoch, i). An image that
-    cannot be read is skipped (the next one is used) and counted in .failed, shared by all workers."""
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed, self.failed = dataset, seed, torch.zeros(1, dtype=torch.int64).share_memory_()
+    """dataset[(epoch, i)] with torch, numpy and python RNGs seeded by (seed, epoch, i). An image that cannot be read is
+    named in a warning and counted in .failed, shared by all workers; training uses the next image instead, evaluation
+    a stand-in labelled -1 that is not scored (each val image counts once, or not at all)."""
+    def __init__(self, dataset, seed, train=True):
+        self.dataset, self.seed, self.train = dataset, seed, train
+        self.failed = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     def __len__(self):
         return len(self.dataset)
@@ -535,17 +564,23 @@ class Samples(torch.utils.data.Dataset):
         s = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, np.uint64)[0] >> 1)
         torch.default_generator.manual_seed(s), np.random.seed(s % 2 ** 32), random.seed(s)
         try:
-            for j in range(i, i + len(self)):
+            for j in range(i, i + len(self)) if self.train else [i]:
                 try:
                     return self.dataset[j % len(self)]
                 except (OSError, SyntaxError) as e:  # PIL: unidentified, truncated or broken file
                     self.failed += 1
                     path = getattr(self.dataset, "samples", [[f"#{j}"]] * len(self))[j % len(self)][0]
                     print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
-            raise UserError("no image of --data could be read")
+            if self.train:
+                raise UserError("no image of --data could be read")
+            return self.dataset.transform(Image.new("RGB", (64, 64))), -1  # a stand-in of the right shape, not scored
         finally:
             if main:
                 torch.set_rng_state(saved[0]), np.random.set_state(saved[1]), random.setstate(saved[2])
+
+def ignore_signals(worker_id):
+    """DataLoader workers ignore Ctrl-C and SIGTERM: the main process saves and stops them (cli, Checkpointer)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 def build_loader(dataset, args, train=True):
     if dist.is_initialized():  # every rank must split the same list of images, or the ranks' step counts differ
@@ -559,8 +594,8 @@ def build_loader(dataset, args, train=True):
         raise UserError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is larger than the "
                         f"dataset ({len(dataset)} images); lower --batch_size")
     # its own generator: making an iterator must not draw from the training RNG (exact resume)
-    return DataLoader(Samples(dataset, args.seed), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
-                      num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
+    return DataLoader(Samples(dataset, args.seed, train), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
+                      num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"), worker_init_fn=ignore_signals,
                       persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
 
 # ---- Command line, torchrun / DDP, seeds, precision -----------------------------------------------
@@ -569,53 +604,75 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
-def get_parser(description, pretrain=True):
-    """Flags shared by all scripts, spelled as in facebookresearch/mae. Each file sets its recipe with
-    parser.set_defaults(...) and adds its own flags; pretrain=False (finetune.py) leaves out the teacher, mask
-    and picture flags."""
-    p = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
-    a = p.add_argument
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a wrong flag is one line and exit 2, like every other mistake (no usage block)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+class Range:
+    """An argparse type: a number in an interval written as in mathematics, e.g. Range(float, "[0, 1)"); a value
+    outside it stops the run at parse time with one line naming the flag."""
+    def __init__(self, cast, interval):
+        self.cast, self.interval, self.__name__ = cast, interval, cast.__name__  # argparse: "invalid int value"
+        self.low, self.high = (float(v) for v in interval[1:-1].split(","))
+
+    def __call__(self, text):
+        v = self.cast(text)
+        low = v >= self.low if self.interval[0] == "[" else v > self.low
+        if not (low and (v <= self.high if self.interval[-1] == "]" else v < self.high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {self.interval}")
+        return v
+
+COUNT, SIZE, NONNEG, POS, FRACTION = (Range(int, "[1, inf)"), Range(int, "[0, inf)"), Range(float, "[0, inf)"),
+                                      Range(float, "(0, inf)"), Range(float, "[0, 1)"))
+
+def get_parser(description, pretrain=True, helps=None):
+    """Flags shared by all scripts, spelled as in facebookresearch/mae, each with its domain. Each file sets its recipe
+    with parser.set_defaults(...), its own help text for a shared flag with helps={flag: text}, and adds its own
+    flags; pretrain=False (finetune.py) leaves out the teacher, mask and picture flags."""
+    p, helps = Parser(description=description, formatter_class=DefaultsHelpFormatter), helps or {}
+    a = lambda *names, **kw: p.add_argument(*names, **dict(kw, help=helps.get(names[0], kw.get("help"))))
     a("--data", "--data_path", dest="data", help="ImageFolder root (DIR/train/<class>/<image>, or DIR/<class>/...), "
       "or 'fake' (generated images); required to train")
-    a("--fake_size", type=int, default=256, help="number of images of --data fake")
-    a("--input_size", type=int, default=224, help="image side in pixels")
+    a("--fake_size", type=COUNT, default=256, help="number of images of --data fake")
+    a("--input_size", type=COUNT, default=224, help="image side in pixels")
     if pretrain:
         a("--model", default="vit_base_patch16", help=", ".join(VIT_CONFIGS))
     else:  # the checkpoint's own, unless given (and then it must agree)
         a("--model", default=argparse.SUPPRESS, help="the encoder's architecture; default: the one the --finetune file "
           "holds (" + ", ".join(VIT_CONFIGS) + ")")
-    a("--drop_path", type=float, default=0.0, help="stochastic depth of the last block")
+    a("--drop_path", type=FRACTION, default=0.0, help="stochastic depth of the last block")
     if pretrain:
         a("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny (a 2-block CLIP tower)")
         a("--teacher_weights", default="openai", help="'openai' (downloads), a local file, or 'none' (random)")
         a("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
-    a("--batch_size", type=int, default=64, help="per process")
-    a("--accum_iter", type=int, default=1, help="gradient accumulation steps")
-    a("--epochs", type=int, default=400, help="training epochs")
-    a("--warmup_epochs", type=float, default=40, help="linear lr warmup, then cosine")
-    a("--blr", type=float, default=1.5e-4, help="lr = blr * batch_size * accum_iter * world_size / 256")
-    a("--lr", type=float, default=None, help="absolute lr (overrides --blr; default: from --blr)")
-    a("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
-    a("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    a("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
-    a("--crop_min", type=float, default=0.2, help="RandomResizedCrop scale = (crop_min, 1)")
+    a("--batch_size", type=COUNT, default=64, help="per process")
+    a("--accum_iter", type=COUNT, default=1, help="gradient accumulation steps")
+    a("--epochs", type=COUNT, default=400, help="training epochs")
+    a("--warmup_epochs", type=NONNEG, default=40, help="linear lr warmup, then cosine")
+    a("--blr", type=POS, default=1.5e-4, help="lr = blr * batch_size * accum_iter * world_size / 256")
+    a("--lr", type=POS, default=None, help="absolute lr (overrides --blr; default: from --blr)")
+    a("--min_lr", type=NONNEG, default=0.0, help="lr at the end of the cosine")
+    a("--weight_decay", type=NONNEG, default=0.05, help="AdamW weight decay")
+    a("--betas", type=FRACTION, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    a("--clip_grad", type=NONNEG, default=0.0, help="max gradient norm (0: no clipping)")
+    a("--crop_min", type=Range(float, "(0, 1]"), default=0.2, help="RandomResizedCrop scale = (crop_min, 1)")
     a("--output_dir", default="./output", help="checkpoints and log.txt")
     a("--resume", default="", help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint-last.pth if any")
-    a("--save_freq", type=int, default=20, help="keep checkpoint-<epoch>.pth every this many epochs")
-    a("--save_every_minutes", type=float, default=30, help="also write checkpoint-last.pth within an epoch when "
+    a("--save_freq", type=COUNT, default=20, help="keep checkpoint-<epoch>.pth every this many epochs")
+    a("--save_every_minutes", type=NONNEG, default=30, help="also write checkpoint-last.pth within an epoch when "
       "this many minutes have passed since the last one (checked every --log_every updates; 0: off)")
-    a("--save_every_steps", type=int, default=0, help="also write checkpoint-last.pth every this many steps "
+    a("--save_every_steps", type=SIZE, default=0, help="also write checkpoint-last.pth every this many steps "
       "(a multiple of --accum_iter; 0: off)")
     if pretrain:
-        a("--visualize", type=int, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
+        a("--visualize", type=SIZE, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
           "--resume CKPT or auto: that model) and exit")
-    a("--seed", type=int, default=0, help="each process uses seed + rank")
-    a("--num_workers", type=int, default=None, help="DataLoader workers per process (default: the machine's "
+    a("--seed", type=Range(int, "[0, 2147483647]"), default=0, help="each process uses seed + rank")
+    a("--num_workers", type=SIZE, default=None, help="DataLoader workers per process (default: the machine's "
       "cores / processes per node, at most 10)")
     a("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="autocast on GPU (CPU runs fp32)")
     a("--compile", action="store_true", help="torch.compile the student (slow first steps)")
-    a("--log_every", type=int, default=20, help="steps between progress updates (the only syncs)")
+    a("--log_every", type=COUNT, default=20, help="steps between progress updates (the only syncs)")
     return p
 
 def setup(args, allow_zero_mask=False):
@@ -624,15 +681,13 @@ def setup(args, allow_zero_mask=False):
     allow_zero_mask: --mask_ratio 0 is valid (MaskAlign only)."""
     if not args.data:
         raise UserError("--data DIR is required: an ImageNet-style folder (DIR/train/<class>/<image>) or 'fake'")
-    if args.model not in VIT_CONFIGS:
+    if args.model not in VIT_CONFIGS and getattr(args, "arch", "vit") == "vit":  # (mr_mae's --arch names its own)
         raise UserError(f"--model {args.model}: unknown; choose one of {', '.join(VIT_CONFIGS)}")
-    patch = VIT_CONFIGS[args.model][0]
+    patch = VIT_CONFIGS.get(args.model, (16,))[0]
     if args.input_size % patch:
         raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {patch} of {args.model}")
     if hasattr(args, "mask_ratio"):  # not finetune.py
         num_visible((args.input_size // patch) ** 2, args.mask_ratio, allow_zero_mask)
-    if args.batch_size < 1 or args.accum_iter < 1:
-        raise UserError("--batch_size and --accum_iter must be at least 1")
     if args.save_every_steps % args.accum_iter:
         raise UserError(f"--save_every_steps {args.save_every_steps} must be a multiple of --accum_iter {args.accum_iter}")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
@@ -657,6 +712,8 @@ def setup(args, allow_zero_mask=False):
 def make_output_dir(args):
     """Rank 0 makes --output_dir when a run is about to write into it (never for a run refused earlier)."""
     if args.rank == 0:
+        if os.path.isfile(args.output_dir):
+            raise UserError(f"--output_dir {args.output_dir}: is a file, not a folder; pass a folder for the run")
         try:
             os.makedirs(args.output_dir, exist_ok=True)
             open(os.path.join(args.output_dir, ".write_test"), "w").close()
@@ -664,12 +721,14 @@ def make_output_dir(args):
         except OSError as e:
             raise UserError(f"--output_dir {args.output_dir}: not writable ({e.strerror})") from None
 
-def announce(args, name, dataset, steps):
+def announce(args, name, dataset, steps, targets=None):
     """Rank 0, before training: a compact summary of the run and the lr arithmetic (every flag is saved in each
-    checkpoint's 'args'), and a warning when the warmup is longer than the run."""
+    checkpoint's 'args'), and warnings when the warmup is longer than the run or the lr below --min_lr. targets:
+    what the student learns from, when it is not --teacher (CAE)."""
     if args.rank != 0:
         return
-    teacher = f", teacher {args.teacher} ({args.teacher_weights})" if hasattr(args, "teacher") else ""
+    teacher = f", {targets}" if targets else f", teacher {args.teacher} ({args.teacher_weights})" \
+        if hasattr(args, "teacher") else ""
     print(f"{name}: {args.model}{teacher}; --data {args.data}: {len(dataset)} images, {steps} steps of "
           f"{args.batch_size} per process per epoch; {args.epochs} epochs; --output_dir {args.output_dir}")
     print(f"effective batch {args.batch_size * args.accum_iter * args.world_size} = {args.batch_size} x accum "
@@ -679,6 +738,9 @@ def announce(args, name, dataset, steps):
         print(f"warning: --warmup_epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the lr "
               f"peaks at {lr_at(args.epochs, args) / max(args.lr, 1e-30):.0%} of {args.lr:.3g} at the very end; "
               f"pass a shorter --warmup_epochs (the papers use about 10% of the run)", file=sys.stderr)
+    if args.lr < args.min_lr:
+        print(f"warning: the lr {args.lr:.3g} (at this batch) is below --min_lr {args.min_lr:.3g}, so the cosine rises "
+              f"to it instead of decaying; pass a lower --min_lr (e.g. lr / 100) or a larger batch", file=sys.stderr)
 
 def autocast(args):
     if args.amp == "none" or not args.device.startswith("cuda"):
@@ -744,24 +806,36 @@ def spread_over_classes(dataset, n):
     turns = itertools.zip_longest(*by_class.values())
     return [i for turn in turns for i in turn if i is not None][:n]
 
-VIS_TITLE, VIS_SCALE, VIS_GAP = 16, 34, 4  # --visualize sheet: title row, colour scale row, gap between cells (px)
+def draw_text(draw, xy, text, fill="black"):
+    """PIL's default font draws a space as narrow as the gap between two letters: each word is drawn on its own."""
+    x, y = xy
+    for word in text.split(" "):
+        draw.text((x, y), word, fill=fill)
+        x += draw.textlength(word) + 5
+
+VIS_TITLE, VIS_CAPTION, VIS_SCALE, VIS_GAP = 16, 14, 34, 4  # --visualize sheet: title row, a row's caption, scale, gap
 
 @torch.no_grad()
 def visualize(args, dataset, model, teacher, forward_step, method):
-    """Writes output_dir/visualize.png: a title row, one row per image (N images taking the classes in turn) with
-    the image, the patches the sampler left visible (hidden ones dimmed), the teacher's CLS attention (where the
-    method uses it) and the per-patch loss (MILAN Fig. 5 style), and a colour scale; for the model of --resume
-    (a file, or auto) if given."""
+    """Writes output_dir/visualize.png: a title row, one row per image (N readable images taking the classes in turn,
+    each captioned with its class and file) with the image, the patches the sampler left visible (hidden ones
+    dimmed), the teacher's CLS attention (where the method uses it) and the per-patch loss (MILAN Fig. 5 style), and
+    a colour scale; for the model of --resume (a file, or auto) if given, else the untrained model (with a warning)."""
     path = resume_path(args)
+    if args.resume == "auto" and not path:
+        raise UserError(f"--resume auto: {args.output_dir} holds no checkpoint-last.pth to draw; pass --resume CKPT, "
+                        f"or leave --resume out to draw the untrained model")
     if path:
-        try:
-            model.load_state_dict(load_checkpoint(path, method)["model"])
-        except RuntimeError:
-            raise UserError(f"--resume {path} does not fit this model; pass the flags it was trained with") from None
-    subset = torch.utils.data.Subset(dataset, spread_over_classes(dataset, args.visualize))
-    args.batch_size = len(subset)
-    batch, _ = next(iter(build_loader(subset, args, train=False)))
-    batch = to_device(batch, args.device)
+        load_model(model, load_checkpoint(path, method), path, args)
+    elif args.rank == 0:
+        print("warning: no --resume: the pictures show the untrained model", file=sys.stderr)
+    samples, picked = Samples(dataset, args.seed, train=False), []  # an unreadable image is named and passed over
+    for i in spread_over_classes(dataset, len(dataset)):
+        if len(picked) < args.visualize and (item := samples[(0, i)])[1] != -1:
+            picked.append((i, item[0]))
+    batch = to_device(torch.utils.data.default_collate([x for _, x in picked]), args.device)
+    names = [f"{dataset.classes[dataset.targets[i]]}: {os.path.basename(dataset.samples[i][0])}"
+             if hasattr(dataset, "samples") else f"generated image {i}" for i, _ in picked]
     model.eval()
     with autocast(args):
         out = forward_step(model, teacher, batch, args, per_patch=True)
@@ -781,33 +855,38 @@ def visualize(args, dataset, model, teacher, forward_step, method):
             cells.append(heat(out["cls_attn"][i].cpu().view(g, g), size))
         cells.append(heat(patch_loss[i].view(g, g), size))
         rows.append(cells)
-    step = size + VIS_GAP
-    sheet = Image.new("RGB", (len(titles) * step, VIS_TITLE + len(rows) * step + VIS_SCALE), "white")
+    step, row = size + VIS_GAP, VIS_CAPTION + size + VIS_GAP
+    sheet = Image.new("RGB", (len(titles) * step, VIS_TITLE + len(rows) * row + VIS_SCALE), "white")
     draw = ImageDraw.Draw(sheet)
     for c, title in enumerate(titles):
-        draw.text((c * step + 2, 2), title, fill="black")
+        draw_text(draw, (c * step + 2, 2), title)
     for r, cells in enumerate(rows):
+        draw_text(draw, (2, VIS_TITLE + r * row), names[r])
         for c, cell in enumerate(cells):
-            sheet.paste(cell, (c * step, VIS_TITLE + r * step))
-    y, width = VIS_TITLE + len(rows) * step, min(size, 160)  # the maps' colour scale, and the grey of "not in the loss"
+            sheet.paste(cell, (c * step, VIS_TITLE + r * row + VIS_CAPTION))
+    y, width = VIS_TITLE + len(rows) * row, min(size, 160)  # the maps' colour scale, and the grey of "not in the loss"
     sheet.paste(Image.fromarray((colormap(torch.linspace(0, 1, width)) * 255).byte()[None].expand(10, -1, -1).numpy()), (2, y))
     sheet.paste(Image.new("RGB", (10, 10), (127, 127, 127)), (width + 12, y))
     for xy, text in (((2, y + 12), "low"), ((width - 22, y + 12), "high"), ((width + 26, y - 1), "not in the loss"),
                      ((width + 12, y + 12), "maps: each image's min..max")):
-        draw.text(xy, text, fill="black")
+        draw_text(draw, xy, text)
     path = os.path.join(args.output_dir, "visualize.png")
     if args.rank == 0:
         make_output_dir(args)
         sheet.save(path)
-        print(f"wrote {path}: {len(rows)} images, columns " + " | ".join(titles))
+        print(f"wrote {path}: {len(rows)} images ({', '.join(names)}), columns " + " | ".join(titles))
     return path
 
 # ---- Checkpoints and logging ----------------------------------------------------------------------
 def save_checkpoint(path, **state):
-    """Atomic write (temp file + rename): a crash mid-write never damages the previous file."""
+    """Atomic write (temp file + rename): a crash mid-write never damages the previous file, and leaves no temp file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 def load_checkpoint(path, method, flag="--resume"):
     if not os.path.isfile(path):
@@ -822,6 +901,22 @@ def load_checkpoint(path, method, flag="--resume"):
         other = ckpt.get("method", "another program")
         raise UserError(f"{flag} {path} is a checkpoint of {other}, not {method}; resume it with the script that wrote it")
     return ckpt
+
+RUN_FLAGS = {"data", "output_dir", "resume", "epochs", "warmup_epochs", "blr", "lr", "min_lr", "weight_decay", "betas",
+             "clip_grad", "crop_min", "batch_size", "accum_iter", "num_workers", "seed", "log_every", "save_freq",
+             "save_every_minutes", "save_every_steps", "amp", "compile", "device", "rank", "world_size", "visualize",
+             "fake_size", "teacher_weights", "dalle_weights", "classes"}  # flags that do not shape the model
+
+def load_model(model, ckpt, path, args):
+    """The checkpoint's weights into model; a model built with other flags is one line naming the flags that differ."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        old = ckpt.get("args", {})
+        diff = [f"--{k} {old[k]} (now {v})" for k, v in vars(args).items() if k in old and k not in RUN_FLAGS
+                and old[k] != v and not (isinstance(v, (list, tuple)) and list(v) == list(old[k] or []))]
+        raise UserError(f"--resume {path} does not fit this model: it was written with " + (", ".join(diff[:4]) or
+                        "other model flags") + "; pass the flags it was written with") from None
 
 def rng_state():
     """The training RNGs of this process (torch CPU and CUDA, numpy, python), as weights_only types."""
@@ -870,35 +965,43 @@ def checkpoint_method(path):
     except Exception:
         return None
 
+def run_files(folder):
+    """The files of a run in folder: its checkpoints and log.txt (none if the folder is new)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(n for n in names if n == "log.txt" or n.startswith("checkpoint-") and n.endswith(".pth"))
+
 class Checkpointer:
     """Everything a bit-identical continuation needs, written atomically by rank 0 to
     output_dir/checkpoint-last.pth at every epoch end and within an epoch every --save_every_minutes (rank 0's
-    clock, checked every --log_every updates) or --save_every_steps: model, optimizer, grad scaler, epoch in
-    progress, steps of it done (the sampler position), and every rank's RNG states. Keys: model, optimizer,
-    scaler, epoch, step, rng, args, method."""
+    clock, checked every --log_every updates), every --save_every_steps, and when SIGTERM or Ctrl-C stops the run:
+    model, optimizer, grad scaler, epoch in progress, steps of it done (the sampler position), and every rank's RNG
+    states and epoch progress (loss sum, steps, images, unreadable ones). Keys: model, optimizer, scaler, epoch,
+    step, rng, progress, args, method."""
     def __init__(self, args, method, model, optimizer, scaler):
         self.args, self.method, self.model, self.optimizer, self.scaler = args, method, model, optimizer, scaler
         self.last = os.path.join(args.output_dir, "checkpoint-last.pth")
-        self.saved_at = time.time()
+        self.saved_at, self.progress = time.time(), None
 
     def resume(self, fresh_ok=False):
-        """Restore from --resume (or, with --resume auto, the last checkpoint of --output_dir if there is
-        one); returns (epoch, step) to continue at. Without --resume, an output dir that already holds a
-        checkpoint of this script is refused (unless fresh_ok: nothing will be written)."""
+        """Restore from --resume (or, with --resume auto, the last checkpoint of --output_dir if there is one);
+        returns (epoch, step) to continue at. An output dir that holds another run's files (any checkpoint but the
+        checkpoint-last.pth being resumed, or a log.txt) is refused, so that nothing there is overwritten (unless
+        fresh_ok: nothing will be written)."""
         args, path = self.args, resume_path(self.args)
-        if not path:
-            taken = not fresh_ok and not args.resume and args.rank == 0 and checkpoint_method(self.last) == self.method
-            agree(f"--output_dir {args.output_dir} already holds a {self.method} run ({self.last}); pass --resume auto "
-                  f"to continue it, or a fresh --output_dir to start a new one" if taken else None)
-            return 0, 0
-        ckpt = load_checkpoint(path, self.method)
-        try:
-            self.model.load_state_dict(ckpt["model"])
+        if path:  # the file's own problems first
+            ckpt = load_checkpoint(path, self.method)
+            load_model(self.model, ckpt, path, args)
             self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError):
-            old = ckpt.get("args", {})
-            raise UserError(f"--resume {path} was written with --model {old.get('model')} --teacher "
-                            f"{old.get('teacher')}; pass the same model flags to resume it") from None
+        own = bool(path) and os.path.abspath(path) == os.path.abspath(self.last)
+        taken = run_files(args.output_dir) if not (fresh_ok or own) and args.rank == 0 else []
+        other = checkpoint_method(self.last) if taken else None
+        hint = f"resume {path} into a fresh --output_dir" if path else "pass --resume auto to continue it, or a fresh " \
+            "--output_dir to start a new one" if other == self.method else "pass a fresh --output_dir"
+        agree(f"--output_dir {args.output_dir} already holds a{' ' + other if other else ''} run ("
+              f"{', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''}); {hint}: nothing there is overwritten"
+              if taken else None)
+        if not path:
+            return 0, 0
         if ckpt.get("scaler"):  # empty when saved without fp16
             self.scaler.load_state_dict(ckpt["scaler"])
         epoch, step, old = ckpt["epoch"], ckpt.get("step", 0), ckpt.get("args", {})
@@ -909,61 +1012,73 @@ class Checkpointer:
             step = 0
         if ckpt.get("rng") and len(ckpt["rng"]) == args.world_size:
             set_rng_state(ckpt["rng"][args.rank])
+            self.progress = (ckpt.get("progress") or [None] * args.world_size)[args.rank] if step else None
         if args.rank == 0:
             print(f"resumed from {path}: epoch {epoch}, step {step}")
         RUN["saved"] = (epoch, step)
         return epoch, step
 
-    def save(self, epoch, step, keep=False):
-        """Called by every rank (the RNG states are gathered); rank 0 writes. keep: also keep a copy as
-        checkpoint-<epoch - 1>.pth (the epoch just finished)."""
-        rng = [None] * self.args.world_size
+    def save(self, epoch, step, keep=False, meter=None):
+        """Called by every rank (the RNG states and epoch progress are gathered); rank 0 writes. keep: also keep a
+        copy as checkpoint-<epoch - 1>.pth (the epoch just finished)."""
+        mine = [rng_state(), meter.progress() if meter else None]
+        ranks = [None] * self.args.world_size
         if dist.is_initialized():
-            dist.all_gather_object(rng, rng_state())
+            dist.all_gather_object(ranks, mine)
         else:
-            rng[0] = rng_state()
+            ranks[0] = mine
         if self.args.rank == 0:
             state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                         scaler=self.scaler.state_dict(), epoch=epoch, step=step, rng=rng,
-                         args=dict(vars(self.args)), method=self.method)
+                         scaler=self.scaler.state_dict(), epoch=epoch, step=step, rng=[r for r, _ in ranks],
+                         progress=[p for _, p in ranks], args=dict(vars(self.args)), method=self.method)
             save_checkpoint(self.last, **state)
             if keep:
                 save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth"), **state)
         self.saved_at, RUN["saved"] = time.time(), (epoch, step)
 
     def due(self, step):
-        """Is a mid-epoch checkpoint due after `step` steps? Every --save_every_steps, and every
-        --save_every_minutes by rank 0's clock, looked at every --log_every updates and broadcast so that all
-        ranks agree (the save gathers from every rank)."""
+        """(save, stop) after `step` steps: a mid-epoch checkpoint every --save_every_steps and every
+        --save_every_minutes; a stop asked for by SIGTERM or Ctrl-C. The clock is read every --log_every updates;
+        with several processes rank 0's clock and every rank's signal are compared then (so that all ranks save and
+        stop together), with one, a signal is seen after the update in progress."""
         args = self.args
-        if args.save_every_steps and step % args.save_every_steps == 0:
-            return True
-        if not args.save_every_minutes or (step // args.accum_iter) % args.log_every:
-            return False
-        late = [time.time() - self.saved_at >= 60 * args.save_every_minutes]
+        save = bool(args.save_every_steps) and step % args.save_every_steps == 0
+        if (step // args.accum_iter) % args.log_every:
+            return save, bool(RUN["stop"]) and not dist.is_initialized()
+        late = bool(args.save_every_minutes) and time.time() - self.saved_at >= 60 * args.save_every_minutes
+        flags = [(late, bool(RUN["stop"]))] * args.world_size
         if dist.is_initialized():
-            dist.broadcast_object_list(late, 0)  # rank 0's clock decides for every rank
-        return late[0]
+            dist.all_gather_object(flags, flags[0])
+        return save or flags[0][0], any(stop for _, stop in flags)
 
     def step_done(self, epoch, step, meter):
-        """After an optimiser update: a mid-epoch checkpoint when one is due (the loss is checked first, so a
-        diverged run never overwrites a good checkpoint)."""
-        if step < meter.steps and self.due(step):
+        """After an optimiser update: a mid-epoch checkpoint when one is due or a stop was asked for (then the run
+        stops after writing it). The loss is checked first, so a diverged run never overwrites a good checkpoint. At
+        the epoch's last update epoch_done saves."""
+        if step >= meter.steps:
+            return
+        save, stop = self.due(step)
+        if save or stop:
             meter.check(float(meter.sum / meter.count), step - 1)
-            self.save(epoch, step)
+            self.save(epoch, step, meter=meter)
+        if stop:
+            RUN["at"] = (epoch, step)
+            raise Stopped(RUN["stop"] or "a signal to another process")
 
     def epoch_done(self, epoch):
         e = epoch + 1
         self.save(e, 0, keep=e % self.args.save_freq == 0 or e == self.args.epochs)
 
-def pretrain(args, method, model, teacher, loader, optimizer, train_one_epoch):
+def pretrain(args, method, model, teacher, loader, optimizer, train_one_epoch, targets=None):
     """The epoch loop every method file's main() ends with: grad scaler (fp16), exact resume, DDP around the
     student only (the frozen teacher stays outside), optional torch.compile, a checkpoint and a log line per epoch."""
-    make_output_dir(args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     ckpt = Checkpointer(args, method, model, optimizer, scaler)
     start_epoch, start_step = ckpt.resume()
-    announce(args, method, loader.dataset, loader.sampler.steps)
+    if start_epoch >= args.epochs:
+        return nothing_to_train(args, start_epoch)
+    make_output_dir(args)
+    announce(args, method, loader.dataset, loader.sampler.steps, targets)
     if isinstance(teacher, Teacher):
         teacher.prepare(args)  # on CUDA: weights in the autocast dtype; --compile: compiled
     ddp = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
@@ -976,54 +1091,75 @@ def pretrain(args, method, model, teacher, loader, optimizer, train_one_epoch):
     if args.world_size > 1:
         dist.destroy_process_group()
 
+def nothing_to_train(args, epochs_done):
+    if args.rank == 0:
+        print(f"nothing to train: {args.output_dir} has finished {epochs_done} of --epochs {args.epochs}; pass a "
+              f"larger --epochs to train on")
+
 def log_epoch(args, stats):
     """Rank 0 appends one JSON line per epoch to output_dir/log.txt."""
     if args.rank == 0:
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(stats) + "\n")
 
+def too_many_unreadable(failed, seen, final=False):
+    """Over 1% of the images unreadable? At the epoch's end (final): over 1% of the epoch's images. Within the epoch
+    only when the count leaves no doubt: above 1% of those seen by 3 standard deviations of a 1% rate, plus 2, so
+    that a folder with fewer bad files never stops early, whatever the batch size, --log_every or shuffle order."""
+    return failed > 0.01 * seen + (0 if final else 3 * math.sqrt(0.0099 * seen) + 2)
+
 class Meter:
-    """Iterates the loader from the resume point as (step, batch), with a tqdm bar of loss, lr and
-    images/s (rank 0). The loss stays on the device; .item() runs only every --log_every steps and at
-    the epoch end, when the count of unreadable images is checked too."""
-    def __init__(self, loader, epoch, args):
-        self.args, self.t0, self.images, self.sum, self.count, self.epoch = args, time.time(), 0, 0.0, 0, epoch
+    """Iterates the loader from the resume point as (step, batch), with a tqdm bar of loss, lr and images/s (rank 0).
+    The loss stays on the device; .item() runs only every --log_every steps and at the epoch end, when the count of
+    unreadable images is checked too. A resumed epoch starts from the loss sum, steps and images its checkpoint
+    holds, so its log line is the whole epoch's."""
+    def __init__(self, loader, epoch, args, ckpt=None):
+        progress, self.args, self.t0, self.images, self.epoch = ckpt and ckpt.progress, args, time.time(), 0, epoch
+        self.sum, self.count, self.seen = (progress["loss_sum"], progress["steps"], progress["seen"]) if progress else \
+            (0.0, 0, 0)
+        loader.dataset.failed.fill_(progress["unreadable"] if progress else 0)  # unreadable images are counted per epoch
+        if ckpt:
+            ckpt.progress = None  # for the resumed epoch only
         self.loader, self.start, self.steps = loader, loader.sampler.start, loader.sampler.steps
-        loader.dataset.failed.zero_()  # unreadable images are counted per epoch
         self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=args.rank != 0, dynamic_ncols=True, mininterval=1.0,
                         initial=self.start, total=self.steps)
 
     def __iter__(self):
         for step, batch in enumerate(self.bar, self.start):
-            RUN["at"] = (self.epoch, step)  # for the line a Ctrl-C prints
+            RUN["at"] = (self.epoch, step)  # for the line SIGTERM or Ctrl-C prints
             yield step, batch
 
     def update(self, step, loss, lr, images):
-        self.sum, self.count, self.images = self.sum + loss.detach().float(), self.count + 1, self.images + images
+        self.sum, self.count = self.sum + loss.detach().float(), self.count + 1
+        self.images, self.seen = self.images + images, self.seen + images
         if (step + 1) % self.args.log_every == 0:
             rate = self.images * self.args.world_size / (time.time() - self.t0)
             loss = self.check(float(self.sum / self.count), step)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
 
-    def check(self, loss, step):
-        """A non-finite loss stops the run, naming the step and the checkpoint to resume from; so do
-        unreadable images above 1% of those loaded."""
+    def progress(self):
+        """This epoch so far, for a mid-epoch checkpoint."""
+        return {"loss_sum": float(self.sum), "steps": self.count, "seen": self.seen,
+                "unreadable": int(self.loader.dataset.failed)}
+
+    def check(self, loss, step, failed=None, seen=None, final=False):
+        """A non-finite loss stops the run, naming the step and the checkpoint to resume from; so do unreadable
+        images above 1% (too_many_unreadable)."""
         if not math.isfinite(loss):
             last = os.path.join(self.args.output_dir, "checkpoint-last.pth")
             hint = f"resume with --resume {last}" if os.path.isfile(last) else "no checkpoint yet"
             raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none")
-        failed, seen = int(self.loader.dataset.failed), self.images
-        if failed > 0.01 * seen:
+        failed, seen = (int(self.loader.dataset.failed), self.seen) if failed is None else (failed, seen)
+        if too_many_unreadable(failed, seen, final):
             raise UserError(f"--data {self.args.data}: {failed} of {seen} images could not be read (over 1%); "
                             "fix or remove the files named in the warnings above")
         return loss
 
     def stats(self, epoch, lr):
         """Epoch mean loss over all processes (one all-reduce), checked before a checkpoint is written."""
-        total = torch.stack([torch.as_tensor(self.sum, dtype=torch.float32, device=self.args.device),
-                             torch.tensor(float(self.count), device=self.args.device),
-                             self.loader.dataset.failed.to(self.args.device, torch.float32)[0]])
+        total = torch.tensor([0.0, self.count, int(self.loader.dataset.failed), self.seen], device=self.args.device)
+        total[0] = self.sum if torch.is_tensor(self.sum) else torch.tensor(self.sum)
         if dist.is_initialized():
             dist.all_reduce(total)
-        loss = self.check((total[0] / total[1]).item(), self.start + self.count - 1)
+        loss = self.check((total[0] / total[1]).item(), self.start + self.count - 1, int(total[2]), int(total[3]), True)
         return {"epoch": epoch, "train_loss": loss, "lr": lr, "unreadable_images": int(total[2])}

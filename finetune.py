@@ -23,7 +23,6 @@ MaskAlign reuse; Atten4Vis/CAE tools/run_attentive.py), one line each:
 - the attentive probe's BatchNorm uses running statistics at evaluation; CAE's released code uses batch ones.
 - CAE and CAE v2 fine-tune with relative position bias added to the blocks; common.ViT has none.
 - fc_norm starts fresh (MAE); CAE's run_class_finetuning initialises it from the encoder's final norm.
-- with several processes the validation sampler pads to a multiple of the world size (as MAE): a few images count twice.
 
 Paper ViT-B runs (per-paper flags in README), e.g. MILAN App. A.1 fine-tuning, batch 128 x 8 GPUs = 1024,
 lr = 1e-4 x 1024 / 256 = 4e-4:
@@ -62,7 +61,9 @@ RECIPES = {  # per --mode, for every flag left unset; batch_size is per process 
 
 def get_args(argv=None):
     p = common.get_parser("Fine-tuning, linear probing, attentive probing, timm export of a pre-trained encoder",
-                          pretrain=False)
+                          pretrain=False, helps={
+        "--betas": "AdamW betas (--mode finetune; the probes' LARS and SGD have none)",
+        "--weight_decay": "weight decay: AdamW's (finetune), LARS's (linprobe) or SGD's (attnprobe); unset: the mode's"})
     p.set_defaults(**{k: None for k in RECIPES["finetune"]}, betas=(0.9, 0.999), crop_min=0.08)  # MAE / timm crop (0.08, 1)
     a = p.add_argument
     a("--mode", choices=list(RECIPES), default="finetune", help="end to end (MAE/BEiT), linear probe (MAE), or "
@@ -74,13 +75,13 @@ def get_args(argv=None):
     a("--eval", action="store_true", help="only report top-1/top-5 on the val split for --finetune (or --resume)")
     a("--pool", choices=["cls", "avg"], default="cls", help="linprobe: the CLS token after the final norm (MAE's "
       "protocol), or the mean of the patch tokens after it (global pooling, as BEiT's linear probe)")
-    a("--nb_classes", type=int, help="classes of the head (default: those of the training data; --data fake has 10)")
-    a("--layer_decay", type=float, default=0.65, help="finetune: lr scale decay^(L+1-layer) (BEiT; MAE/MILAN/CAE ViT-B "
+    a("--nb_classes", type=common.COUNT, help="classes of the head (default: those of the training data; --data fake has 10)")
+    a("--layer_decay", type=common.Range(float, "(0, 1]"), default=0.65, help="finetune: lr scale decay^(L+1-layer) (BEiT; MAE/MILAN/CAE ViT-B "
       "0.65, CAE v2 0.75, MR-MAE and MaskAlign 0.6)")
-    a("--smoothing", type=float, default=0.1, help="finetune: label smoothing")
-    a("--mixup", type=float, default=0.8, help="finetune: mixup alpha (0: off)")
-    a("--cutmix", type=float, default=1.0, help="finetune: cutmix alpha (0: off)")
-    a("--reprob", type=float, default=0.25, help="finetune: random erasing probability (MAE, CAE)")
+    a("--smoothing", type=common.FRACTION, default=0.1, help="finetune: label smoothing")
+    a("--mixup", type=common.NONNEG, default=0.8, help="finetune: mixup alpha (0: off)")
+    a("--cutmix", type=common.NONNEG, default=1.0, help="finetune: cutmix alpha (0: off)")
+    a("--reprob", type=common.Range(float, "[0, 1]"), default=0.25, help="finetune: random erasing probability (MAE, CAE)")
     a("--export_timm", metavar="OUT.pth", help="write the --finetune encoder with timm's keys to OUT.pth and exit")
     args = p.parse_args(argv)
     for k, v in RECIPES[args.mode].items():
@@ -254,7 +255,16 @@ def export_timm(args, src):
         model = new_encoder(args, src)
         load_encoder(model, src, args)
     sd = {k.removeprefix("encoder."): t.contiguous() for k, t in model.state_dict().items()}
-    common.save_checkpoint(args.export_timm, **sd)
+    out, folder = args.export_timm, os.path.dirname(os.path.abspath(args.export_timm))
+    problem = "is a folder; pass a file name in it" if os.path.isdir(out) else "exists; pass a new file name (an " \
+        "export never overwrites a file)" if os.path.exists(out) else None if os.path.isdir(folder) else \
+        f"its folder {folder} does not exist"
+    if problem:
+        raise common.UserError(f"--export_timm {out}: {problem}")
+    try:
+        common.save_checkpoint(out, **sd)
+    except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
+        raise common.UserError(f"--export_timm {out}: cannot be written ({type(e).__name__}); pass a writable path") from None
     p, dim, depth, heads = common.VIT_CONFIGS[args.model]
     kw = f"num_classes={sd['head.weight'].shape[0]}, global_pool='avg'" if "head.weight" in sd else "num_classes=0"
     kw += ", init_values=0.1" if "blocks.0.ls1.gamma" in sd else ""
@@ -365,7 +375,7 @@ def forward_logits(model, trained, images):
 def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args, ckpt):
     model.train()  # the probes keep their encoder in eval mode
     optimizer.zero_grad(set_to_none=True)
-    meter = common.Meter(loader, epoch, args)
+    meter = common.Meter(loader, epoch, args, ckpt)  # a resumed epoch goes on from its checkpoint
     smoothing = args.smoothing if model.kind == "finetune" else 0.0
     for step, (images, labels) in meter:  # step counts from the resume point
         if step % args.accum_iter == 0:  # per-iteration warmup + cosine (MAE)
@@ -391,18 +401,28 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args,
 def evaluate(model, loader, args):
     """Top-1 / top-5 accuracy (%) and cross-entropy on the val split, summed over all processes."""
     model.eval()
-    total = torch.zeros(4, device=args.device)  # loss sum, top-1 hits, top-5 hits, images
+    total = torch.zeros(5, device=args.device)  # loss sum, top-1 hits, top-5 hits, images scored, unreadable
     for images, labels in loader:
         images, labels = common.to_device(images, args.device), labels.to(args.device, non_blocking=True)
+        read = labels >= 0  # an unreadable image comes as a stand-in labelled -1: not scored
         with common.autocast(args):
-            logits = model(images).float()  # [B, K]
-        hits = logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]  # [B, 5]
+            logits = model(images).float()[read]  # [b, K]
+        labels = labels[read]
+        hits = logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]  # [b, 5]
         total += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum().float(),
-                              hits.any(1).sum().float(), torch.tensor(float(len(labels)), device=args.device)])
+                              hits.any(1).sum().float(), read.sum().float(), (~read).sum().float()])
     if dist.is_initialized():
         dist.all_reduce(total)
-    loss, top1, top5, n = total.tolist()
-    return {"val_loss": loss / n, "acc1": 100 * top1 / n, "acc5": 100 * top5 / n}
+    loss, top1, top5, n, unreadable = total.tolist()
+    if n == 0:
+        raise common.UserError(f"--data {args.data}: no val image could be read")
+    return {"val_loss": loss / n, "acc1": 100 * top1 / n, "acc5": 100 * top5 / n, "val_images": int(n),
+            "val_unreadable": int(unreadable)}
+
+
+def scored(stats):
+    unreadable = f" ({stats['val_unreadable']} unreadable, not scored)" if stats["val_unreadable"] else ""
+    return f"{stats['val_images']} images{unreadable}"
 
 
 def num_classes(dataset):
@@ -437,6 +457,10 @@ def main(argv=None):
             raise common.UserError(f"--finetune {args.finetune} is a --mode {src['args']['mode']} checkpoint; pass "
                                    f"--mode {src['args']['mode']} to train it further, or --eval")
         args.mode, args.nb_classes = src["args"]["mode"], src["args"]["nb_classes"]
+    if args.eval and src["method"] != "finetune" and not args.resume:
+        raise common.UserError(f"--eval: {args.finetune} holds no trained head (a {src['method'] or 'timm-format'} "
+                               f"encoder); train one first (--mode linprobe, attnprobe or finetune), then --eval its "
+                               f"checkpoint")
     common.setup(args)
     if args.mode != "finetune" and not args.eval and args.batch_size < 2:
         raise common.UserError(f"--batch_size {args.batch_size}: --mode {args.mode} trains a BatchNorm, which needs "
@@ -452,16 +476,17 @@ def main(argv=None):
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     ckpt = common.Checkpointer(args, "finetune", model, optimizer, scaler)
-    if not args.eval:
-        common.make_output_dir(args)
     start_epoch, start_step = ckpt.resume(fresh_ok=args.eval)
     val_loader = common.build_loader(val, args, train=False)
     if args.eval:
         stats = evaluate(model, val_loader, args)
         if args.rank == 0:
             print(f"eval {args.resume or args.finetune}: top-1 {stats['acc1']:.2f}% top-5 "
-                  f"{stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {len(val)} images")
+                  f"{stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {scored(stats)}")
         return stats
+    if start_epoch >= args.epochs:
+        return common.nothing_to_train(args, start_epoch)
+    common.make_output_dir(args)
     loader = common.build_loader(train, args)
     common.announce(args, f"finetune.py --mode {args.mode}", train, loader.sampler.steps)
     trained = model if model.kind == "finetune" else model.head  # DDP around the trained modules only
@@ -477,7 +502,7 @@ def main(argv=None):
         best = max(best, stats["acc1"])
         if args.rank == 0:
             print(f"epoch {epoch}: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['val_loss']:.4f} "
-                  f"on {len(val)} images (best top-1 {best:.2f}%)")
+                  f"on {scored(stats)} (best top-1 {best:.2f}%)")
     if args.world_size > 1:
         dist.destroy_process_group()
 

@@ -41,22 +41,22 @@ import common
 def get_args(argv=None):
     p = common.get_parser("MaskAlign pre-training (arXiv:2211.08887). Defaults: the Sec. 4.1 recipe (ViT-B/16, "
                           "CLIP-B/16 teacher, mask ratio 0.7 of Table 4, top-5 Dynamic Alignment of Table 3) for "
-                          "8 GPUs: batch 128 per GPU x accum 1 x 8 = 1024; with fewer GPUs raise --accum_iter.")
+                          "8 GPUs: batch 128 per GPU x accum 1 x 8 = 1024; with fewer GPUs raise --accum_iter.", helps={
+        "--drop_path": "stochastic depth of the last block (default: 0.1; 0.2 for vit_large_patch16, Sec. 4.1 + "
+                       "released README)",
+        "--mask_ratio": "fraction of patches hidden from the student, in [0, 1): Table 4 (0 = the student sees all "
+                        "196 patches, Table 4's first row)"})
     # MaskAlign Sec. 4.1: AdamW (0.9, 0.95), base lr 1.5e-4, wd 0.05, batch 1024 (released README: 128 per GPU x 8),
     # cosine with 10% warmup (20 of 200 epochs, README), min lr 1e-5 (README), drop path 0.1 (0.2 for ViT-L, README),
     # RandomResizedCrop + flip (MAE's crop scale (0.2, 1)); Table 4: mask ratio 0.7; CLIP ViT-B/16 teacher.
     p.set_defaults(batch_size=128, accum_iter=1, blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, epochs=200,
                    warmup_epochs=20, min_lr=1e-5, crop_min=0.2, mask_ratio=0.7, teacher="ViT-B-16", drop_path=None)
-    p._option_string_actions["--drop_path"].help = "stochastic depth of the last block (default: 0.1; 0.2 for " \
-        "vit_large_patch16, Sec. 4.1 + released README)"
-    p._option_string_actions["--mask_ratio"].help = "fraction of patches hidden from the student, in [0, 1): " \
-        "Table 4 (0 = the student sees all 196 patches, Table 4's first row)"
     p.add_argument("--mask_type", choices=["attention", "random"], default="attention",
                    help="Sec. 3.2 attentive masking, or MAE's uniform random masking (Table 4, last row)")
     p.add_argument("--align", choices=["dynamic", "layerwise"], default="dynamic",
                    help="Sec. 3.3 Dynamic Alignment (Eq. 1), or Layer-wise: each target level from the student "
                         "block at the same relative depth, no matrix (Table 3)")
-    p.add_argument("--top_k", type=int, default=5, help="align with the teacher's last K levels (Table 3: K = 5); "
+    p.add_argument("--top_k", type=common.COUNT, default=5, help="align with the teacher's last K levels (Table 3: K = 5); "
                    "clipped to the teacher depth")
     p.add_argument("--align_cls", action=argparse.BooleanOptionalAction, default=True,
                    help="put the CLS token in the loss (Table 6 best row); --no-align_cls is Tables 3-5's setting")
@@ -67,8 +67,6 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.drop_path is None:  # Sec. 4.1: 0.1; released README: 0.2 for ViT-L
         args.drop_path = 0.2 if args.model == "vit_large_patch16" else 0.1
-    if args.top_k < 1:
-        raise common.UserError(f"--top_k {args.top_k}: align at least one teacher level; pass --top_k 1 or more")
     return args
 
 
@@ -202,7 +200,7 @@ def forward_step(model, teacher, batch, args, per_patch=False):
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt):
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    meter = common.Meter(loader, epoch, args)
+    meter = common.Meter(loader, epoch, args, ckpt)  # a resumed epoch goes on from its checkpoint
     for step, (images, _) in meter:  # step counts from the resume point
         if step % args.accum_iter == 0:  # per-iteration schedule (MAE)
             lr = common.lr_at(epoch + step / meter.steps, args)

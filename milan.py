@@ -42,11 +42,11 @@ def get_args(argv=None):
                    warmup_epochs=40, min_lr=0.0, crop_min=0.2, mask_ratio=0.75, teacher="ViT-B-16")
     p.add_argument("--mask_type", choices=["attention", "random"], default="attention",
                    help="Sec. 2.4 semantic aware sampling, or MAE's uniform sampling (Table 5 ablation)")
-    p.add_argument("--decoder_dim", type=int, help="prompting decoder width; default: 512 (released code; the paper "
+    p.add_argument("--decoder_dim", type=common.COUNT, help="prompting decoder width; default: 512 (released code; the paper "
                    "gives no decoder size), 64 for the test size vit_nano_patch16")
-    p.add_argument("--decoder_depth", type=int, help="prompting decoder blocks; default: 8 (released code), 2 for "
+    p.add_argument("--decoder_depth", type=common.COUNT, help="prompting decoder blocks; default: 8 (released code), 2 for "
                    "vit_nano_patch16")
-    p.add_argument("--decoder_heads", type=int, help="prompting decoder heads; default: 16 (released code), 2 for "
+    p.add_argument("--decoder_heads", type=common.COUNT, help="prompting decoder heads; default: 16 (released code), 2 for "
                    "vit_nano_patch16")
     args = p.parse_args(argv)
     sizes = (64, 2, 2) if args.model == "vit_nano_patch16" else (512, 8, 16)  # width, depth, heads
@@ -179,7 +179,7 @@ def forward_step(model, teacher, batch, args, per_patch=False):
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt):
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    meter = common.Meter(loader, epoch, args)
+    meter = common.Meter(loader, epoch, args, ckpt)  # a resumed epoch goes on from its checkpoint
     for step, (images, _) in meter:  # step counts from the resume point
         if step % args.accum_iter == 0:  # per-iteration schedule (MAE)
             lr = common.lr_at(epoch + step / meter.steps, args)

@@ -62,17 +62,19 @@ def get_args(argv=None):
     p.add_argument("--focus", choices=["attention", "topk", "none"], default="attention",
                    help="Sec. 3.3 focused mimicking: visible patches drawn in proportion to the teacher's [CLS] "
                    "attention, the most salient ones (topk), or uniform as in MAE (none; Table 3 ablation)")
-    p.add_argument("--fusion_layers", type=int, nargs="+", help="Sec. 3.3 multi-layer fusion: 1-based encoder "
+    p.add_argument("--fusion_layers", type=common.COUNT, nargs="+", help="Sec. 3.3 multi-layer fusion: 1-based encoder "
                    "blocks whose outputs are summed; default: ceil(d/3) ceil(2d/3) d (4 8 12 for ViT-B); pass only d "
                    "for no fusion")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="reconstruct per-patch normalised pixels (MAE's target; Sec. 4.1 follows MAE)")
-    p.add_argument("--decoder_dim", type=int, help="MAE decoder width; default: 512 (MAE), 64 for the test sizes")
-    p.add_argument("--decoder_depth", type=int, help="decoder blocks; default: 8 (Sec. 4.1), 2 for the test sizes")
-    p.add_argument("--decoder_heads", type=int, help="decoder heads; default: 16 (MAE), 2 for the test sizes")
-    p.add_argument("--loss_weights", type=float, nargs=2, default=(0.5, 0.5), metavar=("W_R", "W_M"), help="weights "
+    p.add_argument("--decoder_dim", type=common.COUNT, help="MAE decoder width; default: 512 (MAE), 64 for the test sizes")
+    p.add_argument("--decoder_depth", type=common.COUNT, help="decoder blocks; default: 8 (Sec. 4.1), 2 for the test sizes")
+    p.add_argument("--decoder_heads", type=common.COUNT, help="decoder heads; default: 16 (MAE), 2 for the test sizes")
+    p.add_argument("--loss_weights", type=common.NONNEG, nargs=2, default=(0.5, 0.5), metavar=("W_R", "W_M"), help="weights "
                    "of L_R and L_M (Sec. 4.1); Table 3: 1 0 = MAE's L_R alone, 0 1 = L_M alone")
     args = p.parse_args(argv)
+    if args.arch != "vit":  # the encoder's name, as announced and saved in the checkpoints' args
+        args.model = args.arch
     nano = args.model == "vit_nano_patch16" if args.arch == "vit" else args.arch == "convvit_nano"
     sizes = (64, 2, 2) if nano else (512, 8, 16)  # width, depth, heads
     args.decoder_dim, args.decoder_depth, args.decoder_heads = (
@@ -316,8 +318,9 @@ def build_model(args):
 
 def forward_step(model, teacher, batch, args, per_patch=False):
     """One training forward on a batch of images (on the device). Returns the loss, the mask [B, N] (True = hidden),
-    the teacher's [CLS] attention and, only when asked (per_patch: pictures, benchmarks), the per-patch loss [B, N]
-    (||D_j - I_j||^2 on masked patches, ||L(E_j) - F_j||^2 on visible ones, unweighted)."""
+    the teacher's [CLS] attention and, only when asked (per_patch: pictures, benchmarks), the per-patch loss [B, N]:
+    ||D_j - I_j||^2 on masked patches and ||L(E_j) - F_j||^2 on visible ones, each divided by its own mean over the
+    batch (pixels and features have different units: on one scale the picture would only show the mask)."""
     images, N = batch, teacher.grid ** 2
     n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
     # one teacher pass on the intact image: mimic targets F (Sec. 3.2) and [CLS] attention (Sec. 3.3)
@@ -330,16 +333,17 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     loss, pred, mimic = model(images, ids_keep, ids_mask, pixels, tokens)
     patch_loss = None
     if per_patch:
+        l_r = reconstruction_loss(gather(pred.detach(), ids_mask), gather(pixels, ids_mask), True)  # [B, 147]
+        l_m = mimic_loss(mimic.detach(), gather(tokens, ids_keep), True)  # [B, 49]
         patch_loss = torch.zeros(mask.shape, device=images.device)  # [B, N]
-        patch_loss.scatter_(1, ids_mask, reconstruction_loss(gather(pred.detach(), ids_mask), gather(pixels, ids_mask), True))
-        patch_loss.scatter_(1, ids_keep, mimic_loss(mimic.detach(), gather(tokens, ids_keep), True))
+        patch_loss.scatter_(1, ids_mask, l_r / l_r.mean()).scatter_(1, ids_keep, l_m / l_m.mean())
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
 
 
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt):
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    meter = common.Meter(loader, epoch, args)
+    meter = common.Meter(loader, epoch, args, ckpt)  # a resumed epoch goes on from its checkpoint
     for step, (images, _) in meter:  # step counts from the resume point
         if step % args.accum_iter == 0:  # per-iteration schedule (MAE)
             lr = common.lr_at(epoch + step / meter.steps, args)

@@ -139,9 +139,9 @@ def print_profile(method, prof):
 # ---- One method, in this process ------------------------------------------------------------------
 def build(method, opts):
     module = importlib.import_module(METHODS[method][0])
-    argv = ["--data", "fake", "--model", opts.model, "--teacher", opts.teacher, "--teacher_weights",
-            opts.teacher_weights, "--batch_size", str(opts.batch_size), "--fake_size", str(opts.batch_size),
-            "--num_workers", "0"] + METHODS[method][1]
+    teacher = [] if METHODS[method][0] == "cae" else ["--teacher", opts.teacher, "--teacher_weights", opts.teacher_weights]
+    argv = ["--data", "fake", "--model", opts.model, "--batch_size", str(opts.batch_size), "--fake_size",
+            str(opts.batch_size), "--num_workers", "0"] + teacher + METHODS[method][1]  # CAE: its DALL-E tokenizer
     args = module.get_args(argv)
     args.rank, args.world_size, args.device, args.lr = 0, 1, opts.device, 1e-4
     args.amp = "bf16" if opts.device.startswith("cuda") else "none"

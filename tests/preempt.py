@@ -1,7 +1,9 @@
 """python tests/preempt.py SCRIPT ARGS...: runs SCRIPT as `python SCRIPT ARGS...` would, preempted the way
 a cluster does it. PREEMPT_AT_STEP=k: right after the mid-epoch checkpoint at step k is written, every
-rank SIGKILLs itself (rank 0 first copies that checkpoint to checkpoint-last.pth.at-kill). PARAMS_DIR=dir: at the end of training each rank writes its parameters to
-dir/rank<r>.pth (to compare the ranks)."""
+rank SIGKILLs itself (rank 0 first copies that checkpoint to checkpoint-last.pth.at-kill). SIGNAL_AT_UPDATE=k: right
+after the k-th optimiser update the process sends itself SIGNAL (SIGTERM, or SIGINT: Ctrl-C), or with SIGNAL_GROUP=1
+sends it to its whole process group, DataLoader workers included, as a scheduler or a terminal does. PARAMS_DIR=dir:
+at the end of training each rank writes its parameters to dir/rank<r>.pth (to compare the ranks)."""
 import os
 import runpy
 import shutil
@@ -14,10 +16,11 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 kill_at, params_dir, save = int(os.environ.get("PREEMPT_AT_STEP", -1)), os.environ.get("PARAMS_DIR"), common.Checkpointer.save
+signal_at, step, updates = int(os.environ.get("SIGNAL_AT_UPDATE", -1)), common.optimizer_step, [0]
 
 
-def save_then_preempt(self, epoch, step, keep=False):
-    save(self, epoch, step, keep)
+def save_then_preempt(self, epoch, step, keep=False, meter=None):
+    save(self, epoch, step, keep, **({"meter": meter} if meter else {}))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # rank 0 has finished writing
     if step == kill_at:
@@ -28,6 +31,14 @@ def save_then_preempt(self, epoch, step, keep=False):
         torch.save(self.model.state_dict(), os.path.join(params_dir, f"rank{self.args.rank}.pth"))
 
 
-common.Checkpointer.save = save_then_preempt
+def step_then_signal(*args):
+    step(*args)
+    updates[0] += 1
+    if updates[0] == signal_at:
+        sig = getattr(signal, os.environ.get("SIGNAL", "SIGTERM"))
+        os.killpg(os.getpgid(0), sig) if os.environ.get("SIGNAL_GROUP") else os.kill(os.getpid(), sig)
+
+
+common.Checkpointer.save, common.optimizer_step = save_then_preempt, step_then_signal
 sys.argv = sys.argv[1:]
 runpy.run_path(os.path.join(ROOT, sys.argv[0]), run_name="__main__")

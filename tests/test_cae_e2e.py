@@ -31,7 +31,7 @@ def finished(runs, name, method, steps):
     out, proc = runs[name]
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)  # no pickled objects
-    assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "step", "rng", "args", "method"}
+    assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "step", "rng", "progress", "args", "method"}
     assert ckpt["method"] == method and (ckpt["epoch"], ckpt["step"]) == (1, 0) and isinstance(ckpt["args"], dict)
     assert ckpt["optimizer"]["state"][0]["step"].item() == steps
     assert (out / "checkpoint-0.pth").exists()

@@ -23,7 +23,7 @@ def test_smoke_run_writes_checkpoint_and_log(tmp_path):
     proc = run_script("mask_align.py", SMOKE + ["--fake_size", "64", "--output_dir", tmp_path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)  # no pickled objects
-    assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "step", "rng", "args", "method"}
+    assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "step", "rng", "progress", "args", "method"}
     assert ckpt["method"] == "mask_align" and (ckpt["epoch"], ckpt["step"]) == (1, 0) and (tmp_path / "checkpoint-0.pth").exists()
     a = ckpt["args"]
     assert (a["mask_ratio"], a["top_k"], a["align"], a["align_cls"], a["drop_path"]) == (0.7, 5, "dynamic", True, 0.1)

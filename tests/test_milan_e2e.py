@@ -20,7 +20,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_checkpoint_and_log(smoke_run):
     out, _ = smoke_run
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)  # loads without pickled objects
-    assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "step", "rng", "args", "method"}
+    assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "step", "rng", "progress", "args", "method"}
     assert ckpt["method"] == "milan" and isinstance(ckpt["args"], dict)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 0)  # epoch 0 done: continue at epoch 1, step 0
     assert any(k.startswith("encoder.blocks.") for k in ckpt["model"]) and "decoder_pred.weight" in ckpt["model"]

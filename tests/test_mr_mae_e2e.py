@@ -15,7 +15,7 @@ def test_smoke_run_writes_checkpoint_and_log(arch, fake_size, tmp_path):
     proc = run_script("mr_mae.py", SMOKE + ["--arch", arch, "--fake_size", fake_size, "--output_dir", tmp_path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "step", "rng", "args", "method"}
+    assert set(ckpt) == {"model", "optimizer", "scaler", "epoch", "step", "rng", "progress", "args", "method"}
     assert ckpt["method"] == "mr_mae" and (ckpt["epoch"], ckpt["step"]) == (1, 0)
     args = ckpt["args"]
     assert args["arch"] == arch and args["fusion_layers"] == [1, 2] and args["focus"] == "attention"

@@ -50,6 +50,8 @@ def test_killed_run_resumes_to_identical_parameters(script, tmp_path):
     for s_a, s_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert_same_state(s_a, s_b)
     assert [json.loads(x)["epoch"] for x in (cut / "log.txt").read_text().splitlines()] == [0, 1]
+    # the resumed epoch's log line is the whole epoch's: its loss sum and steps before the kill come from the checkpoint
+    assert (whole / "log.txt").read_text() == (cut / "log.txt").read_text()
 
 
 def test_killed_torchrun_resumes_with_identical_ranks(tmp_path):
@@ -70,7 +72,7 @@ def test_killed_torchrun_resumes_with_identical_ranks(tmp_path):
 
 def test_sampler_is_distributed_samplers_order_and_starts_mid_epoch():
     """SeededSampler: each rank's share is DistributedSampler's (drop_last) cut to whole batches, and start_step
-    skips whole batches without touching the others; eval pads by wrapping, in order."""
+    skips whole batches without touching the others; eval takes every image once, in order, no padding."""
     from torch.utils.data import DistributedSampler
     for rank in (0, 1):
         args = argparse.Namespace(seed=3, rank=rank, world_size=2, batch_size=4)
@@ -82,7 +84,9 @@ def test_sampler_is_distributed_samplers_order_and_starts_mid_epoch():
         s.set_epoch(5, start_step=2)
         assert [i for _, i in s] == list(ref)[8:16] and len(s) == 8 and {e for e, _ in s} == {5}
     ev = common.SeededSampler(5, argparse.Namespace(seed=0, rank=1, world_size=2, batch_size=2), train=False)
-    assert [i for _, i in ev] == [1, 3, 0] and ev.steps == 2
+    assert [i for _, i in ev] == [1, 3] and ev.steps == 1
+    ev0 = common.SeededSampler(5, argparse.Namespace(seed=0, rank=0, world_size=2, batch_size=2), train=False)
+    assert [i for _, i in ev0] == [0, 2, 4] and ev0.steps == 2  # the shares differ by one: no image scored twice
 
 
 def test_augmentation_depends_on_the_image_not_on_the_loader():
@@ -134,7 +138,7 @@ BAD = {  # case -> (script, flags after the smoke flags, the flag the message mu
     "batch_too_big": ("milan.py", ["--fake_size", "4"], "--batch_size"),
     "output_not_writable": ("milan.py", ["--output_dir", "{tmp}/a_file/out"], "--output_dir"),
     "visualize_other_model": ("milan.py", ["--visualize", "2", "--resume", "{tmp}/small.pth"], "--resume"),
-    "loss_not_finite": ("milan.py", ["--lr", "1e30", "--fake_size", "32", "--accum_iter", "1"], "--resume"),
+    "loss_not_finite": ("milan.py", ["--lr", "1e30", "--fake_size", "32", "--accum_iter", "1"], "--lr"),
     "finetune_no_encoder": ("finetune.py", ["--finetune", "{tmp}/cae.pth"], "--finetune"),
     # the same checks guard every method file
     "cae_data_empty": ("cae.py", ["--data", "{tmp}/empty"], "--data"),
@@ -144,6 +148,9 @@ BAD = {  # case -> (script, flags after the smoke flags, the flag the message mu
     "finetune_output_not_writable": ("finetune.py", ["--finetune", "{tmp}/small.pth", "--output_dir", "{tmp}/a_file/x"],
                                      "--output_dir"),
 }
+
+
+TRAINS = {"data_unreadable", "loss_not_finite"}  # cases that train before they stop
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +169,8 @@ def bad_runs(tmp_path_factory):
     for case, (script, flags, _) in BAD.items():
         out = tmp / case
         out.mkdir()
-        (out / "checkpoint-last.pth").write_bytes(b"a good checkpoint")
+        if case not in TRAINS:  # (a run can only train into a folder that holds no other run)
+            (out / "checkpoint-last.pth").write_bytes(b"a good checkpoint")
         flags = [f.replace("{tmp}", str(tmp)) for f in flags]
         smoke = FT_SMOKE if script == "finetune.py" else SMOKE  # finetune.py takes no teacher or model flags
         cases[case] = [script] + smoke + ["--output_dir", out] + flags  # later flags win
@@ -176,7 +184,10 @@ def test_bad_input_one_clear_line(case, bad_runs):
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err[-2000:]
     assert BAD[case][2] in lines[0] and lines[0] == err.strip().splitlines()[-1], err[-2000:]
-    assert (tmp / case / "checkpoint-last.pth").read_bytes() == b"a good checkpoint"
+    if case in TRAINS:  # stopped before anything was written
+        assert not (tmp / case / "checkpoint-last.pth").exists()
+    else:
+        assert (tmp / case / "checkpoint-last.pth").read_bytes() == b"a good checkpoint"
 
 
 def test_unreadable_images_below_one_percent_are_skipped_and_counted(tmp_path):
@@ -205,11 +216,12 @@ def test_visualize_draws_image_visible_patches_attention_and_loss(tmp_path):
         return {"loss": torch.zeros(()), "mask": mask, "patch_loss": loss, "cls_attn": torch.arange(196.0).expand(2, -1)}
     common.visualize(args, ds, torch.nn.Linear(1, 1), None, step, "milan")
     sheet = np.asarray(Image.open(tmp_path / "visualize.png")).astype(int)
-    top, scale = common.VIS_TITLE, common.VIS_SCALE
-    assert sheet.shape == (top + 2 * 228 + scale, 4 * 228, 3)
+    top, scale, cap = common.VIS_TITLE, common.VIS_SCALE, common.VIS_CAPTION
+    assert sheet.shape == (top + 2 * (cap + 228) + scale, 4 * 228, 3)
     for c in range(4):  # a title over each column: dark text on white
         assert sheet[:top, c * 228:c * 228 + 100].min() < 100
-    rows = sheet[top:top + 224]
+    assert sheet[top:top + cap, :120].min() < 100  # the row's caption: its class and file
+    rows = sheet[top + cap:top + cap + 224]
     image, visible = rows[:, :224], rows[:, 228:452]
     assert np.abs(visible[16:] - image[16:]).max() == 0  # visible rows unchanged
     assert np.abs(visible[:16] - np.round(image[:16] * 0.25)).max() <= 1  # the hidden row dimmed to 25%
@@ -217,7 +229,7 @@ def test_visualize_draws_image_visible_patches_attention_and_loss(tmp_path):
     assert attn[0, 0].sum() < attn[100, 100].sum() < attn[223, 223].sum()  # brighter with higher attention
     assert (patch_loss[:16] == 127).all()  # grey: not in the loss
     assert patch_loss[20, 0].sum() < patch_loss[223, 223].sum()
-    bar = sheet[top + 2 * 228 + 4, 2:162]  # the colour scale: black (low) .. white (high)
+    bar = sheet[top + 2 * (cap + 228) + 4, 2:162]  # the colour scale: black (low) .. white (high)
     assert bar[0].sum() < 10 and bar[-1].min() > 240 and np.all(np.diff(bar.sum(1)) >= 0)
 
 
@@ -228,7 +240,7 @@ def test_visualize_from_a_checkpoint(tmp_path):
     assert runs["train"][0] == 0, runs["train"][2][-2000:]
     code, out, err = runs["draw"]
     assert code == 0 and "wrote" in out, err[-2000:]
-    size = (4 * 228, common.VIS_TITLE + 3 * 228 + common.VIS_SCALE)  # MILAN: 4 columns, 3 rows
+    size = (4 * 228, common.VIS_TITLE + 3 * (common.VIS_CAPTION + 228) + common.VIS_SCALE)  # MILAN: 4 columns, 3 rows
     assert Image.open(tmp_path / "visualize.png").size == size
 
 
@@ -238,7 +250,8 @@ def test_visualize_on_every_method_file(script, columns, visualize_runs):
     tmp, runs = visualize_runs
     code, out, err = runs[script]
     assert code == 0 and "wrote" in out, err[-2000:]
-    assert Image.open(tmp / script / "visualize.png").size == (columns * 228, common.VIS_TITLE + 2 * 228 + common.VIS_SCALE)
+    rows = 2 * (common.VIS_CAPTION + 228)
+    assert Image.open(tmp / script / "visualize.png").size == (columns * 228, common.VIS_TITLE + rows + common.VIS_SCALE)
 
 
 @pytest.fixture(scope="module")

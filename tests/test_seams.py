@@ -138,10 +138,10 @@ def test_mid_epoch_checkpoint_is_due_by_minutes(monkeypatch):
     monkeypatch.setattr(common.time, "time", lambda: clock[0])
     args = ns(save_every_minutes=30, save_every_steps=0, log_every=20, accum_iter=2, output_dir="x")
     ckpt = common.Checkpointer(args, "milan", None, None, None)
-    assert not ckpt.due(40)  # 0 minutes since the start
+    assert ckpt.due(40) == (False, False)  # (save, stop): 0 minutes since the start
     clock[0] += 31 * 60
-    assert not ckpt.due(38)  # update 19: not a --log_every boundary, the clock is not read
-    assert ckpt.due(40)  # update 20
+    assert ckpt.due(38) == (False, False)  # update 19: not a --log_every boundary, the clock is not read
+    assert ckpt.due(40) == (True, False)  # update 20
     assert common.get_parser("x").parse_args([]).save_every_minutes == 30  # on by default for real runs
 
 
