@@ -10,6 +10,9 @@ only) to the DALL-E tokens of the masked patches (Sec. 2.2), and the loss l_y + 
 package is needed. --target pixel predicts per-patch normalised pixels with MSE instead (the pixel-colour
 CAE of Sec. 3.1), so CAE also trains with no tokenizer at all.
 
+Computed in common.py: BEiT's block-wise masking (common.BlockMaskGenerator); the normalised pixels of Sec. 3.1
+(common.pixel_targets); the encoder F (common.ViT, on the visible patches).
+
 Deviations from the released code (github.com/Atten4Vis/CAE @a7fd162), one line each:
 - the alignment target runs the encoder itself under no_grad; the released code keeps a weight-aliased copy (same numbers).
 - encoder and decoder attention have a key bias (softmax-invariant: same function); the released code has q/v biases only.
@@ -39,6 +42,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -46,7 +50,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 import common
 
 
-# ---- Arguments: App. A recipe as defaults ---------------------------------------------------------
+# ---- Arguments: App. A recipe as defaults ------------------------------------------------------------------
 def get_args(argv=None):
     p = common.get_parser("CAE pre-training (arXiv:2202.03026). Defaults: the App. A recipe (ViT-B/16, 300 epochs, "
                           "block masking of 98 of 196 patches, DALL-E targets, lambda = 2) for 8 GPUs: batch 256 per "
@@ -89,7 +93,7 @@ def get_args(argv=None):
     return args
 
 
-# ---- Sampler: random block-wise masking (Sec. 2.2, BEiT) ------------------------------------------
+# ---- Sampler: random block-wise masking, two views of one crop (Sec. 2.2) ----------------------------------
 def block_masking(args):
     """CAE Sec. 2.2: BEiT's random block-wise masking, 98 of the 196 patches (mask ratio 0.5). Rectangles of
     at least 16 patches are added until the count is exact (common.BlockMaskGenerator). Runs in the
@@ -122,7 +126,8 @@ def map_pixels(token_view):
     return 0.8 * token_view.float() / 255 + 0.1
 
 
-# ---- Targets: the DALL-E dVAE encoder (Sec. 2.2) and normalised pixels (Sec. 3.1) -----------------
+# ---- Model: DALL-E tokenizer, encoder F, latent contextual regressor H, decoder G (Sec. 2.1, 2.2) ----------
+# The targets of Sec. 2.2: OpenAI's DALL-E dVAE encoder, defined here so that no extra package is needed
 class DalleConv2d(nn.Module):
     """dall_e.utils.Conv2d: weights named w, b; 'same' padding; fp16 on CUDA except the output conv (as OpenAI's)."""
     def __init__(self, n_in, n_out, kw, use_float16=True):
@@ -236,7 +241,7 @@ def build_tokenizer(args):
     return load_dalle_encoder(args.dalle_weights).to(args.device)
 
 
-# ---- Model: encoder F, latent contextual regressor H, decoder G (Sec. 2.1) ------------------------
+# The encoder F, the latent contextual regressor H and the decoder G (Sec. 2.1)
 class CrossAttention(nn.Module):
     """Multi-head attention with queries from one set and keys/values from another:
     q [B, M, C], k and v [B, L, C] -> [B, M, C]; softmax(q W_q (k W_k)^T / sqrt(d_h)) v W_v per head, then W_o.
@@ -292,8 +297,7 @@ class LatentContextualRegressor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)  # released: truncated at +-1 std
 
     def positions(self, ids):  # ids [B, L] patch indices -> [B, L, D] (row 0 of pos_embed is CLS)
-        dim = self.pos_embed.shape[-1]
-        return self.pos_embed.expand(len(ids), -1, -1).gather(1, (ids + 1)[..., None].expand(-1, -1, dim))
+        return common.gather(self.pos_embed.expand(len(ids), -1, -1), ids + 1)
 
     def forward(self, z_v, ids_keep, ids_mask):
         pos_v, pos_m = self.positions(ids_keep), self.positions(ids_mask)  # P_v [B, n, D], P_m [B, M, D]
@@ -351,7 +355,7 @@ class CAE(nn.Module):
         return cae_loss(pred, target, z_m, zbar_m, self.align_weight), {"pred": pred, "z_m": z_m, "zbar_m": zbar_m}
 
 
-# ---- Loss (Sec. 2.2, Eq. 1) -----------------------------------------------------------------------
+# ---- Loss: Eq. 1 (Sec. 2.2) --------------------------------------------------------------------------------
 def decoding_loss(pred, target, per_patch=False):
     """CAE Sec. 2.2: l_y(Y_m, Ybar_m), cross-entropy against the tokens (target long [B, M], pred [B, M, 8192]),
     or MSE against normalised pixels (target float [B, M, 768], Sec. 3.1); mean over the B * M masked patches."""
@@ -374,7 +378,7 @@ def cae_loss(pred, target, z_m, zbar_m, align_weight=2.0, per_patch=False):
     return decoding_loss(pred, target, per_patch) + align_weight * alignment_loss(z_m, zbar_m, per_patch)
 
 
-# ---- Training -------------------------------------------------------------------------------------
+# ---- Training: forward_step, train_one_epoch, main ---------------------------------------------------------
 def build_transform(args):
     """Block masks made in the DataLoader workers: -> (view, mask), or (view, token_view, mask) for DALL-E."""
     if args.target == "pixel":
@@ -402,7 +406,7 @@ def forward_step(model, teacher, batch, args, per_patch=False):
         target = teacher.tokenize(map_pixels(token_images[0])).gather(1, ids_mask)  # [B, M]
     else:  # Sec. 3.1: normalised pixels of the masked patches
         pixels = common.pixel_targets(images, common.VIT_CONFIGS[args.model][0])  # [B, N, 768], Sec. 3.1
-        target = pixels.gather(1, ids_mask[..., None].expand(-1, -1, pixels.shape[-1]))  # [B, M, 768]
+        target = common.gather(pixels, ids_mask)  # [B, M, 768]
     loss, out = model(images, ids_keep, ids_mask, target)
     patch_loss = None
     if per_patch:  # the terms of Eq. 1 per masked patch (the 8,192-way cross-entropy of every token again: not in training)
@@ -434,15 +438,24 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
 
 def main(argv=None):
     args = get_args(argv)
-    common.setup(args)
+    common.setup(args)  # checks, torchrun's process group, device, seeds, lr from --blr
     dataset = common.build_dataset(args, build_transform(args))
     model, teacher = build_model(args)
     if args.visualize:
         return common.visualize(args, dataset, model, teacher, forward_step, "cae")
     loader = common.build_loader(dataset, args)
     optimizer = common.build_optimizer(model, args)
+    ckpt = common.Checkpointer(args, "cae", model, optimizer)  # exact resume: model, optimizer, RNGs, position
+    start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
     targets = f"targets: DALL-E tokens ({args.dalle_weights})" if args.target == "dalle" else "targets: normalised pixels"
-    common.pretrain(args, "cae", model, teacher, loader, optimizer, train_one_epoch, targets)  # resume, DDP, epochs
+    common.announce(args, "cae", dataset, loader.sampler.steps, start_epoch, targets)
+    student = DDP(model) if args.world_size > 1 else model  # the trained student only
+    student = torch.compile(student) if args.compile else student
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        stats = train_one_epoch(student, teacher, loader, optimizer, ckpt.scaler, epoch, args, ckpt)
+        ckpt.epoch_done(epoch)  # checkpoint-last.pth; checkpoint-<epoch>.pth every --save_freq epochs
+        common.log_epoch(args, stats)  # a JSON line in OUTPUT_DIR/log.txt
 
 
 if __name__ == "__main__":

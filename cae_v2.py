@@ -9,6 +9,9 @@ head shared by the encoder (visible) and regressor (masked) outputs (App. B.1), 
 image as the targets of both (Sec. 2.3), and the loss l_v + l_z of Eq. 2 (cosine distance, two separate
 means), trained with the Table 8 recipe. Ablation switches: Tables 2, 4, 5 (README).
 
+Computed in common.py: block-wise masking (common.BlockMaskGenerator), uniform masking for --mask_type random
+(common.random_masking); the CLIP latents Zbar of Sec. 2.3 (common.Teacher).
+
 Deviations from the released code (github.com/Atten4Vis/CAE @a7fd162, --model_type caev2), one line each:
 - the head is FC then LN as App. B.1 writes; the released code applies LN then FC.
 - the loss is Eq. 2: a mean over the visible and a mean over the masked patches; the released code takes one
@@ -40,17 +43,19 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 
 import common
 
+
+# ---- Arguments: Table 8 recipe as defaults -----------------------------------------------------------------
 # CAE v2 by model size: mask ratio (Sec. 3.2, Table 8), regressor depth and width (App. B.1), drop path (Table 8).
 # Other sizes (the nano test size, ViT-H): ratio 0.5, one regressor block at the encoder width (our choice).
 SIZES = {"vit_tiny_patch16": (0.15, 1, 96, 0.1), "vit_small_patch16": (0.25, 1, 384, 0.1),
          "vit_base_patch16": (0.5, 4, 768, 0.1), "vit_large_patch16": (0.6, 4, 1024, 0.2)}
 
 
-# ---- Arguments: Table 8 recipe as defaults --------------------------------------------------------
 def get_args(argv=None):
     p = common.get_parser("CAE v2 pre-training (arXiv:2211.09799). Defaults: the Table 8 recipe (ViT-B/16, CLIP-B/16 "
                           "targets, 300 epochs; mask ratio, drop path and regressor by model size, Sec. 3.2, App. B.1) "
@@ -87,7 +92,7 @@ def get_args(argv=None):
     return args
 
 
-# ---- Sampler: random block-wise masking, ratio by model size (Sec. 2.3, 3.2) ----------------------
+# ---- Sampler: random block-wise masking, ratio by model size (Sec. 2.3, 3.2) -------------------------------
 def block_masking(args):
     """CAE v2 Sec. 2.3: BEiT's random block-wise masking with a ratio that grows with the model size:
     15/25/50/60% for T/S/B/L -> 30/49/98/118 of the 196 patches (the encoder keeps floor(N (1 - r))).
@@ -100,7 +105,7 @@ def block_masking(args):
     return common.BlockMaskGenerator(grid, grid * grid - n_keep)
 
 
-# ---- Model: encoder F, latent contextual regressor H, shared head (Sec. 2.2, App. B.1) -------------
+# ---- Model: encoder F, latent contextual regressor H, shared head (Sec. 2.2, App. B.1) ---------------------
 # H is CAE's latent contextual regressor (CAE arXiv:2202.03026 Sec. 2.1), which CAE v2 Sec. 2.2 reuses minus its
 # final LN. It mirrors cae.py's classes line for line (same parameter names, so weights move between them); this
 # file keeps its own copy so that cae_v2.py runs with only common.py beside it.
@@ -155,8 +160,7 @@ class LatentContextualRegressor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)  # released: truncated at +-1 std
 
     def positions(self, ids):  # ids [B, L] patch indices -> [B, L, R] (row 0 of pos_embed is CLS)
-        dim = self.pos_embed.shape[-1]
-        return self.pos_embed.expand(len(ids), -1, -1).gather(1, (ids + 1)[..., None].expand(-1, -1, dim))
+        return common.gather(self.pos_embed.expand(len(ids), -1, -1), ids + 1)
 
     def forward(self, z_v, ids_keep, ids_mask):
         pos_v, pos_m = self.positions(ids_keep), self.positions(ids_mask)  # P_v [B, n, R], P_m [B, M, R]
@@ -205,7 +209,7 @@ class CAEv2(nn.Module):
         return loss, {"pred_v": pred_v, "pred_m": pred_m}
 
 
-# ---- Loss (Sec. 2.3, Eq. 2) -----------------------------------------------------------------------
+# ---- Loss: Eq. 2 (Sec. 2.3) --------------------------------------------------------------------------------
 def cosine_distance(pred, target):
     """1 - cos(z, zbar) per token: [B, L, C] x 2 -> [B, L]."""
     return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)
@@ -221,7 +225,7 @@ def cae_v2_loss(pred_v, target_v, pred_m, target_m, per_patch=False, visible=Tru
     return (l_v, l_z) if per_patch else (l_v.mean() if visible else 0) + (l_z.mean() if pred_m is not None else 0)
 
 
-# ---- Training -------------------------------------------------------------------------------------
+# ---- Training: forward_step, train_one_epoch, main ---------------------------------------------------------
 def build_transform(args):
     """Block masks made in the DataLoader workers: -> (view, mask). Colour jitter, crop + flip (Table 8); the jitter
     runs on the whole image first, as released (its contrast blends towards the whole image's mean, not the crop's)."""
@@ -247,13 +251,12 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     N = mask.shape[1]
     ids_keep, ids_mask = common.ids_from_mask(mask, common.num_visible(N, args.mask_ratio))  # [B, n], [B, M]
     target = teacher(images, tokens=True)["tokens"][:, 1:]  # Sec. 2.3: CLIP latents of the intact image [B, N, C]
-    take = lambda t, ids: t.gather(1, ids[..., None].expand(-1, -1, t.shape[-1]))  # [B, L, C] at ids [B, L]
-    loss, out = model(images, ids_keep, ids_mask, take(target, ids_keep), take(target, ids_mask))
+    target_v, target_m = common.gather(target, ids_keep), common.gather(target, ids_mask)  # Zbar_v, Zbar_m
+    loss, out = model(images, ids_keep, ids_mask, target_v, target_m)
     patch_loss = None
     if per_patch:
         pred_m = out["pred_m"].detach() if out["pred_m"] is not None else None
-        l_v, l_z = cae_v2_loss(out["pred_v"].detach(), take(target, ids_keep), pred_m, take(target, ids_mask), True,
-                               args.visible_align)
+        l_v, l_z = cae_v2_loss(out["pred_v"].detach(), target_v, pred_m, target_m, True, args.visible_align)
         patch_loss = torch.zeros(mask.shape, device=mask.device).scatter(1, ids_keep, l_v).scatter(1, ids_mask, l_z)
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": None}
 
@@ -281,14 +284,24 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
 
 def main(argv=None):
     args = get_args(argv)
-    common.setup(args)
+    common.setup(args)  # checks, torchrun's process group, device, seeds, lr from --blr
     dataset = common.build_dataset(args, build_transform(args))
     model, teacher = build_model(args)
     if args.visualize:
         return common.visualize(args, dataset, model, teacher, forward_step, "cae_v2")
     loader = common.build_loader(dataset, args)
     optimizer = common.build_optimizer(model, args)
-    common.pretrain(args, "cae_v2", model, teacher, loader, optimizer, train_one_epoch)  # resume, DDP, epochs
+    ckpt = common.Checkpointer(args, "cae_v2", model, optimizer)  # exact resume: model, optimizer, RNGs, position
+    start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
+    common.announce(args, "cae_v2", dataset, loader.sampler.steps, start_epoch)
+    teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
+    student = DDP(model) if args.world_size > 1 else model  # the trained student only
+    student = torch.compile(student) if args.compile else student
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        stats = train_one_epoch(student, teacher, loader, optimizer, ckpt.scaler, epoch, args, ckpt)
+        ckpt.epoch_done(epoch)  # checkpoint-last.pth; checkpoint-<epoch>.pth every --save_freq epochs
+        common.log_epoch(args, stats)  # a JSON line in OUTPUT_DIR/log.txt
 
 
 if __name__ == "__main__":

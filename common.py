@@ -3,7 +3,7 @@ ViT, frozen Teacher, masking, data, torchrun/DDP, AdamW groups, schedule, checkp
 Whatever a paper's ablation could change (sampler, decoder, loss, recipe) lives in the method file.
 Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep sorted ascending;
 tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, itertools, json, logging, math, os, random, signal, socket, sys, time, warnings, zipfile
+import argparse, atexit, itertools, json, logging, math, os, random, signal, socket, sys, time, warnings, zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -152,7 +152,7 @@ class ViT(nn.Module):
     def forward(self, x, ids_keep=None, return_hidden=False):
         x = self.patch_embed(x) + self.pos_embed[:, 1:]  # [B, N, D]
         if ids_keep is not None:
-            x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, n, D]
+            x = gather(x, ids_keep)  # [B, n, D]
         x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1), x], 1)  # [B, 1+n, D]
         hidden = []
         for blk in self.blocks:
@@ -352,6 +352,10 @@ def num_visible(num_patches, mask_ratio, allow_zero=False):
         raise UserError(f"--mask_ratio {mask_ratio} must be in {'[' if allow_zero else '('}0, 1) and leave 1 to "
                         f"{most} of the {num_patches} patches visible")
     return n
+
+def gather(x, ids):
+    """The tokens of x [B, N, C] at ids [B, L] (e.g. ids_keep, ids_mask) -> [B, L, C]."""
+    return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
 
 def mask_from_ids(ids_keep, num_patches):
     """ids_keep [B, n] -> bool mask [B, N], True where a patch is not kept."""
@@ -700,6 +704,7 @@ def setup(args, allow_zero_mask=False):
         torch.cuda.set_device(local)
     if args.world_size > 1:  # launched by torchrun: nccl on GPUs, gloo on CPU
         dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
     if args.num_workers is None:  # size the loaders to the machine: all cores, shared by this node's processes
         args.num_workers = max(1, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
     if not cuda:
@@ -721,12 +726,15 @@ def make_output_dir(args):
         except OSError as e:
             raise UserError(f"--output_dir {args.output_dir}: not writable ({e.strerror})") from None
 
-def announce(args, name, dataset, steps, targets=None):
+def announce(args, name, dataset, steps, start_epoch=0, targets=None):
     """Rank 0, before training: a compact summary of the run and the lr arithmetic (every flag is saved in each
-    checkpoint's 'args'), and warnings when the warmup is longer than the run or the lr below --min_lr. targets:
-    what the student learns from, when it is not --teacher (CAE)."""
+    checkpoint's 'args'), and warnings when the warmup is longer than the run or the lr below --min_lr; or, for a
+    finished run, that nothing is left to train. targets: what the student learns from, when not --teacher (CAE)."""
     if args.rank != 0:
         return
+    if start_epoch >= args.epochs:
+        return print(f"nothing to train: {args.output_dir} has finished {start_epoch} of --epochs {args.epochs}; pass "
+                     f"a larger --epochs to train on")
     teacher = f", {targets}" if targets else f", teacher {args.teacher} ({args.teacher_weights})" \
         if hasattr(args, "teacher") else ""
     print(f"{name}: {args.model}{teacher}; --data {args.data}: {len(dataset)} images, {steps} steps of "
@@ -977,8 +985,9 @@ class Checkpointer:
     model, optimizer, grad scaler, epoch in progress, steps of it done (the sampler position), and every rank's RNG
     states and epoch progress (loss sum, steps, images, unreadable ones). Keys: model, optimizer, scaler, epoch,
     step, rng, progress, args, method."""
-    def __init__(self, args, method, model, optimizer, scaler):
-        self.args, self.method, self.model, self.optimizer, self.scaler = args, method, model, optimizer, scaler
+    def __init__(self, args, method, model, optimizer):
+        self.args, self.method, self.model, self.optimizer = args, method, model, optimizer
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")  # loss scaling for fp16 only
         self.last = os.path.join(args.output_dir, "checkpoint-last.pth")
         self.saved_at, self.progress = time.time(), None
 
@@ -1000,6 +1009,8 @@ class Checkpointer:
         agree(f"--output_dir {args.output_dir} already holds a{' ' + other if other else ''} run ("
               f"{', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''}); {hint}: nothing there is overwritten"
               if taken else None)
+        if not fresh_ok:
+            make_output_dir(args)  # now that the folder is known to be this run's
         if not path:
             return 0, 0
         if ckpt.get("scaler"):  # empty when saved without fp16
@@ -1068,33 +1079,6 @@ class Checkpointer:
     def epoch_done(self, epoch):
         e = epoch + 1
         self.save(e, 0, keep=e % self.args.save_freq == 0 or e == self.args.epochs)
-
-def pretrain(args, method, model, teacher, loader, optimizer, train_one_epoch, targets=None):
-    """The epoch loop every method file's main() ends with: grad scaler (fp16), exact resume, DDP around the
-    student only (the frozen teacher stays outside), optional torch.compile, a checkpoint and a log line per epoch."""
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    ckpt = Checkpointer(args, method, model, optimizer, scaler)
-    start_epoch, start_step = ckpt.resume()
-    if start_epoch >= args.epochs:
-        return nothing_to_train(args, start_epoch)
-    make_output_dir(args)
-    announce(args, method, loader.dataset, loader.sampler.steps, targets)
-    if isinstance(teacher, Teacher):
-        teacher.prepare(args)  # on CUDA: weights in the autocast dtype; --compile: compiled
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if args.world_size > 1 else model
-    step_model = torch.compile(ddp) if args.compile else ddp
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
-        stats = train_one_epoch(step_model, teacher, loader, optimizer, scaler, epoch, args, ckpt)
-        ckpt.epoch_done(epoch)
-        log_epoch(args, stats)
-    if args.world_size > 1:
-        dist.destroy_process_group()
-
-def nothing_to_train(args, epochs_done):
-    if args.rank == 0:
-        print(f"nothing to train: {args.output_dir} has finished {epochs_done} of --epochs {args.epochs}; pass a "
-              f"larger --epochs to train on")
 
 def log_epoch(args, stats):
     """Rank 0 appends one JSON line per epoch to output_dir/log.txt."""

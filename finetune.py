@@ -474,9 +474,8 @@ def main(argv=None):
         raise common.UserError(f"--nb_classes {args.nb_classes}: the data has {data_classes} classes; pass at least that")
     model = build_model(args, src).to(args.device)
     optimizer = build_optimizer(model, args)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    ckpt = common.Checkpointer(args, "finetune", model, optimizer, scaler)
-    start_epoch, start_step = ckpt.resume(fresh_ok=args.eval)
+    ckpt = common.Checkpointer(args, "finetune", model, optimizer)
+    start_epoch, start_step = ckpt.resume(fresh_ok=args.eval)  # --resume (auto: OUTPUT_DIR's); another run is refused
     val_loader = common.build_loader(val, args, train=False)
     if args.eval:
         stats = evaluate(model, val_loader, args)
@@ -484,18 +483,15 @@ def main(argv=None):
             print(f"eval {args.resume or args.finetune}: top-1 {stats['acc1']:.2f}% top-5 "
                   f"{stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {scored(stats)}")
         return stats
-    if start_epoch >= args.epochs:
-        return common.nothing_to_train(args, start_epoch)
-    common.make_output_dir(args)
     loader = common.build_loader(train, args)
-    common.announce(args, f"finetune.py --mode {args.mode}", train, loader.sampler.steps)
+    common.announce(args, f"finetune.py --mode {args.mode}", train, loader.sampler.steps, start_epoch)
     trained = model if model.kind == "finetune" else model.head  # DDP around the trained modules only
     trained = DDP(trained) if args.world_size > 1 else trained
     trained = torch.compile(trained) if args.compile else trained
     mix, best = build_mixup(args), 0.0
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
-        stats = train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args, ckpt)
+        stats = train_one_epoch(model, trained, loader, optimizer, ckpt.scaler, mix, epoch, args, ckpt)
         stats.update(evaluate(model, val_loader, args))
         ckpt.epoch_done(epoch)
         common.log_epoch(args, stats)
@@ -503,8 +499,6 @@ def main(argv=None):
         if args.rank == 0:
             print(f"epoch {epoch}: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['val_loss']:.4f} "
                   f"on {scored(stats)} (best top-1 {best:.2f}%)")
-    if args.world_size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ class-token attention (Sec. 3.2), Dynamic Alignment of every student block to th
 (Sec. 3.3, Eq. 1), LayerNorm-normalised multi-level targets (Eq. 2) and the smooth-L1 loss (Eq. 3), with no
 decoder and no reconstruction of masked patches, trained with the Sec. 4.1 recipe.
 
+Computed in common.py: the teacher's levels y_j of Eq. 2 and its CLS attention (common.Teacher, hidden=True,
+cls_attn=True); the student's levels x_i (common.ViT, return_hidden=True); uniform masking (common.random_masking).
+
 Deviations from the released code (github.com/OpenDriveLab/maskalign @4cb577f), one line each:
 - Eq. 1 as written, an adaptor per student block then the mix; released: mixes raw blocks, then a head per teacher level.
 - the matrix is S x K, init 0.01 + 1 where relative depths match; released: S x S, I + 0.01, IndexError when S != T.
@@ -33,11 +36,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 
 
-# ---- Arguments: Sec. 4.1 recipe as defaults -------------------------------------------------------
+# ---- Arguments: Sec. 4.1 recipe as defaults ----------------------------------------------------------------
 def get_args(argv=None):
     p = common.get_parser("MaskAlign pre-training (arXiv:2211.08887). Defaults: the Sec. 4.1 recipe (ViT-B/16, "
                           "CLIP-B/16 teacher, mask ratio 0.7 of Table 4, top-5 Dynamic Alignment of Table 3) for "
@@ -70,7 +74,7 @@ def get_args(argv=None):
     return args
 
 
-# ---- Sampler: attentive masking (Sec. 3.2) --------------------------------------------------------
+# ---- Sampler: attentive masking (Sec. 3.2) -----------------------------------------------------------------
 def attentive_masking(cls_attn, n_keep):
     """MaskAlign Sec. 3.2: feed the tokens covering important regions to the student "with high probabilities".
     As released: n_keep draws without replacement, p(i) ~ the teacher's last-block CLS attention on patch i
@@ -82,7 +86,7 @@ def attentive_masking(cls_attn, n_keep):
     return common.mask_from_ids(ids_keep, cls_attn.shape[1])
 
 
-# ---- Model: student ViT + Dynamic Alignment (Sec. 3.1, 3.3) ---------------------------------------
+# ---- Model: student ViT + Dynamic Alignment (Sec. 3.1, 3.3, Eq. 1) -----------------------------------------
 def paired_blocks(student_depth, teacher_depth, num_levels):
     """The student block at the same relative depth as each aligned teacher level (our rule; the paper gives
     none): teacher block t of T (1-based, t = T-K+1 .. T) pairs with student block s = ceil(t S / T), the
@@ -134,7 +138,7 @@ class MaskAlign(nn.Module):
         return mask_align_loss(pred, target, align_cls), pred
 
 
-# ---- Loss (Sec. 3.3, Eq. 2 and Eq. 3) -------------------------------------------------------------
+# ---- Loss: Eq. 2 and Eq. 3 (Sec. 3.3) ----------------------------------------------------------------------
 def alignment_targets(hidden, ids_keep, num_levels, norm="ln"):
     """MaskAlign Eq. 2: ytilde_j = Normalize(y_j) for the teacher's last K levels (block outputs of the intact
     image: no ln_post, no proj), Normalize = LayerNorm per token without scale and bias (Table 6; eps 1e-5 as
@@ -146,23 +150,22 @@ def alignment_targets(hidden, ids_keep, num_levels, norm="ln"):
     if norm == "bn":  # batch statistics per channel: taken before the positions, over [B, 1+N] (Table 6)
         levels = [F.batch_norm(h.float().flatten(0, 1), None, None, training=True).view(h.shape) for h in levels]
     ids = torch.cat([ids_keep.new_zeros(len(ids_keep), 1), ids_keep + 1], 1)  # [B, 1+n]: CLS row + visible rows
-    ids = ids[..., None].expand(-1, -1, hidden[-1].shape[-1])  # [B, 1+n, W]
-    y = torch.stack([h.gather(1, ids) for h in levels]).float()  # [K, B, 1+n, W]
+    y = torch.stack([common.gather(h, ids) for h in levels]).float()  # [K, B, 1+n, W]
     return F.layer_norm(y, y.shape[-1:], eps=1e-5) if norm == "ln" else y  # Eq. 2, no affine
 
 
-def mask_align_loss(pred, target, align_cls=True, per_token=False):
+def mask_align_loss(pred, target, align_cls=True, per_patch=False):
     """MaskAlign Eq. 3: L = 1/2 (yhat - ytilde)^2 where |yhat - ytilde| <= 1, |yhat - ytilde| - 1/2 elsewhere
     (smooth L1, beta 1), averaged over the W channels and the tokens, then over the K levels (all levels have
     the same shape, so one mean). pred, target [K, B, 1+n, W], CLS at position 0; align_cls=False leaves it out.
-    per_token: the [B, 1+n] terms (mean over K and W), CLS in column 0."""
+    per_patch: the [B, 1+n] terms of each token (mean over K and W), CLS in column 0."""
     d = F.smooth_l1_loss(pred.float(), target.float(), beta=1.0, reduction="none")  # [K, B, 1+n, W]
-    if per_token:
+    if per_patch:
         return d.mean((0, 3))
     return (d if align_cls else d[:, :, 1:]).mean()
 
 
-# ---- Training -------------------------------------------------------------------------------------
+# ---- Training: forward_step, train_one_epoch, main ---------------------------------------------------------
 def build_transform(args):
     return common.pretrain_transform(args)  # RandomResizedCrop + flip (Sec. 4.1)
 
@@ -192,7 +195,7 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     loss, pred = model(images, ids_keep, target, args.align_cls)
     patch_loss = None
     if per_patch:
-        terms = mask_align_loss(pred.detach(), target, per_token=True)[:, 1:]  # [B, 58], the visible patches
+        terms = mask_align_loss(pred.detach(), target, per_patch=True)[:, 1:]  # [B, 58], the visible patches
         patch_loss = terms.new_zeros(mask.shape).scatter_(1, ids_keep, terms)  # [B, N]
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
 
@@ -220,14 +223,24 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
 
 def main(argv=None):
     args = get_args(argv)
-    common.setup(args, allow_zero_mask=True)  # Table 4: ratio 0 (no hidden patch) is a valid MaskAlign run
+    common.setup(args, allow_zero_mask=True)  # Table 4: ratio 0 is a valid MaskAlign run
     dataset = common.build_dataset(args, build_transform(args))
     model, teacher = build_model(args)
     if args.visualize:
         return common.visualize(args, dataset, model, teacher, forward_step, "mask_align")
     loader = common.build_loader(dataset, args)
-    optimizer = common.build_optimizer(model, args, no_decay=("align_matrix",))  # released: no decay on the matrix
-    common.pretrain(args, "mask_align", model, teacher, loader, optimizer, train_one_epoch)  # resume, DDP, epochs
+    optimizer = common.build_optimizer(model, args, no_decay=("align_matrix",))  # released: no decay on w
+    ckpt = common.Checkpointer(args, "mask_align", model, optimizer)  # exact resume: model, optimizer, RNGs, position
+    start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
+    common.announce(args, "mask_align", dataset, loader.sampler.steps, start_epoch)
+    teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
+    student = DDP(model) if args.world_size > 1 else model  # the trained student only
+    student = torch.compile(student) if args.compile else student
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        stats = train_one_epoch(student, teacher, loader, optimizer, ckpt.scaler, epoch, args, ckpt)
+        ckpt.epoch_done(epoch)  # checkpoint-last.pth; checkpoint-<epoch>.pth every --save_freq epochs
+        common.log_epoch(args, stats)  # a JSON line in OUTPUT_DIR/log.txt
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ image as the reconstruction target (Sec. 2.2), the prompting decoder (Sec. 2.3, 
 aware sampling from the CLIP class-token attention (Sec. 2.4, Eq. 3), and the loss over all
 patches (Eq. 1), trained with the App. A.1 recipe.
 
+Computed in common.py: the targets t_j and the class-token attention s_class of Eq. 3 (common.Teacher, one pass,
+cls_attn=True); MAE's uniform masking for --mask_type random (common.random_masking).
+
 Deviations from the released code (github.com/zejiangh/MILAN @7dcfe0f), one line each:
 - the teacher gets CLIP-normalised pixels; the released code feeds ImageNet-normalised pixels to CLIP.
 - the loss averages over the N patches as Eq. 1 writes; the released code also puts the CLS token in the mean.
@@ -26,11 +29,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 
 
-# ---- Arguments: App. A.1 recipe as defaults -------------------------------------------------------
+# ---- Arguments: App. A.1 recipe as defaults ----------------------------------------------------------------
 def get_args(argv=None):
     p = common.get_parser("MILAN pre-training (arXiv:2208.06049). Defaults: the App. A.1 recipe (ViT-B/16, CLIP-B/16 "
                           "teacher, 400 epochs, mask ratio 0.75) for 8 GPUs: batch 256 per GPU x accum 2 x 8 = 4096; "
@@ -55,7 +59,7 @@ def get_args(argv=None):
     return args
 
 
-# ---- Sampler: semantic aware sampling (Sec. 2.4) --------------------------------------------------
+# ---- Sampler: semantic aware sampling (Sec. 2.4, Eq. 3) ----------------------------------------------------
 def semantic_aware_sampling(cls_attn, n_keep):
     """MILAN Sec. 2.4: the visible patches are n_keep draws without replacement from the
     Multinomial whose probabilities are the CLIP class-token attention s_class (Eq. 3), so
@@ -66,7 +70,7 @@ def semantic_aware_sampling(cls_attn, n_keep):
     return common.mask_from_ids(ids_keep, cls_attn.shape[1])
 
 
-# ---- Model: MAE encoder + prompting decoder (Sec. 2.3) --------------------------------------------
+# ---- Model: MAE encoder + prompting decoder (Sec. 2.1, 2.3, Eq. 2) -----------------------------------------
 class PromptingAttention(nn.Module):
     """MILAN Eq. 2: MHA(X, Z) = sum_h softmax(X W_q^h (cat(Z, X) W_k^h)^T / sqrt(d_h)) cat(Z, X) W_v^h W_o^h.
     Queries come from the mask tokens X only; the fixed prompts Z join the keys and values."""
@@ -119,16 +123,16 @@ class MILAN(nn.Module):
         """Sec. 2.3: prompts Z = decoder_embed(encoder output) + pos (CLS + visible), queries X =
         mask token + pos (masked). Returns p_j for all N patches in raster order [B, N, C]: visible
         ones read out of Z, masked ones out of X after the prompting blocks."""
-        B, dim = latent.shape[0], self.mask_token.shape[-1]
+        B = latent.shape[0]
         pos = self.decoder_pos_embed.expand(B, -1, -1)  # [B, 1+N, Dd]
         ids_prompt = torch.cat([ids_keep.new_zeros(B, 1), ids_keep + 1], 1)  # CLS + visible rows of pos
-        z = self.decoder_embed(latent) + pos.gather(1, ids_prompt[..., None].expand(-1, -1, dim))  # Z [B, 1+n, Dd]
-        x = self.mask_token + pos.gather(1, (ids_mask + 1)[..., None].expand(-1, -1, dim))  # X [B, M, Dd]
+        z = self.decoder_embed(latent) + common.gather(pos, ids_prompt)  # Z [B, 1+n, Dd]
+        x = self.mask_token + common.gather(pos, ids_mask + 1)  # X [B, M, Dd]
         for blk in self.decoder_blocks:
             x = blk(x, z)  # Z is read in every layer and never updated
         feats = torch.cat([z[:, 1:], x], 1)  # [B, N, Dd], patches in (ids_keep, ids_mask) order
         ids_restore = torch.argsort(torch.cat([ids_keep, ids_mask], 1), 1)  # [B, N]
-        feats = feats.gather(1, ids_restore[..., None].expand(-1, -1, dim))  # [B, N, Dd], raster order
+        feats = common.gather(feats, ids_restore)  # [B, N, Dd], raster order
         return self.decoder_pred(self.decoder_norm(feats))  # [B, N, C]
 
     def forward(self, images, ids_keep, ids_mask, target):
@@ -136,7 +140,7 @@ class MILAN(nn.Module):
         return milan_loss(pred, target), pred
 
 
-# ---- Loss (Sec. 2.2, Eq. 1) -----------------------------------------------------------------------
+# ---- Loss: Eq. 1 (Sec. 2.2) --------------------------------------------------------------------------------
 def milan_loss(pred, target, per_patch=False):
     """MILAN Eq. 1: L = (1/N) sum_j ||p_j/||p_j|| - t_j/||t_j|| ||^2 over all N patches, masked and
     visible (Sec. 2.2), averaged over the batch. pred, target [B, N, C]. per_patch: the [B, N] terms."""
@@ -145,7 +149,7 @@ def milan_loss(pred, target, per_patch=False):
     return dist if per_patch else dist.mean()  # mean over N patches and B images
 
 
-# ---- Training -------------------------------------------------------------------------------------
+# ---- Training: forward_step, train_one_epoch, main ---------------------------------------------------------
 def build_transform(args):
     return common.pretrain_transform(args)  # RandomResizedCrop + flip (App. A.1)
 
@@ -199,14 +203,24 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
 
 def main(argv=None):
     args = get_args(argv)
-    common.setup(args)
+    common.setup(args)  # checks, torchrun's process group, device, seeds, lr from --blr
     dataset = common.build_dataset(args, build_transform(args))
     model, teacher = build_model(args)
     if args.visualize:
         return common.visualize(args, dataset, model, teacher, forward_step, "milan")
     loader = common.build_loader(dataset, args)
     optimizer = common.build_optimizer(model, args)
-    common.pretrain(args, "milan", model, teacher, loader, optimizer, train_one_epoch)  # resume, DDP, epochs
+    ckpt = common.Checkpointer(args, "milan", model, optimizer)  # exact resume: model, optimizer, RNGs, position
+    start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
+    common.announce(args, "milan", dataset, loader.sampler.steps, start_epoch)
+    teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
+    student = DDP(model) if args.world_size > 1 else model  # the trained student only
+    student = torch.compile(student) if args.compile else student
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        stats = train_one_epoch(student, teacher, loader, optimizer, ckpt.scaler, epoch, args, ckpt)
+        ckpt.epoch_done(epoch)  # checkpoint-last.pth; checkpoint-<epoch>.pth every --save_freq epochs
+        common.log_epoch(args, stats)  # a JSON line in OUTPUT_DIR/log.txt
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ of Sec. 3.3: focused mimicking (visible patches chosen from the teacher's [CLS] 
 fusion (visible tokens of several encoder blocks added before the mimic head and the decoder) and masked
 convolution stages (MCMAE's ConvViT encoder, `--arch convvit_base`); trained with the Sec. 4.1 recipe.
 
+Computed in common.py: the normalised pixels I of Eq. 1 (common.pixel_targets); the teacher features F of Eq. 2 and
+its [CLS] attention (common.Teacher); MAE's uniform masking for --focus none (common.random_masking).
+
 Deviations from the released code: none possible. The authors never released MR-MAE code (github.com/
 Alpha-VL/ConvMAE holds MCMAE v1 only); the paper is the only reference. Where it is silent, ours, one line each:
 - focused mimicking draws the visible patches without replacement with probability proportional to the
@@ -43,11 +46,12 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 
 
-# ---- Arguments: Sec. 4.1 recipe as defaults ------------------------------------------------------
+# ---- Arguments: Sec. 4.1 recipe as defaults ----------------------------------------------------------------
 def get_args(argv=None):
     p = common.get_parser("MR-MAE pre-training (arXiv:2303.05475). Defaults: the Sec. 4.1 recipe (ViT-B/16, CLIP-B/16 "
                           "teacher, 400 epochs, 25% visible, loss 0.5 L_R + 0.5 L_M) for 8 GPUs: batch 128 per GPU x "
@@ -57,7 +61,7 @@ def get_args(argv=None):
     # Betas (0.9, 0.95), min lr 0 and crop scale (0.2, 1) are MAE's (the paper follows "the practices in MAE").
     p.set_defaults(batch_size=128, accum_iter=1, blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, epochs=400,
                    warmup_epochs=80, min_lr=0.0, crop_min=0.2, mask_ratio=0.75, teacher="ViT-B-16")
-    p.add_argument("--arch", choices=["vit", *CONVVIT_CONFIGS], default="vit", help="vit: plain ViT of --model; "
+    p.add_argument("--arch", choices=["vit", "convvit_base", "convvit_nano"], default="vit", help="vit: plain ViT of --model; "
                    "convvit_*: masked convolution stages + transformer (Sec. 3.3, MCMAE; --model is then ignored)")
     p.add_argument("--focus", choices=["attention", "topk", "none"], default="attention",
                    help="Sec. 3.3 focused mimicking: visible patches drawn in proportion to the teacher's [CLS] "
@@ -82,23 +86,24 @@ def get_args(argv=None):
     return args
 
 
-# ---- Sampler: focused mimicking (Sec. 3.3) --------------------------------------------------------
+# ---- Sampler: focused mimicking (Sec. 3.3) -----------------------------------------------------------------
 def focused_sampling(cls_attn, n_keep, focus="attention"):
     """MR-MAE Sec. 3.3 "Focused Mimicking": the visible patches, which the encoder sees and the mimic
     loss supervises, are chosen from the teacher's [CLS] attention instead of uniformly.
     attention: n_keep draws without replacement, P(i) proportional to cls_attn[i] (salient patches are
     visible more often, the rest still gets seen; as MILAN and MaskAlign); topk: the n_keep most salient
     patches; none: uniform (MAE). cls_attn [B, N] -> mask [B, N], True = hidden from the encoder."""
+    B, N = cls_attn.shape
+    if focus == "none":
+        return common.random_masking(B, N, n_keep, cls_attn.device)
     if focus == "attention":
         ids_keep = torch.multinomial(cls_attn, n_keep, replacement=False)  # [B, n_keep]
-    elif focus == "topk":
-        ids_keep = cls_attn.topk(n_keep, dim=1).indices  # [B, n_keep], largest attention first
     else:
-        ids_keep = torch.rand(cls_attn.shape, device=cls_attn.device).argsort(1)[:, :n_keep]  # [B, n_keep]
-    return common.mask_from_ids(ids_keep, cls_attn.shape[1])
+        ids_keep = cls_attn.topk(n_keep, dim=1).indices  # [B, n_keep], largest attention first
+    return common.mask_from_ids(ids_keep, N)
 
 
-# ---- Model: ConvViT, masked convolution stages (Sec. 3.3, MCMAE) ----------------------------------
+# ---- Model: masked convolution stages (ConvViT, Sec. 3.3), multi-layer fusion, mimic head, MAE decoder -----
 CONVVIT_CONFIGS = {  # name: (stage widths, stage depths, transformer heads); nano is a test size
     "convvit_nano": ((16, 32, 64), (2, 2, 2), 2), "convvit_base": ((256, 384, 768), (2, 2, 11), 12)}
 
@@ -189,7 +194,7 @@ class ConvViT(nn.Module):
             x = blk(x, vis2)
         x = self.patch_embed4(self.patch_embed3(x).flatten(2).transpose(1, 2)) + self.pos_embed[:, 1:]  # [B, N, D]
         if ids_keep is not None:
-            x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, n, D], visible tokens only
+            x = common.gather(x, ids_keep)  # [B, n, D], visible tokens only
         x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1), x], 1)  # [B, 1+n, D]
         hidden = []
         for blk in self.blocks:
@@ -213,15 +218,10 @@ def build_encoder(args):
     return ConvViT(args.input_size, dims, depths, heads, drop_path=args.drop_path)
 
 
-# ---- Model: MR-MAE = encoder + multi-layer fusion + mimic head + MAE decoder (Sec. 3.2-3.3) ------
+# MR-MAE = encoder + multi-layer fusion + mimic head + MAE decoder (Sec. 3.2-3.3)
 def default_fusion_layers(depth):
     """Blocks ceil(d/3), ceil(2d/3), d (1-based, duplicates dropped): [4, 8, 12] for ViT-B (ours)."""
     return sorted({math.ceil(depth / 3), math.ceil(2 * depth / 3), depth})
-
-
-def gather(x, ids):
-    """x [B, N, C], ids [B, n] -> [B, n, C]: the rows of the given patches."""
-    return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
 
 
 class MRMAE(nn.Module):
@@ -259,10 +259,10 @@ class MRMAE(nn.Module):
         """Sec. 3.1 (MAE): embed [CLS] + E_v, add one learned mask token per masked patch, restore raster
         order, add positions, decoder blocks, norm, predict p*p*3 pixels per patch -> D [B, N, p*p*3]."""
         x = self.decoder_embed(latent)  # [B, 1+n, Dd]
-        B, dim, M = x.shape[0], x.shape[-1], ids_mask.shape[1]
+        B, M = x.shape[0], ids_mask.shape[1]
         x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, M, -1)], 1)  # [B, N, Dd] in (ids_keep, ids_mask) order
         ids_restore = torch.argsort(torch.cat([ids_keep, ids_mask], 1), 1)  # [B, N]
-        x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, dim))  # [B, N, Dd], raster order
+        x_ = common.gather(x_, ids_restore)  # [B, N, Dd], raster order
         x = torch.cat([x[:, :1], x_], 1) + self.decoder_pos_embed  # [B, 1+N, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -273,13 +273,13 @@ class MRMAE(nn.Module):
         Returns the loss w_R L_R + w_M L_M (0.5, 0.5), the pixel predictions [B, N, p*p*3], L(E_v) [B, n, C]."""
         latent = self.forward_encoder(images, ids_keep)  # E_v, fed to both branches (Sec. 3.3)
         pred, mimic = self.forward_decoder(latent, ids_keep, ids_mask), self.forward_mimic(latent)
-        loss_r = reconstruction_loss(gather(pred, ids_mask), gather(pixels, ids_mask))  # masked patches only
-        loss_m = mimic_loss(mimic, gather(tokens, ids_keep))  # visible patches only
+        loss_r = reconstruction_loss(common.gather(pred, ids_mask), common.gather(pixels, ids_mask))  # masked patches only
+        loss_m = mimic_loss(mimic, common.gather(tokens, ids_keep))  # visible patches only
         w_r, w_m = self.loss_weights  # MR-MAE Sec. 4.1: 0.5 and 0.5 (a zero weight keeps its branch in the graph)
         return w_r * loss_r + w_m * loss_m, pred, mimic
 
 
-# ---- Losses (Sec. 3.1 Eq. 1, Sec. 3.2 Eq. 2) ------------------------------------------------------
+# ---- Loss: Eq. 1 and Eq. 2 (Sec. 3.1, 3.2) -----------------------------------------------------------------
 def reconstruction_loss(d_m, i_m, per_patch=False):
     """MR-MAE Eq. 1: L_R = (1/l_m) ||D_m - I_m||_2^2, the squared error summed over each masked patch's
     p*p*3 values, averaged over the l_m masked patches, then over the batch. d_m, i_m [B, l_m, p*p*3].
@@ -296,7 +296,7 @@ def mimic_loss(le_v, f_v, per_patch=False):
     return err if per_patch else err.mean()
 
 
-# ---- Training -------------------------------------------------------------------------------------
+# ---- Training: forward_step, train_one_epoch, main ---------------------------------------------------------
 def build_transform(args):
     return common.pretrain_transform(args)  # RandomResizedCrop + flip (MAE)
 
@@ -333,8 +333,8 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     loss, pred, mimic = model(images, ids_keep, ids_mask, pixels, tokens)
     patch_loss = None
     if per_patch:
-        l_r = reconstruction_loss(gather(pred.detach(), ids_mask), gather(pixels, ids_mask), True)  # [B, 147]
-        l_m = mimic_loss(mimic.detach(), gather(tokens, ids_keep), True)  # [B, 49]
+        l_r = reconstruction_loss(common.gather(pred.detach(), ids_mask), common.gather(pixels, ids_mask), True)  # [B, 147]
+        l_m = mimic_loss(mimic.detach(), common.gather(tokens, ids_keep), True)  # [B, 49]
         patch_loss = torch.zeros(mask.shape, device=images.device)  # [B, N]
         patch_loss.scatter_(1, ids_mask, l_r / l_r.mean()).scatter_(1, ids_keep, l_m / l_m.mean())
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
@@ -363,14 +363,24 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt
 
 def main(argv=None):
     args = get_args(argv)
-    common.setup(args)
+    common.setup(args)  # checks, torchrun's process group, device, seeds, lr from --blr
     dataset = common.build_dataset(args, build_transform(args))
     model, teacher = build_model(args)
     if args.visualize:
         return common.visualize(args, dataset, model, teacher, forward_step, "mr_mae")
     loader = common.build_loader(dataset, args)
     optimizer = common.build_optimizer(model, args)
-    common.pretrain(args, "mr_mae", model, teacher, loader, optimizer, train_one_epoch)  # resume, DDP, epochs
+    ckpt = common.Checkpointer(args, "mr_mae", model, optimizer)  # exact resume: model, optimizer, RNGs, position
+    start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
+    common.announce(args, "mr_mae", dataset, loader.sampler.steps, start_epoch)
+    teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
+    student = DDP(model) if args.world_size > 1 else model  # the trained student only
+    student = torch.compile(student) if args.compile else student
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        stats = train_one_epoch(student, teacher, loader, optimizer, ckpt.scaler, epoch, args, ckpt)
+        ckpt.epoch_done(epoch)  # checkpoint-last.pth; checkpoint-<epoch>.pth every --save_freq epochs
+        common.log_epoch(args, stats)  # a JSON line in OUTPUT_DIR/log.txt
 
 
 if __name__ == "__main__":

@@ -96,9 +96,8 @@ def test_probe_step_trains_the_head_only(mode, tmp_path):
     args.batch_size, args.seed, args.num_workers, args.save_every_steps = 4, 0, 0, 0
     data = torch.utils.data.TensorDataset(images(4), torch.tensor([0, 1, 2, 3]))
     loader = common.build_loader(data, args)  # one batch of 4
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    ckpt = common.Checkpointer(args, "finetune", model, opt, scaler)
-    finetune.train_one_epoch(model, model.head, loader, opt, scaler, None, 0, args, ckpt)
+    ckpt = common.Checkpointer(args, "finetune", model, opt)
+    finetune.train_one_epoch(model, model.head, loader, opt, ckpt.scaler, None, 0, args, ckpt)
     assert all(torch.equal(t, enc0[k]) for k, t in model.encoder.state_dict().items())
     assert all(p.grad is None for p in model.encoder.parameters())
     assert not torch.equal(model.head[-1].weight, head0[f"{len(model.head) - 1}.weight"])

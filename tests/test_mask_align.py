@@ -229,9 +229,9 @@ def test_loss_equals_eq3():
     z = torch.zeros(1, 1, 1, 2)
     assert mask_align.mask_align_loss(torch.tensor([0.5, 3.0]).view(1, 1, 1, 2), z).item() == pytest.approx(
         (0.125 + 2.5) / 2)  # 1/2 0.5^2 and 3 - 1/2: not the released 2x
-    per_token = mask_align.mask_align_loss(pred, target, per_token=True)
-    assert per_token.shape == (2, 59)
-    assert per_token[1, 7].item() == pytest.approx(sum(smooth_l1_by_hand(pred[:, 1, 7], target[:, 1, 7])) / 40, rel=1e-5)
+    per_patch = mask_align.mask_align_loss(pred, target, per_patch=True)
+    assert per_patch.shape == (2, 59)
+    assert per_patch[1, 7].item() == pytest.approx(sum(smooth_l1_by_hand(pred[:, 1, 7], target[:, 1, 7])) / 40, rel=1e-5)
 
 
 def test_no_align_cls_leaves_the_cls_token_out():

@@ -277,7 +277,7 @@ def test_steps_on_one_batch_lower_the_loss(tiny_teacher):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        l_m.append(mr_mae.mimic_loss(mimic, mr_mae.gather(tokens, ids_keep)).item())
+        l_m.append(mr_mae.mimic_loss(mimic, common.gather(tokens, ids_keep)).item())
     l_r = [2 * a - b for a, b in zip(losses, l_m)]  # loss = 0.5 L_R + 0.5 L_M
     assert losses[-1] < 0.9 * losses[0], losses  # measured ~0.85x
     assert l_m[-1] < 0.3 * l_m[0] and l_r[-1] < 0.97 * l_r[0], (l_m, l_r)  # both terms go down (~0.05x, ~0.93x)

@@ -136,8 +136,8 @@ def test_relaunch_refused_resume_auto_for_pictures_and_a_compact_start(tmp_path)
 def test_mid_epoch_checkpoint_is_due_by_minutes(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(common.time, "time", lambda: clock[0])
-    args = ns(save_every_minutes=30, save_every_steps=0, log_every=20, accum_iter=2, output_dir="x")
-    ckpt = common.Checkpointer(args, "milan", None, None, None)
+    args = ns(save_every_minutes=30, save_every_steps=0, log_every=20, accum_iter=2, output_dir="x", amp="none")
+    ckpt = common.Checkpointer(args, "milan", None, None)
     assert ckpt.due(40) == (False, False)  # (save, stop): 0 minutes since the start
     clock[0] += 31 * 60
     assert ckpt.due(38) == (False, False)  # update 19: not a --log_every boundary, the clock is not read

@@ -111,3 +111,33 @@ def test_mae_init_is_kept_elsewhere():
     torch.manual_seed(0)
     w = common.build_vit("vit_nano_patch16", 224).patch_embed.proj.weight
     assert w.abs().max() > 0.05  # xavier bound sqrt(6 / (768 + 64)) = 0.085, far outside +-0.02
+
+
+SECTIONS = ["Arguments", "Sampler", "Model", "Loss", "Training"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_skeleton(method):
+    """The same sections in the same order in every method file (so that `diff cae.py cae_v2.py` shows the method);
+    main() wraps the student in DDP itself (the run reads top to bottom in the file); no private argparse API; one
+    gather (common.gather) for tokens at patch indices; per_patch, not per_token; common.py's equations are named in
+    the header."""
+    text = open(os.path.join(ROOT, f"{method}.py")).read()
+    tree = ast.parse(text)
+    assert [line[7:].split(":")[0] for line in text.splitlines() if line.startswith("# ---- ")] == SECTIONS
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    assert "DDP(model)" in ast.get_source_segment(text, main) and "train_one_epoch(" in ast.get_source_segment(text, main)
+    assert "_option_string_actions" not in text and "per_token" not in text
+    assert "[..., None].expand(-1, -1" not in text and not any(
+        isinstance(n, ast.FunctionDef) and n.name == "gather" for n in tree.body)
+    assert "Computed in common.py: " in ast.get_docstring(tree)
+    first = 1 + next(i for i, line in enumerate(text.splitlines()) if line.startswith("# ---- "))
+    assert not any(isinstance(n, ast.Assign) and n.lineno < first for n in tree.body)  # constants under their section
+
+
+def test_mr_mae_arch_choices_are_its_convvit_sizes():
+    import mr_mae
+    with pytest.raises(SystemExit):
+        mr_mae.get_args(["--data", "fake", "--arch", "convvit_huge"])
+    for arch in ["vit", *mr_mae.CONVVIT_CONFIGS]:
+        assert mr_mae.get_args(["--data", "fake", "--arch", arch]).arch == arch
