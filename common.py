@@ -1,9 +1,8 @@
-"""common.py: what is identical for the five method files (MILAN, CAE, CAE v2, MR-MAE, MaskAlign):
-ViT, frozen Teacher, masking, data, torchrun/DDP, AdamW groups, schedule, checkpoints, logging.
-Whatever a paper's ablation could change (sampler, decoder, loss, recipe) lives in the method file.
-Conventions: mask is bool [B, N], True = hidden from the encoder; ids_keep sorted ascending;
-tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, atexit, itertools, json, logging, math, os, random, signal, socket, sys, time, warnings, zipfile
+"""common.py: what is identical for the five method files. First what the papers describe (ViT, the frozen Teacher with
+MILAN Eq. 3's class-token attention, masking, pixel targets), then, behind one divider, the machinery. Whatever an
+ablation could change (sampler, decoder, loss, recipe) lives in the method file. Conventions: mask bool [B, N], True =
+hidden from the encoder; ids_keep sorted ascending; tokens [CLS, patch_1 .. patch_N] in raster order."""
+import argparse, atexit, json, logging, math, os, random, signal, socket, sys, time, warnings, zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -12,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 from torchvision import datasets
-from PIL import Image, ImageDraw
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
@@ -25,45 +24,10 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 class UserError(Exception):
     """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback."""
 
-RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None, "stop": None}  # where this process is, for the last line
-
-class Stopped(Exception):
-    """SIGTERM or Ctrl-C: the run stops; after the update in progress it writes a mid-epoch checkpoint (Checkpointer)."""
-
-def on_signal(signum, frame):
-    """SIGTERM (a scheduler's preemption, with a grace period) or Ctrl-C: a training run finishes the update in
-    progress, saves a mid-epoch checkpoint and stops (Checkpointer.step_done); before training, or at a second
-    signal, it stops at once."""
-    if RUN["at"] is None or RUN["stop"]:
-        raise Stopped(signal.Signals(signum).name)
-    RUN["stop"] = signal.Signals(signum).name
-
-def cli(main, argv=None):
-    """Entry point of every script: run main(argv); a UserError becomes one clear line (exit 2); SIGTERM and Ctrl-C
-    save where training stands and print one line on how to continue (exit 143 and 130)."""
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        main(argv)
-    except UserError as e:  # raised in a DataLoader worker, it arrives wrapped: keep its own last line
-        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
-        sys.exit(2)
-    except (Stopped, KeyboardInterrupt) as e:  # where the run stopped, and how to continue it
-        name = str(e) if isinstance(e, Stopped) else "SIGINT"
-        last, at = os.path.join(RUN["output_dir"] or ".", "checkpoint-last.pth"), RUN["at"]
-        saved = " (epoch {}, step {})".format(*RUN["saved"]) if RUN["saved"] else ""
-        how = f"relaunch the same command with --resume auto to continue from {last}{saved}" if RUN["output_dir"] \
-            and os.path.isfile(last) else "no checkpoint was written, so a relaunch starts from the beginning"
-        if RUN["rank"] == 0:
-            what = "interrupted" if name == "SIGINT" else f"stopped by {name}"
-            print(f"\n{what}" + (" at epoch {}, step {}; ".format(*at) if at else "; ") + how, file=sys.stderr)
-        sys.exit(130 if name == "SIGINT" else 143)
-
-# ---- ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) ---
+# ---- ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) --------------
 def sincos_pos_embed(dim, grid):
-    """MAE's fixed 2-D sin-cos position embedding, [1+grid*grid, dim], CLS row all zeros.
-    Channels [0, dim/2) encode the column, [dim/2, dim) the row; each half is
-    [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k/(dim/4)), k = 0 .. dim/4-1."""
+    """MAE's fixed 2-D sin-cos position embedding, [1+grid*grid, dim], CLS row all zeros. Channels [0, dim/2) encode
+    the column, [dim/2, dim) the row; each half is [sin(p w_k), cos(p w_k)], w_k = 10000^(-k/(dim/4)), k < dim/4."""
     assert dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # [G, G] each
@@ -75,11 +39,9 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
-
     def qkv_heads(self, x):  # [B, N, C] -> q, k, v each [B, H, N, C/H]
         B, N, C = x.shape
         return self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-
     def forward(self, x):
         out = F.scaled_dot_product_attention(*self.qkv_heads(x))  # [B, H, N, C/H]
         return self.proj(out.transpose(1, 2).flatten(2))  # [B, N, C]
@@ -88,7 +50,6 @@ class LayerScale(nn.Module):
     def __init__(self, dim, init_values):
         super().__init__()
         self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
     def forward(self, x):
         return x * self.gamma
 
@@ -110,7 +71,6 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
-
     def forward(self, x):
         x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
         return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
@@ -119,7 +79,6 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size, dim):
         super().__init__()
         self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
-
     def forward(self, x):  # [B, 3, H, W] -> [B, N, D], raster order
         return self.proj(x).flatten(2).transpose(1, 2)
 
@@ -129,14 +88,13 @@ VIT_CONFIGS = {  # name: (patch, width, depth, heads); nano: the tests' size
     "vit_large_patch16": (16, 1024, 24, 16), "vit_huge_patch14": (14, 1280, 32, 16)}
 
 class ViT(nn.Module):
-    """ViT that runs on a subset of patches (the MAE encoder). forward(x, ids_keep [B, n]) embeds
-    all patches, keeps ids_keep plus CLS, runs the blocks and the final norm -> [B, 1+n, D].
-    return_hidden=True also gives each block's output (residual stream, no final norm)."""
+    """The MAE encoder: forward(x, ids_keep [B, n]) embeds all patches, keeps CLS + ids_keep, runs the blocks and the
+    final norm -> [B, 1+n, D]; return_hidden: also each block's output (residual stream, no final norm)."""
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  drop_path=0.0, init_values=None, eps=1e-6, learned_pos=False):
         super().__init__()
-        self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, img_size // patch_size
-        self.num_patches = self.grid ** 2
+        self.patch_size, self.embed_dim, self.grid, self.num_patches = patch_size, embed_dim, img_size // patch_size, \
+            (img_size // patch_size) ** 2
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid)[None], requires_grad=learned_pos)
@@ -148,7 +106,6 @@ class ViT(nn.Module):
                 nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(embed_dim, -1))
         nn.init.normal_(self.cls_token, std=0.02)
-
     def forward(self, x, ids_keep=None, return_hidden=False):
         x = self.patch_embed(x) + self.pos_embed[:, 1:]  # [B, N, D]
         if ids_keep is not None:
@@ -165,42 +122,12 @@ def build_vit(name, img_size=224, **kw):
     patch, dim, depth, heads = VIT_CONFIGS[name]
     return ViT(img_size, patch, dim, depth, kw.pop("num_heads", heads), **kw)
 
-# ---- Frozen teacher: an open_clip CLIP ViT, DINO ViT-B/16, or 'tiny' (random, for tests) ----------
-def is_torchscript(path):
-    return zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
-
-def read_weights(path, flag="--teacher_weights"):
-    """A state dict from a local file: torch.save'd dict, training checkpoint, or TorchScript archive
-    (OpenAI's CLIP .pt). 'module.', 'visual.' and 'backbone.' prefixes are stripped."""
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file; pass a local weights file, or 'none' for random weights")
-    try:
-        with warnings.catch_warnings():  # torch.jit.load is deprecated, yet OpenAI's files need it
-            warnings.simplefilter("ignore", FutureWarning)
-            sd = torch.jit.load(path, map_location="cpu").state_dict() if is_torchscript(path) else \
-                torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{flag} {path}: not a readable PyTorch weights file ({type(e).__name__})") from None
-    while isinstance(sd, dict) and any(isinstance(sd.get(k), dict) for k in ("state_dict", "model")):
-        sd = sd["state_dict"] if isinstance(sd.get("state_dict"), dict) else sd["model"]
-    if not isinstance(sd, dict):
-        raise UserError(f"{flag} {path}: holds no state dict")
-    for prefix in ("module.", "visual.", "backbone."):
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
-    return {k: t.float() for k, t in sd.items() if torch.is_tensor(t)}
-
-def go_offline_if_hub_unreachable(timeout=3.0):
-    """open_clip fetches 'openai' weights from the Hugging Face hub and, with no network, retries for about a minute:
-    if the hub does not answer within `timeout` s, huggingface_hub goes offline (a cached copy loads, none fails fast)."""
-    from urllib.parse import urlparse
-    import huggingface_hub.constants as hub  # an open_clip dependency
-    url = urlparse(hub.ENDPOINT)
-    try:
-        if not hub.is_offline_mode():
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError:
-        hub.HF_HUB_OFFLINE = True
+# ---- Frozen teacher: an open_clip CLIP ViT, DINO ViT-B/16, or 'tiny' (random, for tests) ---------------------
+def tiny_clip_tower():
+    """--teacher tiny: an open_clip CLIP vision tower of 2 blocks, width 64, 2 heads, output 32, QuickGELU."""
+    import open_clip
+    return open_clip.transformer.VisionTransformer(224, 16, 64, 2, 2, 4.0, output_dim=32,
+                                                   act_layer=open_clip.transformer.QuickGELU)
 
 def resize_pos(pos, grid):
     """[1+G0*G0, W] -> [1+grid*grid, W]: bicubic on the 2-D patch grid, CLS row kept."""
@@ -210,86 +137,29 @@ def resize_pos(pos, grid):
     patch = F.interpolate(pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic")
     return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(grid * grid, -1)])  # [1+grid^2, W]
 
-def tiny_clip_tower():
-    """--teacher tiny: an open_clip CLIP vision tower of 2 blocks, width 64, 2 heads, output 32, QuickGELU."""
-    import open_clip
-    return open_clip.transformer.VisionTransformer(224, 16, 64, 2, 2, 4.0, output_dim=32,
-                                                   act_layer=open_clip.transformer.QuickGELU)
-
 class Teacher(nn.Module):
-    """Frozen teacher: never in DDP, always eval, no autograd (a constant target, as in all five papers).
-    Takes the student's ImageNet-normalised view [B, 3, H, W], re-normalises it to its own
-    statistics and resizes it so that its patch grid equals the student's. forward returns a dict
-    with what was asked for: tokens [B, 1+N, C] (CLIP: ln_post(all tokens) @ proj; DINO: final
-    norm), hidden (list of depth [B, 1+N, W], residual stream after each block), cls_attn [B, N]
-    (last block: the CLS query's softmax over all 1+N keys, head mean, CLS->CLS dropped)."""
+    """Frozen teacher: never in DDP, always eval, no autograd (a constant target, in all five papers). Takes the
+    student's ImageNet-normalised view, re-normalises it to its own statistics and resizes it to give the student's
+    patch grid. Returns what was asked for: tokens [B, 1+N, C] (CLIP: ln_post(all tokens) @ proj; DINO: final norm),
+    hidden (per block [B, 1+N, W], the residual stream after it), cls_attn [B, N] (MILAN Eq. 3)."""
     def __init__(self, name="ViT-B-16", weights="openai", grid=14):
         super().__init__()
         self.name, self.grid, self.kind = name, grid, "dino" if name == "dino_vitb16" else "clip"
-        if weights == "openai" and name in ("dino_vitb16", "tiny"):
-            raise UserError(f"--teacher {name} has no 'openai' weights; pass --teacher_weights PATH (DINO: "
-                            f"facebookresearch/dino's dino_vitbase16_pretrain.pth) or none (random)")
-        if self.kind == "dino":
-            self.net, mean, std = ViT(224, 16, 768, 12, 12, learned_pos=True), IMAGENET_MEAN, IMAGENET_STD
-        else:
-            import open_clip  # only CLIP teachers need it
-            base = name.removesuffix("-quickgelu")
-            if name == "tiny":  # 2 blocks, width 64, CLIP architecture: tests and smoke runs
-                self.net = tiny_clip_tower()
-            elif base not in open_clip.list_models():
-                raise UserError(f"--teacher {name}: unknown; use an open_clip ViT name (ViT-B-16, ViT-L-14, ...), "
-                                f"dino_vitb16, or tiny")
-            else:  # OpenAI weights need QuickGELU: loaded into a GELU config they give wrong features
-                quick = weights == "openai" or name.endswith("-quickgelu") or is_torchscript(weights)
-                if weights == "openai":
-                    go_offline_if_hub_unreachable()
-                logging.disable(logging.CRITICAL)  # open_clip's log lines ("initialized randomly": a file follows)
-                try:
-                    self.net = open_clip.create_model(base, pretrained="openai" if weights == "openai" else None,
-                                                      force_quick_gelu=quick).visual
-                except Exception as e:
-                    raise UserError(f"--teacher_weights openai: could not get OpenAI weights for {name} "
-                                    f"({type(e).__name__}: no internet?); download {base}.pt elsewhere (README, "
-                                    f"'Teacher weights') and pass --teacher_weights /path/to/{base}.pt") from None
-                finally:
-                    logging.disable(logging.NOTSET)
-            if getattr(self.net, "attn_pool", 1) is not None or not hasattr(self.net, "class_embedding"):
-                raise UserError(f"--teacher {name}: only CLIP ViTs with a class token work here (ViT-B-16, ViT-L-14, ...)")
-            mean, std = CLIP_MEAN, CLIP_STD
-        if weights not in ("openai", "none"):
-            try:
-                self.net.load_state_dict(read_weights(weights), strict=True)
-            except RuntimeError as e:
-                raise UserError(f"--teacher_weights {weights} does not fit --teacher {name} "
-                                f"({str(e).splitlines()[-1].strip()[:150]}); pass the file of that architecture") from None
-        if weights == "none":
-            print(f"WARNING: teacher {name} has RANDOM weights (--teacher_weights none): fine for tests and "
-                  f"smoke runs, meaningless for pre-training", file=sys.stderr)
-        elif RUN["rank"] == 0:
-            kind = "OpenAI's TorchScript archive, " if weights != "openai" and is_torchscript(weights) else ""
-            quick = self.kind == "clip" and isinstance(self.blocks()[0].mlp.gelu, open_clip.transformer.QuickGELU)
-            act = ", QuickGELU" if quick else ""
-            print(f"teacher {name}: weights loaded from " + ("open_clip's 'openai' tag" if weights == "openai" else
-                                                             f"{weights} ({kind}{len(self.state_dict())} tensors{act})"))
+        self.net = load_teacher(name, weights)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.kind == "dino" else (CLIP_MEAN, CLIP_STD)
         pos = self.net.pos_embed[0] if self.kind == "dino" else self.net.positional_embedding
         self.patch = 16 if self.kind == "dino" else self.net.patch_size[0]
         self.register_buffer("pos", resize_pos(pos.detach().float(), grid)[None], persistent=False)  # [1, 1+N, W]
-        # ImageNet-normalised x -> teacher-normalised x * a + b, per channel
         mean_in, std_in, mean, std = map(torch.tensor, (IMAGENET_MEAN, IMAGENET_STD, mean, std))
-        a, b = std_in / std, (mean_in - mean) / std
-        self.register_buffer("a", a.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("b", b.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("a", (std_in / std).view(1, 3, 1, 1), persistent=False)  # ImageNet-normalised x ->
+        self.register_buffer("b", ((mean_in - mean) / std).view(1, 3, 1, 1), persistent=False)  # its own: x a + b
         self.depth, self.width = len(self.blocks()), self.pos.shape[-1]
         self.dim = self.width if self.kind == "dino" else self.net.proj.shape[1]  # C
         self.requires_grad_(False).eval()
-
     def train(self, mode=True):  # a teacher stays in eval mode
         return super().train(False)
-
     def prepare(self, args):
-        """For training: on CUDA with --amp bf16/fp16 the weights are kept in that dtype (cast once: a frozen teacher
-        needs no fp32 master copy, so autocast casts no teacher weight per step); with --compile its forward is
-        compiled too. On CPU (fp32) the weights stay as they are."""
+        """On CUDA with --amp bf16/fp16 the weights in that dtype, cast once (no fp32 master copy needed); --compile."""
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
         if dtype and args.device.startswith("cuda"):
             self.net.to(dtype)
@@ -297,10 +167,8 @@ class Teacher(nn.Module):
         if args.compile:
             self.compile()
         return self
-
     def blocks(self):
         return self.net.blocks if self.kind == "dino" else self.net.transformer.resblocks
-
     def last_block_with_cls_attn(self, blk, x, out):
         """The last block, with out['cls_attn'] [B, N] from its own attention probabilities (one pass)."""
         if self.kind == "dino":  # SDPA returns no weights: the CLS row of softmax(q k^T / sqrt(d)) explicitly
@@ -315,7 +183,6 @@ class Teacher(nn.Module):
         out["cls_attn"] = a[:, 0, 1:].float()
         x = x + blk.ls_1(y)
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-
     @torch.no_grad()  # not inference_mode: the targets enter the losses' autograd graphs as constants
     def forward(self, images, tokens=True, hidden=False, cls_attn=False):
         x, size = (images * self.a + self.b).to(self.pos.dtype), self.grid * self.patch  # fp32 maths, then its dtype
@@ -342,10 +209,9 @@ class Teacher(nn.Module):
             out["tokens"] = self.net.norm(x) if self.kind == "dino" else self.net.ln_post(x) @ self.net.proj
         return out
 
-# ---- Masking: bool mask [B, N], True = hidden from the encoder ------------------------------------
+# ---- Masking: bool mask [B, N], True = hidden from the encoder; pixel targets ---------------------------------
 def num_visible(num_patches, mask_ratio, allow_zero=False):
-    """floor(N (1 - r)): the number of patches the encoder sees (49 of 196 at r = 0.75). allow_zero: r = 0
-    (all N visible) is valid too, for a method with no hidden-patch target (MaskAlign Table 4, first row)."""
+    """floor(N (1 - r)), the patches the encoder sees (49 of 196 at r = 0.75); allow_zero: r = 0 is valid (MaskAlign)."""
     n = int(num_patches * (1 - mask_ratio) + 1e-6)  # + 1e-6 so that 196 * 0.25 cannot floor to 48
     low, most = (0 <= mask_ratio, num_patches) if allow_zero else (0 < mask_ratio, num_patches - 1)
     if not (low and mask_ratio < 1) or not 0 < n <= most:
@@ -371,25 +237,13 @@ def random_masking(batch, num_patches, n_keep, device=None):
     """MAE's uniform masking: every sample keeps a uniformly random set of n_keep patches."""
     return mask_from_ids(torch.rand(batch, num_patches, device=device).argsort(1)[:, :n_keep], num_patches)
 
-def pixel_targets(images, patch=16, norm_pix=True):
-    """Pixel targets of every patch: [B, 3, H, W] -> [B, N, patch*patch*3], patches in raster order, values in
-    (row, col, channel) order (MAE's patchify); norm_pix: each patch normalised by its own mean and
-    (unbiased variance + 1e-6)^0.5 (MAE's norm_pix_loss). Used by CAE Sec. 3.1 and MR-MAE Eq. 1."""
-    B, C, H, W = images.shape
-    x = images.float().reshape(B, C, H // patch, patch, W // patch, patch)  # [B, C, h, p, w, p]
-    x = torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // patch) * (W // patch), patch * patch * C)
-    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** 0.5 if norm_pix else x
-
 class BlockMaskGenerator:
-    """Block-wise masking (BEiT; CAE Sec. 2.2): exactly num_masked patches of a grid x grid raster.
-    Rectangles of area U(min_patches, remaining) and log-uniform aspect in [min_aspect, 1/min_aspect]
-    are added until the count is exact (CAE's variant: no early stop). Meant for DataLoader workers,
-    whose Python `random` torch seeds. Returns bool [grid*grid], True = masked; self.blocks keeps the
-    (top, left, h, w) rectangles of the last call."""
+    """Block-wise masking (BEiT; CAE Sec. 2.2): exactly num_masked patches of a grid x grid raster: rectangles of area
+    U(min_patches, remaining), log-uniform aspect in [min_aspect, 1/min_aspect], added until the count is exact (CAE:
+    no early stop). Made in DataLoader workers (Python's `random`). -> bool [grid*grid]; self.blocks: the rectangles."""
     def __init__(self, grid=14, num_masked=98, min_patches=16, min_aspect=0.3):
         self.grid, self.num_masked, self.min_patches = grid, num_masked, min_patches
         self.log_aspect = (math.log(min_aspect), -math.log(min_aspect))
-
     def _add_block(self, mask, max_patches):
         for _ in range(10):
             area = random.uniform(self.min_patches, max_patches)
@@ -403,19 +257,134 @@ class BlockMaskGenerator:
                     self.blocks.append((top, left, h, w))
                     return delta
         return 0
-
     def __call__(self):
         mask, count, self.blocks = np.zeros((self.grid, self.grid), dtype=bool), 0, []
         while count < self.num_masked:
             count += self._add_block(mask, self.num_masked - count)
         return torch.from_numpy(mask.flatten())
 
-# ---- Data: ImageFolder (DIR/train, else DIR) or generated images; uint8 views made in the workers ---------
+def pixel_targets(images, patch=16, norm_pix=True):
+    """Pixel targets (CAE Sec. 3.1, MR-MAE Eq. 1): [B, 3, H, W] -> [B, N, p*p*3] in MAE's patchify order; norm_pix:
+    each patch normalised by its own mean and (unbiased variance + 1e-6)^0.5 (MAE's norm_pix_loss)."""
+    B, C, H, W = images.shape
+    x = images.float().reshape(B, C, H // patch, patch, W // patch, patch)  # [B, C, h, p, w, p]
+    x = torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** 0.5 if norm_pix else x
+
+# ======== The machinery: entry point, teacher weights, data, command line, torchrun, optimiser, checkpoints, pictures ========
+RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None, "stop": None}  # where this process is
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C: the run stops (training: after the update in progress and a checkpoint)."""
+
+def on_signal(signum, frame):  # training finishes its update and saves (Checkpointer.step_done); else, or twice: now
+    if RUN["at"] is None or RUN["stop"]:
+        raise Stopped(signal.Signals(signum).name)
+    RUN["stop"] = signal.Signals(signum).name
+
+def cli(main, argv=None):
+    """Every script's entry point: a UserError is one line (exit 2); SIGTERM / Ctrl-C one line on how to go on."""
+    signal.signal(signal.SIGTERM, on_signal), signal.signal(signal.SIGINT, on_signal)
+    try:
+        main(argv)
+    except UserError as e:  # raised in a DataLoader worker, it arrives wrapped: keep its own last line
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
+        sys.exit(2)
+    except (Stopped, KeyboardInterrupt) as e:  # where the run stopped, and how to continue it
+        name, last = str(e) if isinstance(e, Stopped) else "SIGINT", os.path.join(RUN["output_dir"] or ".", "checkpoint-last.pth")
+        saved = " (epoch {}, step {})".format(*RUN["saved"]) if RUN["saved"] else ""
+        how = f"relaunch the same command with --resume auto to continue from {last}{saved}" if RUN["output_dir"] \
+            and os.path.isfile(last) else "no checkpoint was written, so a relaunch starts from the beginning"
+        if RUN["rank"] == 0:
+            where = " at epoch {}, step {}; ".format(*RUN["at"]) if RUN["at"] else "; "
+            print(f"\n{'interrupted' if name == 'SIGINT' else 'stopped by ' + name}{where}{how}", file=sys.stderr)
+        sys.exit(130 if name == "SIGINT" else 143)
+
+# ---- Teacher weights: open_clip names, OpenAI's TorchScript files, DINO, no network ------------------------------
+def load_teacher(name, weights):
+    """'tiny', an open_clip CLIP ViT (QuickGELU for OpenAI's weights, which give wrong features in a GELU config) or DINO
+    ViT-B/16 (a ViT); weights 'openai', a local file or 'none'."""
+    if weights == "openai" and name in ("dino_vitb16", "tiny"):
+        raise UserError(f"--teacher {name} has no 'openai' weights; pass --teacher_weights PATH (DINO: "
+                        f"facebookresearch/dino's dino_vitbase16_pretrain.pth) or none (random)")
+    if name == "dino_vitb16":
+        net = ViT(224, 16, 768, 12, 12, learned_pos=True)
+    else:
+        import open_clip  # only CLIP teachers need it
+        base = name.removesuffix("-quickgelu")
+        if name != "tiny" and base not in open_clip.list_models():
+            raise UserError(f"--teacher {name}: unknown; use an open_clip ViT name (ViT-B-16, ViT-L-14, ...), "
+                            f"dino_vitb16, or tiny")
+        quick = weights == "openai" or name.endswith("-quickgelu") or is_torchscript(weights)
+        if weights == "openai":
+            go_offline_if_hub_unreachable()
+        logging.disable(logging.CRITICAL)  # open_clip's log lines ("initialized randomly": a file follows)
+        try:
+            net = tiny_clip_tower() if name == "tiny" else open_clip.create_model(
+                base, pretrained="openai" if weights == "openai" else None, force_quick_gelu=quick).visual
+        except Exception as e:
+            raise UserError(f"--teacher_weights openai: could not get OpenAI weights for {name} ({type(e).__name__}: "
+                            f"no internet?); download {base}.pt elsewhere (README, 'Teacher weights') and pass "
+                            f"--teacher_weights /path/to/{base}.pt") from None
+        finally:
+            logging.disable(logging.NOTSET)
+        if getattr(net, "attn_pool", 1) is not None or not hasattr(net, "class_embedding"):
+            raise UserError(f"--teacher {name}: only CLIP ViTs with a class token work here (ViT-B-16, ViT-L-14, ...)")
+    if weights not in ("openai", "none"):
+        try:
+            net.load_state_dict(read_weights(weights), strict=True)
+        except RuntimeError as e:
+            raise UserError(f"--teacher_weights {weights} does not fit --teacher {name} "
+                            f"({str(e).splitlines()[-1].strip()[:150]}); pass the file of that architecture") from None
+    if weights == "none":
+        print(f"WARNING: teacher {name} has RANDOM weights (--teacher_weights none): fine for tests and smoke runs, "
+              f"meaningless for pre-training", file=sys.stderr)
+    elif RUN["rank"] == 0:
+        what = f"{weights} ({'OpenAI TorchScript archive, ' if is_torchscript(weights) else ''}{len(net.state_dict())} " \
+            f"tensors{', QuickGELU' if any(type(m).__name__ == 'QuickGELU' for m in net.modules()) else ''})"
+        print(f"teacher {name}: weights loaded from " + ("open_clip's 'openai' tag" if weights == "openai" else what))
+    return net
+
+def is_torchscript(path):
+    return os.path.isfile(path) and zipfile.is_zipfile(path) and any(
+        n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
+
+def read_weights(path, flag="--teacher_weights"):
+    """A state dict from a local file (torch.save'd dict, training checkpoint, or OpenAI's TorchScript CLIP .pt)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file; pass a local weights file, or 'none' for random weights")
+    try:
+        with warnings.catch_warnings():  # torch.jit.load is deprecated, yet OpenAI's files need it
+            warnings.simplefilter("ignore", FutureWarning)
+            sd = torch.jit.load(path, map_location="cpu").state_dict() if is_torchscript(path) else \
+                torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable PyTorch weights file ({type(e).__name__})") from None
+    while isinstance(sd, dict) and any(isinstance(sd.get(k), dict) for k in ("state_dict", "model")):
+        sd = sd["state_dict"] if isinstance(sd.get("state_dict"), dict) else sd["model"]
+    if not isinstance(sd, dict):
+        raise UserError(f"{flag} {path}: holds no state dict")
+    for prefix in ("module.", "visual.", "backbone."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
+    return {k: t.float() for k, t in sd.items() if torch.is_tensor(t)}
+
+def go_offline_if_hub_unreachable(timeout=3.0):
+    """Without network the hub behind open_clip's 'openai' weights retries for a minute: go offline at once instead."""
+    from urllib.parse import urlparse
+    import huggingface_hub.constants as hub  # an open_clip dependency
+    url = urlparse(hub.ENDPOINT)
+    try:
+        if not hub.is_offline_mode():
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+
+# ---- Data: ImageFolder or generated images; uint8 views made in the workers, normalised on the device ----------
 def decode(img, box, size):
-    """A PIL image opened but not yet decoded, and the crop box (top, left, height, width) in its pixels that is to be
-    resized to size x size -> (the RGB image, the box as (left, top, right, bottom) in its pixels, decoded scale s).
-    A JPEG whose crop is at least twice `size` a side is decoded at 1/2, 1/4 or 1/8 scale (PIL's Image.draft: libjpeg
-    scales the DCT), s chosen so that the crop keeps at least `size` pixels a side; any other image at full scale."""
+    """A PIL image opened, not decoded, and the box (top, left, h, w) to resize to size x size -> (RGB image, box as
+    (left, top, right, bottom) in its pixels, scale s). A JPEG whose crop is >= 2 x size a side is decoded at 1/2, 1/4
+    or 1/8 scale (PIL's Image.draft: libjpeg scales the DCT), the crop keeping >= size pixels a side."""
     top, left, h, w = box
     s = 1
     while s < 8 and min(h, w) >= 2 * s * size:
@@ -426,21 +395,17 @@ def decode(img, box, size):
     return img if img.mode == "RGB" else img.convert("RGB"), (left / s, top / s, (left + w) / s, (top + h) / s), s
 
 def resize(img, box, s, size, resample=Image.BICUBIC):
-    """The box of an image from decode(), resized to size x size (PIL, antialiased). At full scale: crop, then resize,
-    as torchvision's resized_crop (MAE's pixels); at a reduced scale the box is fractional: PIL resizes from it."""
+    """decode()'s box resized to size x size: at full scale crop, resize (torchvision's resized_crop); else from the box."""
     if s == 1:
         return img.crop(tuple(int(v) for v in box)).resize((size, size), resample)
     return img.resize((size, size), resample, box=box)
 
 class View:
-    """A pre-training view, made in a DataLoader worker from a PIL image: RandomResizedCrop (bicubic, scale (crop_min,
-    1), ratio (3/4, 4/3)) to size x size, then a horizontal flip with p 0.5, drawn from torch's RNG as torchvision's
-    v2.RandomResizedCrop and v2.RandomHorizontalFlip draw them (same boxes and flips for the same seed). `first`: a
-    transform of the whole image before the crop (CAE v2's colour jitter). -> uint8 [3, size, size] (to_device
-    normalises it on the device), and mask_fn()'s mask [N] when mask_fn is given."""
+    """A pre-training view, made in a DataLoader worker: `first` on the whole image (CAE v2's jitter), RandomResizedCrop
+    (bicubic, scale (crop_min, 1)) and a flip with p 0.5, drawn from torch's RNG as torchvision's v2 transforms draw
+    them -> uint8 [3, size, size], and mask_fn()'s mask [N] if given."""
     def __init__(self, size, crop_min, mask_fn=None, first=None):
         self.size, self.scale, self.mask_fn, self.first = size, (crop_min, 1.0), mask_fn, first
-
     def __call__(self, img):
         if self.first is not None:  # on the whole image, fully decoded
             img = self.first(img.convert("RGB"))
@@ -451,59 +416,49 @@ class View:
         return (view, self.mask_fn()) if self.mask_fn else view
 
 def pretrain_transform(args, mask_fn=None, first=None):
-    """RandomResizedCrop (bicubic) to --input_size, scale (--crop_min, 1), + flip; `first`: CAE v2's jitter before it."""
     return View(args.input_size, args.crop_min, mask_fn, first)
 
-def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 images [B, 3, H, W] -> float32 (x / 255 - mean) / std per channel, where they are (on the device)."""
-    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (mean, std))
-    return (images.float() / 255 - mean) / std
-
 def to_device(batch, device):
-    """A loader batch on the device, each tensor copied with non_blocking=True (from pinned memory on CUDA). The
-    student's view (the batch itself, or its first element) arrives as uint8 and is normalised there (ImageNet mean
-    and std); the rest (masks, CAE's tokenizer view, labels, finetune's float images) is moved as it is."""
+    """A loader batch on the device (non_blocking); the student's view (the batch or its first element) is uint8 and
+    ImageNet-normalised there; the rest (masks, labels, CAE's tokenizer view) is moved as it is."""
     if isinstance(batch, (tuple, list)):
         return (to_device(batch[0], device), *(b.to(device, non_blocking=True) for b in batch[1:]))
-    batch = batch.to(device, non_blocking=True)
-    return normalize(batch) if batch.dtype == torch.uint8 else batch
+    x = batch.to(device, non_blocking=True)
+    if x.dtype != torch.uint8:  # finetune.py's RandAugment path normalises in the workers
+        return x
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (x.float() / 255 - mean) / std  # [B, 3, H, W] float32
 
 class FakeImages(torch.utils.data.Dataset):
-    """--data fake: image i is uniform noise from a numpy generator seeded by offset + i (the same in every run and
-    worker; about 0.2 ms, no float tensor), in one of 10 classes drawn by the same generator."""
+    """--data fake: image i is uniform noise seeded by offset + i (the same in every run and worker), 10 classes."""
     num_classes = 10
-
     def __init__(self, n, size, transform, offset=0):
         self.n, self.size, self.transform, self.offset = n, size, transform, offset
-
     def __len__(self):
         return self.n
-
     def __getitem__(self, i):
         rng = np.random.default_rng(self.offset + i)
         img = Image.fromarray(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8))
         return self.transform(img), int(rng.integers(self.num_classes))
 
-def build_dataset(args, transform, split="train", classes=None):
-    """DIR/<split> (train: DIR itself if it has neither train nor val folder) as an ImageFolder whose images are opened,
-    not decoded (the view decodes them), or FakeImages for --data fake. classes: the class names of the train split,
-    whose indices the labels of this split then take (a val folder with fewer classes, or another order, still gets
-    train's labels); a class that train lacks is refused. Layouts that would train on validation images are refused."""
+def build_dataset(args, transform, split="train"):
+    """DIR/<split> (train: DIR itself if it has no train or val folder) as an ImageFolder of opened, not decoded images,
+    or FakeImages. Refused: DIR/val without DIR/train, and class folders beside DIR/val (val would be trained on)."""
     if args.data == "fake":  # deterministic random images; 'val' uses other indices
         n = args.fake_size if split == "train" else max(args.fake_size // 4, args.batch_size)
         return FakeImages(n, args.input_size, transform, 0 if split == "train" else 10 ** 6)
     layout = "pass an ImageNet-style folder (DIR/train/<class>/<image>, DIR/val/<class>/<image>) or --data fake"
     if not os.path.isdir(args.data):
-        raise UserError(f"--data {args.data}: " + ("is a file, not a folder; " if os.path.exists(args.data) else
-                                                   "no such folder; ") + layout)
+        raise UserError(f"--data {args.data}: {'is a file, not a folder' if os.path.exists(args.data) else 'no such folder'}"
+                        f"; {layout}")
     root = os.path.join(args.data, split)
     if not os.path.isdir(root):
-        if split != "train" or os.path.isdir(os.path.join(args.data, "val")):  # DIR/val alone, or DIR/<class> + DIR/val
+        if split != "train" or os.path.isdir(os.path.join(args.data, "val")):
             raise UserError(f"--data {args.data}: has " + (f"no '{split}' folder" if split != "train" else
                             "a 'val' folder but no 'train' folder, so val would be trained on as a class") + f"; {layout}")
         root = args.data  # DIR/<class>/<image>: pre-training needs no val split
     try:
-        ds = datasets.ImageFolder(root, transform=transform, loader=Image.open)  # header read; decoded by the view
+        return datasets.ImageFolder(root, transform=transform, loader=Image.open)  # the header read; the view decodes
     except FileNotFoundError:
         names = datasets.folder.find_classes(root)[0] if any(e.is_dir() for e in os.scandir(root)) else []
         empty = [c for c in names if not any(datasets.folder.has_file_allowed_extension(f, datasets.folder.IMG_EXTENSIONS)
@@ -511,56 +466,37 @@ def build_dataset(args, transform, split="train", classes=None):
         what = f"class folder(s) {', '.join(empty[:3])} of {root} hold no image file" if names and len(empty) < len(names) \
             else f"no images under {root}; expected {root}/<class>/<image>.jpg"
         raise UserError(f"--data {args.data}: {what}") from None
-    if classes is not None:
-        index = {c: i for i, c in enumerate(classes)}
-        unknown = [c for c in ds.classes if c not in index]
-        if unknown:
-            raise UserError(f"--data {args.data}: {split} has class folder(s) {', '.join(unknown[:3])} that train has "
-                            f"not; every {split} class must be one of train's {len(classes)}")
-        ds.samples = ds.imgs = [(path, index[ds.classes[t]]) for path, t in ds.samples]
-        ds.targets, ds.classes, ds.class_to_idx = [t for _, t in ds.samples], list(classes), index
-    return ds
 
 class SeededSampler(torch.utils.data.Sampler):
-    """Training: DistributedSampler's order (a permutation seeded by seed + epoch, split across ranks), whole batches
-    only (the last partial one is dropped, so the steps announced are the steps run), able to start mid-epoch without
-    loading the skipped images. Evaluation: each image once, rank r taking images r, r + W, ... (no padding; the
-    shares differ by at most one). It yields (epoch, index) keys so that Samples seeds each image's augmentation by its
-    identity, not by the worker that loads it: a resumed run sees the same pixels and masks as an uninterrupted one."""
+    """Training: DistributedSampler's order (seeded by seed + epoch, split across ranks), whole batches only, able to
+    start mid-epoch without loading the skipped images. Evaluation: each image once (rank r: r, r + W, ...). Yields
+    (epoch, index) keys: Samples seeds each image by its identity, so a resumed run sees the same pixels and masks."""
     def __init__(self, size, args, train=True):
         self.size, self.train, self.seed, self.rank, self.world = size, train, args.seed, args.rank, args.world_size
         self.per_rank = size // self.world if train else len(range(self.rank, size, self.world))
-        self.batch = args.batch_size
+        self.batch, self.epoch, self.start = args.batch_size, 0, 0
         self.steps = self.per_rank // self.batch if train else math.ceil(self.per_rank / self.batch)  # per epoch
-        self.epoch = self.start = 0
-
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start = epoch, start_step
-
     def __iter__(self):
         if self.train:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
             mine = order[:self.per_rank * self.world][self.rank::self.world][:self.steps * self.batch]
         else:
             mine = torch.arange(self.rank, self.size, self.world)
-        for i in mine[self.start * self.batch:].tolist():
-            yield self.epoch, i
-
+        yield from ((self.epoch, i) for i in mine[self.start * self.batch:].tolist())
     def __len__(self):
         end = self.steps * self.batch if self.train else self.per_rank
         return end - min(self.start * self.batch, end)
 
 class Samples(torch.utils.data.Dataset):
-    """dataset[(epoch, i)] with torch, numpy and python RNGs seeded by (seed, epoch, i). An image that cannot be read is
-    named in a warning and counted in .failed, shared by all workers; training uses the next image instead, evaluation
-    a stand-in labelled -1 that is not scored (each val image counts once, or not at all)."""
+    """dataset[(epoch, i)] with torch, numpy and python RNGs seeded by (seed, epoch, i). An unreadable image is named and
+    counted in .failed (shared by the workers); training takes the next image, evaluation a stand-in labelled -1."""
     def __init__(self, dataset, seed, train=True):
         self.dataset, self.seed, self.train = dataset, seed, train
         self.failed = torch.zeros(1, dtype=torch.int64).share_memory_()
-
     def __len__(self):
         return len(self.dataset)
-
     def __getitem__(self, key):
         epoch, i = key
         main = torch.utils.data.get_worker_info() is None  # num_workers 0: keep the training RNGs intact
@@ -577,13 +513,12 @@ class Samples(torch.utils.data.Dataset):
                     print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
             if self.train:
                 raise UserError("no image of --data could be read")
-            return self.dataset.transform(Image.new("RGB", (64, 64))), -1  # a stand-in of the right shape, not scored
+            return self.dataset.transform(Image.new("RGB", (64, 64))), -1  # a stand-in of the right shape
         finally:
             if main:
                 torch.set_rng_state(saved[0]), np.random.set_state(saved[1]), random.setstate(saved[2])
 
-def ignore_signals(worker_id):
-    """DataLoader workers ignore Ctrl-C and SIGTERM: the main process saves and stops them (cli, Checkpointer)."""
+def ignore_signals(worker_id):  # DataLoader workers: Ctrl-C and SIGTERM are the main process's to handle
     signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 def build_loader(dataset, args, train=True):
@@ -591,35 +526,31 @@ def build_loader(dataset, args, train=True):
         sizes = [None] * args.world_size
         dist.all_gather_object(sizes, len(dataset))
         odd = next((r for r, n in enumerate(sizes) if n != sizes[0]), None)
-        if odd is not None:  # every rank knows it: all stop together
-            raise UserError(f"--data {args.data}: rank {odd} sees {sizes[odd]} images, rank 0 {sizes[0]}; every node "
-                            f"needs the same dataset at the same path")
+        agree(f"--data {args.data}: rank {odd} sees {sizes[odd]} images, rank 0 {sizes[0]}; every node needs the same "
+              f"dataset at the same path" if odd is not None else None)
     if train and len(dataset) // args.world_size < args.batch_size:
-        raise UserError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is larger than the "
-                        f"dataset ({len(dataset)} images); lower --batch_size")
+        raise UserError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is larger than the dataset "
+                        f"({len(dataset)} images); lower --batch_size")
     # its own generator: making an iterator must not draw from the training RNG (exact resume)
     return DataLoader(Samples(dataset, args.seed, train), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
                       num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"), worker_init_fn=ignore_signals,
                       persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
 
-# ---- Command line, torchrun / DDP, seeds, precision -----------------------------------------------
+# ---- Command line, torchrun / DDP, seeds, precision -------------------------------------------------------------
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, except None: such a flag's help says what it resolves to."""
-    def _get_help_string(self, action):
+    def _get_help_string(self, action):  # a None default: the help says what it resolves to
         return action.help if action.default is None else super()._get_help_string(action)
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # a wrong flag is one line and exit 2, like every other mistake (no usage block)
+    def error(self, message):  # one line and exit 2, like every other mistake (no usage block)
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 class Range:
-    """An argparse type: a number in an interval written as in mathematics, e.g. Range(float, "[0, 1)"); a value
-    outside it stops the run at parse time with one line naming the flag."""
+    """An argparse type: a number in an interval such as Range(float, "[0, 1)"), else one error line at parse time."""
     def __init__(self, cast, interval):
         self.cast, self.interval, self.__name__ = cast, interval, cast.__name__  # argparse: "invalid int value"
         self.low, self.high = (float(v) for v in interval[1:-1].split(","))
-
     def __call__(self, text):
         v = self.cast(text)
         low = v >= self.low if self.interval[0] == "[" else v > self.low
@@ -631,20 +562,15 @@ COUNT, SIZE, NONNEG, POS, FRACTION = (Range(int, "[1, inf)"), Range(int, "[0, in
                                       Range(float, "(0, inf)"), Range(float, "[0, 1)"))
 
 def get_parser(description, pretrain=True, helps=None):
-    """Flags shared by all scripts, spelled as in facebookresearch/mae, each with its domain. Each file sets its recipe
-    with parser.set_defaults(...), its own help text for a shared flag with helps={flag: text}, and adds its own
-    flags; pretrain=False (finetune.py) leaves out the teacher, mask and picture flags."""
+    """The shared flags (MAE's spelling), each with its domain; helps={flag: text}: a file's own help for one of them."""
     p, helps = Parser(description=description, formatter_class=DefaultsHelpFormatter), helps or {}
     a = lambda *names, **kw: p.add_argument(*names, **dict(kw, help=helps.get(names[0], kw.get("help"))))
     a("--data", "--data_path", dest="data", help="ImageFolder root (DIR/train/<class>/<image>, or DIR/<class>/...), "
       "or 'fake' (generated images); required to train")
     a("--fake_size", type=COUNT, default=256, help="number of images of --data fake")
     a("--input_size", type=COUNT, default=224, help="image side in pixels")
-    if pretrain:
-        a("--model", default="vit_base_patch16", help=", ".join(VIT_CONFIGS))
-    else:  # the checkpoint's own, unless given (and then it must agree)
-        a("--model", default=argparse.SUPPRESS, help="the encoder's architecture; default: the one the --finetune file "
-          "holds (" + ", ".join(VIT_CONFIGS) + ")")
+    a("--model", **dict(default="vit_base_patch16", help=", ".join(VIT_CONFIGS)) if pretrain else dict(
+        default=argparse.SUPPRESS, help="default: the --finetune file's own (" + ", ".join(VIT_CONFIGS) + ")"))
     a("--drop_path", type=FRACTION, default=0.0, help="stochastic depth of the last block")
     if pretrain:
         a("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny (a 2-block CLIP tower)")
@@ -664,25 +590,22 @@ def get_parser(description, pretrain=True, helps=None):
     a("--output_dir", default="./output", help="checkpoints and log.txt")
     a("--resume", default="", help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint-last.pth if any")
     a("--save_freq", type=COUNT, default=20, help="keep checkpoint-<epoch>.pth every this many epochs")
-    a("--save_every_minutes", type=NONNEG, default=30, help="also write checkpoint-last.pth within an epoch when "
-      "this many minutes have passed since the last one (checked every --log_every updates; 0: off)")
-    a("--save_every_steps", type=SIZE, default=0, help="also write checkpoint-last.pth every this many steps "
-      "(a multiple of --accum_iter; 0: off)")
+    a("--save_every_minutes", type=NONNEG, default=30, help="also write checkpoint-last.pth within an epoch when this "
+      "many minutes have passed since the last one (checked every --log_every updates; 0: off)")
+    a("--save_every_steps", type=SIZE, default=0, help="also write checkpoint-last.pth every this many steps (0: off)")
     if pretrain:
         a("--visualize", type=SIZE, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
           "--resume CKPT or auto: that model) and exit")
     a("--seed", type=Range(int, "[0, 2147483647]"), default=0, help="each process uses seed + rank")
-    a("--num_workers", type=SIZE, default=None, help="DataLoader workers per process (default: the machine's "
-      "cores / processes per node, at most 10)")
+    a("--num_workers", type=SIZE, default=None, help="DataLoader workers per process (default: the machine's cores / "
+      "processes per node, at most 10)")
     a("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="autocast on GPU (CPU runs fp32)")
     a("--compile", action="store_true", help="torch.compile the student (slow first steps)")
     a("--log_every", type=COUNT, default=20, help="steps between progress updates (the only syncs)")
     return p
 
 def setup(args, allow_zero_mask=False):
-    """Check the shared flags, join torchrun's process group if launched by it, seed, set the lr. Prints and
-    writes nothing: the output folder is made only once a run is about to write (make_output_dir).
-    allow_zero_mask: --mask_ratio 0 is valid (MaskAlign only)."""
+    """Checks the flags together, joins torchrun's process group, seeds, sets the lr (allow_zero_mask: MaskAlign)."""
     if not args.data:
         raise UserError("--data DIR is required: an ImageNet-style folder (DIR/train/<class>/<image>) or 'fake'")
     if args.model not in VIT_CONFIGS and getattr(args, "arch", "vit") == "vit":  # (mr_mae's --arch names its own)
@@ -707,15 +630,13 @@ def setup(args, allow_zero_mask=False):
         atexit.register(dist.destroy_process_group)
     if args.num_workers is None:  # size the loaders to the machine: all cores, shared by this node's processes
         args.num_workers = max(1, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-    if not cuda:
-        args.amp = "none"  # bf16 autocast on these CPUs is ~5x slower than fp32
-    seed = args.seed + args.rank
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    args.amp = args.amp if cuda else "none"  # bf16 autocast on these CPUs is ~5x slower than fp32
+    random.seed(args.seed + args.rank), np.random.seed(args.seed + args.rank), torch.manual_seed(args.seed + args.rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     args.lr = args.blr * args.batch_size * args.accum_iter * args.world_size / 256 if args.lr is None else args.lr
 
 def make_output_dir(args):
-    """Rank 0 makes --output_dir when a run is about to write into it (never for a run refused earlier)."""
+    """Rank 0 makes --output_dir once a run is about to write into it (never for a run refused earlier)."""
     if args.rank == 0:
         if os.path.isfile(args.output_dir):
             raise UserError(f"--output_dir {args.output_dir}: is a file, not a folder; pass a folder for the run")
@@ -727,9 +648,8 @@ def make_output_dir(args):
             raise UserError(f"--output_dir {args.output_dir}: not writable ({e.strerror})") from None
 
 def announce(args, name, dataset, steps, start_epoch=0, targets=None):
-    """Rank 0, before training: a compact summary of the run and the lr arithmetic (every flag is saved in each
-    checkpoint's 'args'), and warnings when the warmup is longer than the run or the lr below --min_lr; or, for a
-    finished run, that nothing is left to train. targets: what the student learns from, when not --teacher (CAE)."""
+    """Rank 0: the run and its lr arithmetic in two lines (every flag is in each checkpoint's 'args'), warnings; for a
+    finished run, that nothing is left to train. targets: what the student learns from, if not --teacher (CAE)."""
     if args.rank != 0:
         return
     if start_epoch >= args.epochs:
@@ -755,10 +675,9 @@ def autocast(args):
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
 
-# ---- Optimiser and schedule -----------------------------------------------------------------------
+# ---- Optimiser and schedule -------------------------------------------------------------------------------------
 def param_groups(model, weight_decay, no_decay=()):
-    """AdamW groups: no decay on biases and norms (all tensors with ndim <= 1), cls/mask tokens,
-    pos-embed and any parameter named in no_decay (full or last name); frozen ones left out."""
+    """AdamW groups: no decay on biases and norms (ndim <= 1), cls/mask tokens, pos-embed and the names in no_decay."""
     decay, skip = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -790,29 +709,248 @@ def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
-# ---- Pictures: --visualize N ----------------------------------------------------------------------
-def colormap(t):
-    """t in [0, 1] (any shape) -> RGB in [0, 1] (shape + [3]): black, red, yellow, white."""
-    return torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)], -1)
+# ---- Checkpoints, exact resume, logging ---------------------------------------------------------------------------
+def save_checkpoint(path, **state):
+    """Atomic (temp file + rename): a crash mid-write never damages the previous file, nor leaves a temp file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
+def load_checkpoint(path, method, flag="--resume"):
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{flag} {path}: not a mimlab checkpoint (no 'model' entry)")
+    if method and ckpt.get("method") != method:
+        raise UserError(f"{flag} {path} is a checkpoint of {ckpt.get('method', 'another program')}, not {method}; resume "
+                        f"it with the script that wrote it")
+    return ckpt
+
+RUN_FLAGS = {"data", "output_dir", "resume", "epochs", "warmup_epochs", "blr", "lr", "min_lr", "weight_decay", "betas",
+             "clip_grad", "crop_min", "batch_size", "accum_iter", "num_workers", "seed", "log_every", "save_freq",
+             "save_every_minutes", "save_every_steps", "amp", "compile", "device", "rank", "world_size", "visualize",
+             "fake_size", "teacher_weights", "dalle_weights", "classes"}  # flags that do not shape the model
+
+def load_model(model, ckpt, path, args):
+    """The checkpoint's weights into model; a model built with other flags is one line naming the flags that differ."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        old = ckpt.get("args", {})
+        diff = [f"--{k} {old[k]} (now {v})" for k, v in vars(args).items() if k in old and k not in RUN_FLAGS
+                and old[k] != v and not (isinstance(v, (list, tuple)) and list(v) == list(old[k] or []))]
+        raise UserError(f"--resume {path} does not fit this model: it was written with " + (", ".join(diff[:4]) or
+                        "other model flags") + "; pass the flags it was written with") from None
+
+def rng_state():
+    """This process's training RNGs (torch CPU and CUDA, numpy, python), as weights_only types."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": random.getstate()}
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+
+def agree(problem):
+    """Every rank raises the first rank's problem (or none), so that no rank waits in a collective for one that quit."""
+    if dist.is_initialized():
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise UserError(problem)
+
+def resume_path(args):
+    """--resume ('auto': OUTPUT_DIR/checkpoint-last.pth if any, else ''), as rank 0 sees it, for every rank."""
+    path = args.resume
+    if path == "auto":
+        path = os.path.join(args.output_dir, "checkpoint-last.pth") if os.path.isfile(
+            os.path.join(args.output_dir, "checkpoint-last.pth")) else ""
+    if dist.is_initialized():
+        choice = [path]
+        dist.broadcast_object_list(choice, 0)
+        path = choice[0]
+        agree(f"--resume: rank {args.rank} cannot read {path}, which rank 0 resumes from; put --output_dir on a "
+              f"filesystem that every node mounts at the same path" if path and not os.path.isfile(path) else None)
+    return path
+
+def run_of(folder):
+    """(files, method): a run's checkpoints and log.txt in folder, and the script that wrote its checkpoint-last.pth."""
+    files = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if n == "log.txt" or n.startswith("checkpoint-") and n.endswith(".pth"))
+    try:  # memory-mapped: cheap for a big file
+        return files, torch.load(os.path.join(folder, "checkpoint-last.pth"), weights_only=True, mmap=True)["method"]
+    except Exception:
+        return files, None
+
+class Checkpointer:
+    """Everything a bit-identical continuation needs, written atomically by rank 0 to OUTPUT_DIR/checkpoint-last.pth at
+    every epoch end, within an epoch every --save_every_minutes / --save_every_steps, and when SIGTERM or Ctrl-C stops
+    the run: model, optimizer, grad scaler, epoch, steps done, every rank's RNG states and epoch progress, args."""
+    def __init__(self, args, method, model, optimizer):
+        self.args, self.method, self.model, self.optimizer = args, method, model, optimizer
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")  # loss scaling for fp16 only
+        self.last, self.saved_at, self.progress = os.path.join(args.output_dir, "checkpoint-last.pth"), time.time(), None
+    def resume(self, fresh_ok=False):
+        """Restore from --resume (auto: OUTPUT_DIR's checkpoint-last.pth, if any) -> (epoch, step) to go on at. An output
+        dir holding another run's files (a checkpoint but the one resumed, a log.txt) is refused: nothing is ever
+        overwritten (fresh_ok: this run writes nothing). Then the folder is made."""
+        args, path = self.args, resume_path(self.args)
+        if path:  # the file's own problems first
+            ckpt = load_checkpoint(path, self.method)
+            load_model(self.model, ckpt, path, args)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        own = bool(path) and os.path.abspath(path) == os.path.abspath(self.last)
+        taken, other = run_of(args.output_dir) if not (fresh_ok or own) and args.rank == 0 else ([], None)
+        hint = f"resume {path} into a fresh --output_dir" if path else "pass --resume auto to continue it, or a fresh " \
+            "--output_dir to start a new one" if other == self.method else "pass a fresh --output_dir"
+        agree(f"--output_dir {args.output_dir} already holds a{' ' + other if other else ''} run ({', '.join(taken[:3])}"
+              f"{' ...' if len(taken) > 3 else ''}); {hint}: nothing there is overwritten" if taken else None)
+        if not fresh_ok:
+            make_output_dir(args)
+        if not path:
+            return 0, 0
+        if ckpt.get("scaler"):  # empty when saved without fp16
+            self.scaler.load_state_dict(ckpt["scaler"])
+        epoch, step, old = ckpt["epoch"], ckpt.get("step", 0), ckpt.get("args", {})
+        if step and (old.get("world_size"), old.get("batch_size")) != (args.world_size, args.batch_size):
+            print(f"warning: {path} was written by {old.get('world_size')} process(es) x batch {old.get('batch_size')}; "
+                  f"epoch {epoch} restarts from its first step", file=sys.stderr)  # the sampler position means nothing
+            step = 0
+        if ckpt.get("rng") and len(ckpt["rng"]) == args.world_size:
+            set_rng_state(ckpt["rng"][args.rank])
+            self.progress = (ckpt.get("progress") or [None] * args.world_size)[args.rank] if step else None
+        if args.rank == 0:
+            print(f"resumed from {path}: epoch {epoch}, step {step}")
+        RUN["saved"] = (epoch, step)
+        return epoch, step
+    def save(self, epoch, step, keep=False, meter=None):
+        """By every rank (RNG states and epoch progress are gathered); rank 0 writes. keep: also checkpoint-<epoch-1>."""
+        ranks = [[rng_state(), meter.progress() if meter else None]] * self.args.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(ranks, ranks[0])
+        if self.args.rank == 0:
+            state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                         epoch=epoch, step=step, rng=[r for r, _ in ranks], progress=[p for _, p in ranks],
+                         args=dict(vars(self.args)), method=self.method)
+            save_checkpoint(self.last, **state)
+            if keep:
+                save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth"), **state)
+        self.saved_at, RUN["saved"] = time.time(), (epoch, step)
+    def due(self, step):
+        """(save, stop) after `step` steps: --save_every_steps, --save_every_minutes (rank 0's clock) or a signal; with
+        several processes compared every --log_every updates, so that all act together."""
+        args = self.args
+        save = bool(args.save_every_steps) and step % args.save_every_steps == 0
+        if (step // args.accum_iter) % args.log_every:
+            return save, bool(RUN["stop"]) and not dist.is_initialized()
+        late = bool(args.save_every_minutes) and time.time() - self.saved_at >= 60 * args.save_every_minutes
+        flags = [(late, bool(RUN["stop"]))] * args.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(flags, flags[0])
+        return save or flags[0][0], any(stop for _, stop in flags)
+    def step_done(self, epoch, step, meter):
+        """After an update: a mid-epoch checkpoint when due or asked for by a signal (then the run stops); the loss is
+        checked first, so a diverged run never overwrites a good checkpoint. The epoch's last update: epoch_done saves."""
+        if step >= meter.steps:
+            return
+        save, stop = self.due(step)
+        if save or stop:
+            meter.check(float(meter.sum / meter.count), step - 1)
+            self.save(epoch, step, meter=meter)
+        if stop:
+            RUN["at"] = (epoch, step)
+            raise Stopped(RUN["stop"] or "a signal to another process")
+    def epoch_done(self, epoch):
+        self.save(epoch + 1, 0, keep=(epoch + 1) % self.args.save_freq == 0 or epoch + 1 == self.args.epochs)
+
+def log_epoch(args, stats):  # rank 0: one JSON line per epoch in OUTPUT_DIR/log.txt
+    if args.rank == 0:
+        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+def too_many_unreadable(failed, seen, final=False):
+    """Over 1% of the images unreadable? At the epoch's end (final): over 1% of them. Within it only beyond doubt
+    (above 1% of those seen by 3 standard deviations of a 1% rate, plus 2), whatever the batch size or order."""
+    return failed > 0.01 * seen + (0 if final else 3 * math.sqrt(0.0099 * seen) + 2)
+
+class Meter:
+    """The loader from the resume point as (step, batch), a tqdm bar of loss, lr and images/s (rank 0). The loss stays
+    on the device (.item() every --log_every steps and at the epoch end, with the unreadable-image check). A resumed
+    epoch starts from its checkpoint's loss sum, steps and images."""
+    def __init__(self, loader, epoch, args, ckpt=None):
+        p = ckpt and ckpt.progress or {"loss_sum": 0.0, "steps": 0, "seen": 0, "unreadable": 0}
+        self.sum, self.count, self.seen, self.images = p["loss_sum"], p["steps"], p["seen"], 0
+        loader.dataset.failed.fill_(p["unreadable"])  # counted per epoch
+        if ckpt:
+            ckpt.progress = None  # for the resumed epoch only
+        self.args, self.t0, self.epoch, self.loader, self.start, self.steps = \
+            args, time.time(), epoch, loader, loader.sampler.start, loader.sampler.steps
+        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=args.rank != 0, dynamic_ncols=True, mininterval=1.0,
+                        initial=self.start, total=self.steps)
+    def __iter__(self):
+        for step, batch in enumerate(self.bar, self.start):
+            RUN["at"] = (self.epoch, step)  # for the line SIGTERM or Ctrl-C prints
+            yield step, batch
+    def update(self, step, loss, lr, images):
+        self.sum, self.count = self.sum + loss.detach().float(), self.count + 1
+        self.images, self.seen = self.images + images, self.seen + images
+        if (step + 1) % self.args.log_every == 0:
+            rate = self.images * self.args.world_size / (time.time() - self.t0)
+            loss = self.check(float(self.sum / self.count), step)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+    def progress(self):  # this epoch so far, for a mid-epoch checkpoint
+        return {"loss_sum": float(self.sum), "steps": self.count, "seen": self.seen, "unreadable": int(self.loader.dataset.failed)}
+    def check(self, loss, step, failed=None, seen=None, final=False):
+        """A non-finite loss stops the run, naming the checkpoint to resume from; so do too many unreadable images."""
+        if not math.isfinite(loss):
+            last = os.path.join(self.args.output_dir, "checkpoint-last.pth")
+            hint = f"resume with --resume {last}" if os.path.isfile(last) else "no checkpoint yet"
+            raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none")
+        failed, seen = (int(self.loader.dataset.failed), self.seen) if failed is None else (failed, seen)
+        if too_many_unreadable(failed, seen, final):
+            raise UserError(f"--data {self.args.data}: {failed} of {seen} images could not be read (over 1%); fix or "
+                            "remove the files named in the warnings above")
+        return loss
+    def stats(self, epoch, lr):
+        """The epoch's mean loss over all processes (one all-reduce), checked before a checkpoint is written."""
+        total = torch.tensor([0.0, self.count, int(self.loader.dataset.failed), self.seen], device=self.args.device)
+        total[0] = self.sum if torch.is_tensor(self.sum) else torch.tensor(self.sum)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        loss = self.check((total[0] / total[1]).item(), self.start + self.count - 1, int(total[2]), int(total[3]), True)
+        return {"epoch": epoch, "train_loss": loss, "lr": lr, "unreadable_images": int(total[2])}
+
+# ---- Pictures: --visualize N ----------------------------------------------------------------------------------------
 def heat(values, size):
-    """[g, g] values -> a size x size PIL image, scaled to their own min..max (NaN = grey)."""
+    """[g, g] values -> a size x size PIL image, black-red-yellow-white over their own min..max (NaN: grey)."""
     v = values.float()
     lo, hi = v.nan_to_num(float("inf")).min(), v.nan_to_num(float("-inf")).max()
     rgb = colormap(((v - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1))  # [g, g, 3]
     rgb[v.isnan()] = 0.5
     return Image.fromarray((rgb * 255).byte().numpy()).resize((size, size), Image.NEAREST)
 
+def colormap(t):  # t in [0, 1] -> RGB in [0, 1] ([..., 3]): black, red, yellow, white
+    return torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)], -1)
+
 def spread_over_classes(dataset, n):
     """n indices that take each class in turn (the first image of every class, then the second, ...)."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None:  # --data fake: its labels are random anyway
-        return list(range(min(n, len(dataset))))
-    by_class = {}
-    for i, t in enumerate(targets):
-        by_class.setdefault(t, []).append(i)
-    turns = itertools.zip_longest(*by_class.values())
-    return [i for turn in turns for i in turn if i is not None][:n]
+    targets, count, turn = getattr(dataset, "targets", None) or range(len(dataset)), {}, []
+    for t in targets:  # the image's place within its class (--data fake: each image a class of its own)
+        turn.append(count.get(t, 0)), count.update({t: count.get(t, 0) + 1})
+    return sorted(range(len(targets)), key=lambda i: (turn[i], i))[:n]
 
 def draw_text(draw, xy, text, fill="black"):
     """PIL's default font draws a space as narrow as the gap between two letters: each word is drawn on its own."""
@@ -825,10 +963,9 @@ VIS_TITLE, VIS_CAPTION, VIS_SCALE, VIS_GAP = 16, 14, 34, 4  # --visualize sheet:
 
 @torch.no_grad()
 def visualize(args, dataset, model, teacher, forward_step, method):
-    """Writes output_dir/visualize.png: a title row, one row per image (N readable images taking the classes in turn,
-    each captioned with its class and file) with the image, the patches the sampler left visible (hidden ones
-    dimmed), the teacher's CLS attention (where the method uses it) and the per-patch loss (MILAN Fig. 5 style), and
-    a colour scale; for the model of --resume (a file, or auto) if given, else the untrained model (with a warning)."""
+    """OUTPUT_DIR/visualize.png: column titles; a row per image (N readable images taking the classes in turn, each
+    captioned with its class and file): the image, the visible patches (hidden ones dimmed), the teacher's CLS attention
+    (where the method uses it), the per-patch loss (MILAN Fig. 5); a colour scale. The model of --resume, if given."""
     path = resume_path(args)
     if args.resume == "auto" and not path:
         raise UserError(f"--resume auto: {args.output_dir} holds no checkpoint-last.pth to draw; pass --resume CKPT, "
@@ -849,20 +986,14 @@ def visualize(args, dataset, model, teacher, forward_step, method):
         out = forward_step(model, teacher, batch, args, per_patch=True)
     images = (batch[0] if isinstance(batch, tuple) else batch).float().cpu()
     images = images * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    g, size = int(out["mask"].shape[1] ** 0.5), images.shape[-1]
-    hidden = out["mask"].cpu().view(-1, 1, g, g).float()
-    hidden = F.interpolate(hidden, size=(size, size), mode="nearest")  # [B, 1, H, W]
+    g, size, attn = int(out["mask"].shape[1] ** 0.5), images.shape[-1], out.get("cls_attn")
+    hidden = F.interpolate(out["mask"].cpu().view(-1, 1, g, g).float(), size=(size, size), mode="nearest")  # [B, 1, H, W]
     patch_loss = out["patch_loss"].float().cpu().masked_fill(out["patch_loss"].cpu() == 0, float("nan"))
-    columns = [images, images * (1 - 0.75 * hidden)]
-    titles = ["image", "visible patches"] + (["CLS attention"] if out.get("cls_attn") is not None else []) + ["per-patch loss"]
+    titles = ["image", "visible patches"] + (["CLS attention"] if attn is not None else []) + ["per-patch loss"]
     to_pil = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
-    rows = []
-    for i in range(len(images)):
-        cells = [to_pil(c[i]) for c in columns]
-        if out.get("cls_attn") is not None:
-            cells.append(heat(out["cls_attn"][i].cpu().view(g, g), size))
-        cells.append(heat(patch_loss[i].view(g, g), size))
-        rows.append(cells)
+    rows = [[to_pil(images[i]), to_pil(images[i] * (1 - 0.75 * hidden[i]))] +
+            ([heat(attn[i].cpu().view(g, g), size)] if attn is not None else []) + [heat(patch_loss[i].view(g, g), size)]
+            for i in range(len(images))]
     step, row = size + VIS_GAP, VIS_CAPTION + size + VIS_GAP
     sheet = Image.new("RGB", (len(titles) * step, VIS_TITLE + len(rows) * row + VIS_SCALE), "white")
     draw = ImageDraw.Draw(sheet)
@@ -878,272 +1009,8 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     for xy, text in (((2, y + 12), "low"), ((width - 22, y + 12), "high"), ((width + 26, y - 1), "not in the loss"),
                      ((width + 12, y + 12), "maps: each image's min..max")):
         draw_text(draw, xy, text)
-    path = os.path.join(args.output_dir, "visualize.png")
     if args.rank == 0:
         make_output_dir(args)
-        sheet.save(path)
-        print(f"wrote {path}: {len(rows)} images ({', '.join(names)}), columns " + " | ".join(titles))
-    return path
-
-# ---- Checkpoints and logging ----------------------------------------------------------------------
-def save_checkpoint(path, **state):
-    """Atomic write (temp file + rename): a crash mid-write never damages the previous file, and leaves no temp file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-def load_checkpoint(path, method, flag="--resume"):
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"{flag} {path}: not a mimlab checkpoint (no 'model' entry)")
-    if method and ckpt.get("method") != method:
-        other = ckpt.get("method", "another program")
-        raise UserError(f"{flag} {path} is a checkpoint of {other}, not {method}; resume it with the script that wrote it")
-    return ckpt
-
-RUN_FLAGS = {"data", "output_dir", "resume", "epochs", "warmup_epochs", "blr", "lr", "min_lr", "weight_decay", "betas",
-             "clip_grad", "crop_min", "batch_size", "accum_iter", "num_workers", "seed", "log_every", "save_freq",
-             "save_every_minutes", "save_every_steps", "amp", "compile", "device", "rank", "world_size", "visualize",
-             "fake_size", "teacher_weights", "dalle_weights", "classes"}  # flags that do not shape the model
-
-def load_model(model, ckpt, path, args):
-    """The checkpoint's weights into model; a model built with other flags is one line naming the flags that differ."""
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        old = ckpt.get("args", {})
-        diff = [f"--{k} {old[k]} (now {v})" for k, v in vars(args).items() if k in old and k not in RUN_FLAGS
-                and old[k] != v and not (isinstance(v, (list, tuple)) and list(v) == list(old[k] or []))]
-        raise UserError(f"--resume {path} does not fit this model: it was written with " + (", ".join(diff[:4]) or
-                        "other model flags") + "; pass the flags it was written with") from None
-
-def rng_state():
-    """The training RNGs of this process (torch CPU and CUDA, numpy, python), as weights_only types."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": random.getstate()}
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-
-def agree(problem):
-    """problem: this rank's error message, or None. Every rank raises the first rank's problem, so that no rank is
-    left waiting in a collective for one that stopped (a node must not train on while another quits)."""
-    if dist.is_initialized():
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
-        problem = next((p for p in problems if p), None)
-    if problem:
-        raise UserError(problem)
-
-def resume_path(args):
-    """The checkpoint to continue from: --resume, where 'auto' is OUTPUT_DIR/checkpoint-last.pth if it exists, else ''
-    (a fresh start). Rank 0 decides for every rank, on every node: one rank must never resume while another starts
-    fresh; a rank that cannot read rank 0's choice (an output dir that is not shared) stops them all."""
-    path = args.resume
-    if path == "auto":
-        last = os.path.join(args.output_dir, "checkpoint-last.pth")
-        path = last if os.path.isfile(last) else ""
-    if dist.is_initialized():
-        choice = [path]
-        dist.broadcast_object_list(choice, 0)
-        path = choice[0]
-        agree(f"--resume: rank {args.rank} cannot read {path}, which rank 0 resumes from; put --output_dir on a "
-              f"filesystem that every node mounts at the same path" if path and not os.path.isfile(path) else None)
-    return path
-
-def checkpoint_method(path):
-    """The 'method' entry of a checkpoint file (memory-mapped, so cheap for big files), None if it is no checkpoint."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return ckpt.get("method") if isinstance(ckpt, dict) else None
-    except Exception:
-        return None
-
-def run_files(folder):
-    """The files of a run in folder: its checkpoints and log.txt (none if the folder is new)."""
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    return sorted(n for n in names if n == "log.txt" or n.startswith("checkpoint-") and n.endswith(".pth"))
-
-class Checkpointer:
-    """Everything a bit-identical continuation needs, written atomically by rank 0 to
-    output_dir/checkpoint-last.pth at every epoch end and within an epoch every --save_every_minutes (rank 0's
-    clock, checked every --log_every updates), every --save_every_steps, and when SIGTERM or Ctrl-C stops the run:
-    model, optimizer, grad scaler, epoch in progress, steps of it done (the sampler position), and every rank's RNG
-    states and epoch progress (loss sum, steps, images, unreadable ones). Keys: model, optimizer, scaler, epoch,
-    step, rng, progress, args, method."""
-    def __init__(self, args, method, model, optimizer):
-        self.args, self.method, self.model, self.optimizer = args, method, model, optimizer
-        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")  # loss scaling for fp16 only
-        self.last = os.path.join(args.output_dir, "checkpoint-last.pth")
-        self.saved_at, self.progress = time.time(), None
-
-    def resume(self, fresh_ok=False):
-        """Restore from --resume (or, with --resume auto, the last checkpoint of --output_dir if there is one);
-        returns (epoch, step) to continue at. An output dir that holds another run's files (any checkpoint but the
-        checkpoint-last.pth being resumed, or a log.txt) is refused, so that nothing there is overwritten (unless
-        fresh_ok: nothing will be written)."""
-        args, path = self.args, resume_path(self.args)
-        if path:  # the file's own problems first
-            ckpt = load_checkpoint(path, self.method)
-            load_model(self.model, ckpt, path, args)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        own = bool(path) and os.path.abspath(path) == os.path.abspath(self.last)
-        taken = run_files(args.output_dir) if not (fresh_ok or own) and args.rank == 0 else []
-        other = checkpoint_method(self.last) if taken else None
-        hint = f"resume {path} into a fresh --output_dir" if path else "pass --resume auto to continue it, or a fresh " \
-            "--output_dir to start a new one" if other == self.method else "pass a fresh --output_dir"
-        agree(f"--output_dir {args.output_dir} already holds a{' ' + other if other else ''} run ("
-              f"{', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''}); {hint}: nothing there is overwritten"
-              if taken else None)
-        if not fresh_ok:
-            make_output_dir(args)  # now that the folder is known to be this run's
-        if not path:
-            return 0, 0
-        if ckpt.get("scaler"):  # empty when saved without fp16
-            self.scaler.load_state_dict(ckpt["scaler"])
-        epoch, step, old = ckpt["epoch"], ckpt.get("step", 0), ckpt.get("args", {})
-        same = (old.get("world_size"), old.get("batch_size")) == (args.world_size, args.batch_size)
-        if step and not same:  # the sampler position means nothing with other shares of the data
-            print(f"warning: {path} was written by {old.get('world_size')} process(es) x batch {old.get('batch_size')}; "
-                  f"epoch {epoch} restarts from its first step", file=sys.stderr)
-            step = 0
-        if ckpt.get("rng") and len(ckpt["rng"]) == args.world_size:
-            set_rng_state(ckpt["rng"][args.rank])
-            self.progress = (ckpt.get("progress") or [None] * args.world_size)[args.rank] if step else None
-        if args.rank == 0:
-            print(f"resumed from {path}: epoch {epoch}, step {step}")
-        RUN["saved"] = (epoch, step)
-        return epoch, step
-
-    def save(self, epoch, step, keep=False, meter=None):
-        """Called by every rank (the RNG states and epoch progress are gathered); rank 0 writes. keep: also keep a
-        copy as checkpoint-<epoch - 1>.pth (the epoch just finished)."""
-        mine = [rng_state(), meter.progress() if meter else None]
-        ranks = [None] * self.args.world_size
-        if dist.is_initialized():
-            dist.all_gather_object(ranks, mine)
-        else:
-            ranks[0] = mine
-        if self.args.rank == 0:
-            state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                         scaler=self.scaler.state_dict(), epoch=epoch, step=step, rng=[r for r, _ in ranks],
-                         progress=[p for _, p in ranks], args=dict(vars(self.args)), method=self.method)
-            save_checkpoint(self.last, **state)
-            if keep:
-                save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth"), **state)
-        self.saved_at, RUN["saved"] = time.time(), (epoch, step)
-
-    def due(self, step):
-        """(save, stop) after `step` steps: a mid-epoch checkpoint every --save_every_steps and every
-        --save_every_minutes; a stop asked for by SIGTERM or Ctrl-C. The clock is read every --log_every updates;
-        with several processes rank 0's clock and every rank's signal are compared then (so that all ranks save and
-        stop together), with one, a signal is seen after the update in progress."""
-        args = self.args
-        save = bool(args.save_every_steps) and step % args.save_every_steps == 0
-        if (step // args.accum_iter) % args.log_every:
-            return save, bool(RUN["stop"]) and not dist.is_initialized()
-        late = bool(args.save_every_minutes) and time.time() - self.saved_at >= 60 * args.save_every_minutes
-        flags = [(late, bool(RUN["stop"]))] * args.world_size
-        if dist.is_initialized():
-            dist.all_gather_object(flags, flags[0])
-        return save or flags[0][0], any(stop for _, stop in flags)
-
-    def step_done(self, epoch, step, meter):
-        """After an optimiser update: a mid-epoch checkpoint when one is due or a stop was asked for (then the run
-        stops after writing it). The loss is checked first, so a diverged run never overwrites a good checkpoint. At
-        the epoch's last update epoch_done saves."""
-        if step >= meter.steps:
-            return
-        save, stop = self.due(step)
-        if save or stop:
-            meter.check(float(meter.sum / meter.count), step - 1)
-            self.save(epoch, step, meter=meter)
-        if stop:
-            RUN["at"] = (epoch, step)
-            raise Stopped(RUN["stop"] or "a signal to another process")
-
-    def epoch_done(self, epoch):
-        e = epoch + 1
-        self.save(e, 0, keep=e % self.args.save_freq == 0 or e == self.args.epochs)
-
-def log_epoch(args, stats):
-    """Rank 0 appends one JSON line per epoch to output_dir/log.txt."""
-    if args.rank == 0:
-        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(stats) + "\n")
-
-def too_many_unreadable(failed, seen, final=False):
-    """Over 1% of the images unreadable? At the epoch's end (final): over 1% of the epoch's images. Within the epoch
-    only when the count leaves no doubt: above 1% of those seen by 3 standard deviations of a 1% rate, plus 2, so
-    that a folder with fewer bad files never stops early, whatever the batch size, --log_every or shuffle order."""
-    return failed > 0.01 * seen + (0 if final else 3 * math.sqrt(0.0099 * seen) + 2)
-
-class Meter:
-    """Iterates the loader from the resume point as (step, batch), with a tqdm bar of loss, lr and images/s (rank 0).
-    The loss stays on the device; .item() runs only every --log_every steps and at the epoch end, when the count of
-    unreadable images is checked too. A resumed epoch starts from the loss sum, steps and images its checkpoint
-    holds, so its log line is the whole epoch's."""
-    def __init__(self, loader, epoch, args, ckpt=None):
-        progress, self.args, self.t0, self.images, self.epoch = ckpt and ckpt.progress, args, time.time(), 0, epoch
-        self.sum, self.count, self.seen = (progress["loss_sum"], progress["steps"], progress["seen"]) if progress else \
-            (0.0, 0, 0)
-        loader.dataset.failed.fill_(progress["unreadable"] if progress else 0)  # unreadable images are counted per epoch
-        if ckpt:
-            ckpt.progress = None  # for the resumed epoch only
-        self.loader, self.start, self.steps = loader, loader.sampler.start, loader.sampler.steps
-        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=args.rank != 0, dynamic_ncols=True, mininterval=1.0,
-                        initial=self.start, total=self.steps)
-
-    def __iter__(self):
-        for step, batch in enumerate(self.bar, self.start):
-            RUN["at"] = (self.epoch, step)  # for the line SIGTERM or Ctrl-C prints
-            yield step, batch
-
-    def update(self, step, loss, lr, images):
-        self.sum, self.count = self.sum + loss.detach().float(), self.count + 1
-        self.images, self.seen = self.images + images, self.seen + images
-        if (step + 1) % self.args.log_every == 0:
-            rate = self.images * self.args.world_size / (time.time() - self.t0)
-            loss = self.check(float(self.sum / self.count), step)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-
-    def progress(self):
-        """This epoch so far, for a mid-epoch checkpoint."""
-        return {"loss_sum": float(self.sum), "steps": self.count, "seen": self.seen,
-                "unreadable": int(self.loader.dataset.failed)}
-
-    def check(self, loss, step, failed=None, seen=None, final=False):
-        """A non-finite loss stops the run, naming the step and the checkpoint to resume from; so do unreadable
-        images above 1% (too_many_unreadable)."""
-        if not math.isfinite(loss):
-            last = os.path.join(self.args.output_dir, "checkpoint-last.pth")
-            hint = f"resume with --resume {last}" if os.path.isfile(last) else "no checkpoint yet"
-            raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none")
-        failed, seen = (int(self.loader.dataset.failed), self.seen) if failed is None else (failed, seen)
-        if too_many_unreadable(failed, seen, final):
-            raise UserError(f"--data {self.args.data}: {failed} of {seen} images could not be read (over 1%); "
-                            "fix or remove the files named in the warnings above")
-        return loss
-
-    def stats(self, epoch, lr):
-        """Epoch mean loss over all processes (one all-reduce), checked before a checkpoint is written."""
-        total = torch.tensor([0.0, self.count, int(self.loader.dataset.failed), self.seen], device=self.args.device)
-        total[0] = self.sum if torch.is_tensor(self.sum) else torch.tensor(self.sum)
-        if dist.is_initialized():
-            dist.all_reduce(total)
-        loss = self.check((total[0] / total[1]).item(), self.start + self.count - 1, int(total[2]), int(total[3]), True)
-        return {"epoch": epoch, "train_loss": loss, "lr": lr, "unreadable_images": int(total[2])}
+        sheet.save(os.path.join(args.output_dir, "visualize.png"))
+        print(f"wrote {os.path.join(args.output_dir, 'visualize.png')}: {len(rows)} images ({', '.join(names)}), columns "
+              + " | ".join(titles))

@@ -420,6 +420,21 @@ def evaluate(model, loader, args):
             "val_unreadable": int(unreadable)}
 
 
+def with_classes(ds, classes, args):
+    """The val split with train's class indices (a val folder with fewer classes, or another order, gets train's
+    labels); a class that train lacks is refused. classes None: --data fake, or nothing to match."""
+    if classes is None or not hasattr(ds, "samples"):
+        return ds
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in ds.classes if c not in index]
+    if unknown:
+        raise common.UserError(f"--data {args.data}: val has class folder(s) {', '.join(unknown[:3])} that train has "
+                               f"not; every val class must be one of train's {len(classes)}")
+    ds.samples = ds.imgs = [(path, index[ds.classes[t]]) for path, t in ds.samples]
+    ds.targets, ds.classes, ds.class_to_idx = [t for _, t in ds.samples], list(classes), index
+    return ds
+
+
 def scored(stats):
     unreadable = f" ({stats['val_unreadable']} unreadable, not scored)" if stats["val_unreadable"] else ""
     return f"{stats['val_images']} images{unreadable}"
@@ -467,7 +482,7 @@ def main(argv=None):
                                f"at least 2 images per batch")
     train = None if args.eval else common.build_dataset(args, build_transform(args))
     args.classes = class_names(args, src, train)  # val labels take train's indices; saved with the checkpoint
-    val = common.build_dataset(args, build_transform(args, train=False), split="val", classes=args.classes)
+    val = with_classes(common.build_dataset(args, build_transform(args, train=False), split="val"), args.classes, args)
     data_classes = num_classes(train or val)
     args.nb_classes = args.nb_classes or data_classes
     if data_classes > args.nb_classes:

@@ -103,7 +103,7 @@ class PromptingBlock(nn.Module):
 class MILAN(nn.Module):
     def __init__(self, encoder, target_dim, decoder_dim=512, decoder_depth=8, decoder_heads=16):
         super().__init__()
-        self.encoder, N = encoder, encoder.num_patches
+        self.encoder = encoder
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_pos_embed = nn.Parameter(common.sincos_pos_embed(decoder_dim, encoder.grid)[None], requires_grad=False)

@@ -37,7 +37,6 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import common  # noqa: E402

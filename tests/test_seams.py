@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import common
+import finetune
 from conftest import ROOT, SMOKE, run_forked
 
 FAST = SMOKE + ["--fake_size", "32"]  # 4 steps of batch 8 per epoch
@@ -40,12 +41,12 @@ def test_val_split_takes_train_class_indices(tmp_path):
     class_folders(tmp_path / "val", {"bee": 2, "cat": 1})  # on its own, ImageFolder would label bee 0 and cat 1
     args = ns(data=str(tmp_path))
     train = common.build_dataset(args, None)
-    val = common.build_dataset(args, None, split="val", classes=train.classes)
+    val = finetune.with_classes(common.build_dataset(args, None, split="val"), train.classes, args)
     assert [(os.path.basename(os.path.dirname(p)), t) for p, t in val.samples] == [("bee", 1), ("bee", 1), ("cat", 2)]
     assert val.targets == [1, 1, 2] and val[2][1] == 2 and val.classes == ["ant", "bee", "cat"]
     class_folders(tmp_path / "val", {"dog": 1})
     with pytest.raises(common.UserError, match="dog"):
-        common.build_dataset(args, None, split="val", classes=train.classes)
+        finetune.with_classes(common.build_dataset(args, None, split="val"), train.classes, args)
 
 
 # ---- 2. training runs whole batches only -----------------------------------------------------------
