@@ -141,3 +141,15 @@ def test_mr_mae_arch_choices_are_its_convvit_sizes():
         mr_mae.get_args(["--data", "fake", "--arch", "convvit_huge"])
     for arch in ["vit", *mr_mae.CONVVIT_CONFIGS]:
         assert mr_mae.get_args(["--data", "fake", "--arch", arch]).arch == arch
+
+
+def test_readme_is_short_and_leaves_measurements_to_benchmarks():
+    """README.md: the user's page, at most 20,000 bytes, its first screen the set-up, smoke and ImageNet commands;
+    measurements live in benchmarks/README.md; no figure that goes stale with every commit."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert len(readme.encode()) <= 20000 and "benchmarks/README.md" in readme
+    first = "\n".join(readme.splitlines()[:30])
+    assert "pip install -r requirements.txt" in first and "python -m pytest -q tests" in first
+    assert "--data fake" in first and "torchrun --nproc_per_node=8 milan.py --data /imagenet" in first
+    assert not any(word in readme for word in (" tests take", " passed", "issue 1", "issue 2"))
+    assert os.path.isfile(os.path.join(ROOT, "benchmarks", "README.md"))
