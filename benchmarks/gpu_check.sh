@@ -62,7 +62,7 @@ step loader 100 python benchmarks/loader.py --device $DEVICE --workers $WORKERS 
 step e2e_milan_b128 100 python -m torch.distributed.run --standalone --nproc_per_node=1 milan.py --data "$DATA" \
     --model $MODEL --teacher $TEACHER --teacher_weights none --batch_size $B1 --accum_iter 1 --num_workers $WORKERS \
     --epochs 2 --warmup_epochs 1 --log_every 5 --output_dir /tmp/gpu_check_e2e
-grep -o "epoch 1:.*img_s=[0-9.]*" "$OUT/e2e_milan_b128.log" | tail -n 1 | grep -o "img_s=[0-9.]*"
+grep -o "epoch 1:.*img_s=[0-9.]*" "$OUT/e2e_milan_b128.log" | grep -o "img_s=[0-9.]*" | tail -n 1
 step bench_compiled_b256 400 $BENCH --batch_size $B2 --warmup 3 --steps 10 --compile \
     --methods $COMPILED --json "$OUT/bench_compiled_b256.json"
 echo "done at $(($(date +%s) - START))s; results in $OUT"

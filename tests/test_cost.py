@@ -74,7 +74,7 @@ def test_bench_writes_one_record_per_method(tmp_path):
     from conftest import run_script
     proc = run_script("benchmarks/bench.py", ["--methods", "milan,mask_align", "--model", "vit_nano_patch16", "--teacher",
                                               "tiny", "--batch_size", 2, "--steps", 1, "--warmup", 0, "--json",
-                                              tmp_path / "out.json"])
+                                              tmp_path / "out.json", "--variant", "per_patch"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
     recs = {r["method"]: r for r in json.loads((tmp_path / "out.json").read_text())}
@@ -84,3 +84,23 @@ def test_bench_writes_one_record_per_method(tmp_path):
     for r in recs.values():
         assert 0 < r["gflops_decoder"] < r["gflops_student"] and r["gflops_teacher"] > 0 and r["images_per_s"] > 0
     assert recs["mask_align"]["gflops_decoder"] < 0.2 * recs["milan"]["gflops_decoder"]
+    assert all(r["variant"] == ["per_patch"] and r["step_s_median_baseline"] > 0 for r in recs.values())  # both timed
+
+
+def test_loader_compares_with_the_mae_reference_on_the_same_files(tmp_path):
+    """benchmarks/loader.py at a tiny size: for each JPEG set and transform a record of the MAE reference pipeline and
+    one of ours, with the keys the input-path table reads; the long-tailed set reports the reduced-scale decode's
+    pixel error."""
+    from conftest import run_script
+    import json
+    proc = run_script("benchmarks/loader.py", ["--images", 24, "--epochs", 1, "--workers", 1, "--batch_size", 4,
+                                               "--transforms", "milan", "--json", tmp_path / "l.json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = json.loads((tmp_path / "l.json").read_text())
+    timed = [r for r in recs if "images_per_s" in r]
+    assert sorted((r["sizes"], r["pipeline"]) for r in timed) == [("500x375", "mae_reference"), ("500x375", "ours"),
+                                                                 ("long_tail", "mae_reference"), ("long_tail", "ours")]
+    keys = {"pipeline", "transform", "sizes", "images_per_s", "cpu_ms_per_image", "workers", "projected_12_cores"}
+    assert all(keys <= set(r) and r["cpu_ms_per_image"] > 0 for r in timed)
+    draft = next(r for r in recs if "draft_mean_abs_error_levels" in r)
+    assert draft["sizes"] == "long_tail" and 0 <= draft["draft_mean_abs_error_levels"] < 3
