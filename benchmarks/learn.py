@@ -11,10 +11,18 @@
    through the same forward common.Teacher runs; saved as OUT/teacher.pth, which the method files load with
    `--teacher tiny --teacher_weights OUT/teacher.pth` (checked: common.Teacher gives the trained features);
 3. pre-trains a vit_nano_patch16 student (--input_size 112: 7 x 7 patches) with each method file through
-   its own command line (`python milan.py ...`), from that teacher (CAE: `--target pixel`, no teacher);
+   its own command line (`python milan.py ...`), from that teacher (CAE: `--target pixel`, no teacher), and the
+   pixel-target control mae_pixel: MAE, i.e. mr_mae.py with L_R alone (--loss_weights 1 0 --focus none
+   --fusion_layers 2), which tells what pixel targets give at this scale apart from anything in cae.py;
 4. linear-probes every student with `finetune.py --mode linprobe`, and three references with the same
    probe: the randomly initialised student (through finetune.py too), and, in this process, the teacher's
-   features (its tokens, pooled as the students') and raw pixels.
+   features (its tokens, pooled as the students') and raw pixels; with --finetune_epochs N, also fine-tunes the
+   random and every pre-trained student end to end (`finetune.py --mode finetune`, N epochs, the same for all);
+5. with --cae_fig4, CAE's own check of its mechanism (Sec. 3, Fig. 4): cae.py --target pixel pre-trained with the
+   alignment loss (--align_weight 2) and without (0), same recipe and length, over --fig4_seeds seeds; then all
+   patches of each val image go through the encoder and straight to the decoder, the latent contextual regressor
+   skipped. With the alignment the regressor's outputs lie in the encoder's space, so the decoder can read the
+   encoder's tokens and the image comes back; without it, it cannot (the paper: noise).
 
 One recipe rule for all five methods ("the papers' recipes scaled to the run"): every flag keeps the method
 file's default (its paper's --blr, --betas, --weight_decay, --mask_ratio, --min_lr, --clip_grad,
@@ -45,15 +53,21 @@ also probes above random init). Targets from the wrong patch of the right image 
 reversed: 0.42 against 0.66, probe 31.0 against 38.8%); tests/test_wiring.py, which recomputes each method's
 forward_step loss from targets gathered patch by patch, fails on that bug.
 
-Writes OUT/ (data, teacher, one folder per run with its log.txt and the script's output), --json (one record
-per row: method, probe_top1, pretrain_s, probe_s, final_pretrain_loss, colour_r2, teacher_r2) and --plot (pre-training loss per
-method over steps, one point per epoch: log.txt's epoch mean; probe top-1 as bars).
+Writes OUT/ (data, teacher, one folder per run with its log.txt and the script's output; OUT is learn.py's own:
+a folder it did not make is refused), --json (one record per row: method, probe_top1, finetune_top1, pretrain_s,
+probe_s, final_pretrain_loss, colour_r2, teacher_r2; with --cae_fig4 one record per Fig. 4 run: method
+"cae_fig4", align_weight, seed, recon_mse, recon_mse_masked, pretext_mse, pretrain_s, final_pretrain_loss) and
+--plot (pre-training loss per method over steps, one point per epoch: log.txt's epoch mean; probe top-1 as bars;
+with --cae_fig4 the Fig. 4 picture beside it, <name>_cae_fig4.png).
+
+  python benchmarks/learn.py --cae_fig4 --methods cae --json out.json --plot out.png     # the CAE row, then Fig. 4
 """
 import argparse
 import importlib
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -67,52 +81,74 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
 
 import common  # noqa: E402
+from common import Range, UserError  # noqa: E402
 import finetune  # noqa: E402
 
-METHODS = {  # method file -> flags beyond the shared ones
-    "milan": [], "cae": ["--target", "pixel"], "cae_v2": [], "mr_mae": [], "mask_align": []}
+METHODS = {  # row -> (method file, flags beyond the shared ones)
+    "milan": ("milan", []), "cae": ("cae", ["--target", "pixel"]), "cae_v2": ("cae_v2", []), "mr_mae": ("mr_mae", []),
+    "mask_align": ("mask_align", []),
+    "mae_pixel": ("mr_mae", ["--loss_weights", "1", "0", "--focus", "none", "--fusion_layers", "2"])}  # the control
+MARKER = ".made_by_learn_py"  # in --out: the folder is learn.py's own, so a new run may empty it
 CLASSES = ["disc", "stripes", "triangle", "checker", "ring", "dots", "square", "plus", "star", "crescent"]  # --classes N: first N
 
 
+class Help(argparse.RawDescriptionHelpFormatter, common.DefaultsHelpFormatter):
+    """This docstring as the description, and every flag's default in --help."""
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--out", default="learn_out", help="work folder (data, teacher, runs); emptied first")
-    a("--json", help="write one record per row (method, probe_top1, pretrain_s, probe_s, final_pretrain_loss)")
-    a("--plot", help="write a PNG: pre-training loss per method over steps, probe top-1 as bars")
-    a("--seed", type=int, default=0, help="data, teacher, students and probes")
-    a("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    a("--classes", type=int, default=10, help=f"first N of {', '.join(CLASSES)}")
-    a("--train_per_class", type=int, default=200)
-    a("--val_per_class", type=int, default=50)
-    a("--image_size", type=int, default=128, help="side of the JPEGs (val: resize to input/0.875, centre crop)")
-    a("--input_size", type=int, default=112, help="student and teacher input (7 x 7 patches of 16)")
-    a("--teacher_steps", type=int, default=2400)
-    a("--teacher_log", type=int, default=100, help="print the teacher's mean loss every this many steps")
-    a("--teacher_lr", type=float, default=2e-3, help="AdamW, wd 0.05, warmup 5%% of the steps, then cosine")
-    a("--teacher_batch", type=int, default=64)
+    p = common.Parser(description=__doc__, formatter_class=Help)
+    a, COUNT, POS = p.add_argument, common.COUNT, common.POS
+    a("--out", default="learn_out", help="work folder (data, teacher, runs); a folder an earlier learn.py run made "
+      "(its marker file " + MARKER + ") is emptied first, any other non-empty folder is refused")
+    a("--json", help="write one record per row (method, probe_top1, finetune_top1, pretrain_s, probe_s, "
+      "final_pretrain_loss, colour_r2, teacher_r2) and, with --cae_fig4, one per Fig. 4 run")
+    a("--plot", help="write a PNG: pre-training loss per method over steps, probe top-1 as bars (with --cae_fig4 "
+      "also the Fig. 4 picture, beside it as <name>_cae_fig4.png)")
+    a("--seed", type=common.SIZE, default=0, help="data, teacher, students and probes")
+    a("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="rows to pre-train; mae_pixel is "
+      "the pixel-target control: MAE (mr_mae.py --loss_weights 1 0 --focus none --fusion_layers 2: L_R alone, "
+      "uniform masking, no fusion)")
+    a("--classes", type=Range(int, "[2, 10]"), default=10, help=f"first N of {', '.join(CLASSES)}")
+    a("--train_per_class", type=COUNT, default=200, help="train images per class")
+    a("--val_per_class", type=COUNT, default=50, help="val images per class")
+    a("--image_size", type=COUNT, default=128, help="side of the JPEGs (val: resize to input/0.875, centre crop)")
+    a("--input_size", type=COUNT, default=112, help="student and teacher input (7 x 7 patches of 16)")
+    a("--teacher_steps", type=COUNT, default=2400, help="teacher training steps")
+    a("--teacher_log", type=COUNT, default=100, help="print the teacher's mean loss every this many steps")
+    a("--teacher_lr", type=POS, default=2e-3, help="AdamW, wd 0.05, warmup 5%% of the steps, then cosine")
+    a("--teacher_batch", type=COUNT, default=64, help="teacher training batch")
     a("--teacher_loss", choices=["cls", "cls+patch"], default="cls+patch", help="cross-entropy on the CLS output, and "
       "(cls+patch) on the mean patch token through the same head, so that the patch tokens the methods regress carry "
       "the class (a CLS-only loss leaves the last block's patch outputs without a gradient)")
-    a("--teacher_crop_min", type=float, default=0.5, help="RandomResizedCrop scale (min, 1) + flip")
-    a("--epochs", type=int, default=16, help="pre-training epochs, every method (16 x 2000 / 32: 992 steps)")
-    a("--batch_size", type=int, default=32, help="pre-training batch, every method")
+    a("--teacher_crop_min", type=common.FRACTION, default=0.5, help="RandomResizedCrop scale (min, 1) + flip")
+    a("--epochs", type=COUNT, default=16, help="pre-training epochs, every method (16 x 2000 / 32: 992 steps)")
+    a("--batch_size", type=COUNT, default=32, help="pre-training batch, every method")
     a("--lr_rule", choices=["paper", "linear"], default="paper", help="paper: every method trains at its paper's "
       "peak lr, blr x the file's default total batch (batch_size x accum_iter x 8 GPUs) / 256; linear: blr x "
       "--batch_size / 256 (the linear scaling rule, 16-64x smaller here)")
-    a("--probe_epochs", type=int, default=8)
-    a("--probe_batch", type=int, default=128)
-    a("--probe_lr", type=float, default=6.4, help="LARS lr (trust coefficient 0.001); 6.4 = MAE's linear probe "
+    a("--probe_epochs", type=COUNT, default=8, help="linear probe epochs, every row (warmup 1/9 of them)")
+    a("--probe_batch", type=COUNT, default=128, help="linear probe batch, every row")
+    a("--probe_lr", type=POS, default=6.4, help="LARS lr (trust coefficient 0.001); 6.4 = MAE's linear probe "
       "(blr 0.1 x batch 16384 / 256), kept as the papers' peak lrs are kept for pre-training")
-    a("--probe_crop_min", type=float, default=0.5, help="the probe's RandomResizedCrop scale (min, 1), for every row "
+    a("--probe_crop_min", type=common.FRACTION, default=0.5, help="the probe's RandomResizedCrop scale (min, 1), for every row "
       "(finetune.py --crop_min): MAE's 0.08 often crops the one shape of an image out")
     a("--probe_pool", choices=["cls", "avg"], default="avg", help="what every probe reads (finetune.py --pool): the "
       "CLS token (MAE's protocol), or the mean patch token; measured: the CLS probe hides what MILAN, CAE v2 and MR-MAE "
       "learn, since only MaskAlign trains the CLS token directly (README)")
-    a("--threads", type=int, default=2, help="torch threads of each run (OMP_NUM_THREADS)")
+    a("--finetune_epochs", type=common.SIZE, default=0, help="0: no fine-tuning column; N: also fine-tune the "
+      "random student and every pre-trained one with finetune.py --mode finetune for N epochs (its defaults, the "
+      "batch and crop of the probe, warmup N/10), val top-1 after the last epoch (finetune_top1)")
+    a("--cae_fig4", action="store_true", help="also run CAE Sec. 3 / Fig. 4: cae.py --target pixel pre-trained with "
+      "--align_weight 2 and 0 (same recipe and length as the rows) for each of --fig4_seeds; then all patches of the "
+      "val images through the encoder and straight to the decoder, the regressor skipped: recon_mse (all "
+      "patches, normalised pixels), recon_mse_masked (the patches a block mask hides) and pretext_mse (the "
+      "training path on those patches); the picture: OUT/cae_fig4.png and, with --plot, beside it")
+    a("--fig4_seeds", type=COUNT, default=3, help="training seeds --seed, --seed + 1, ... of each --cae_fig4 arm")
+    a("--fig4_epochs", type=COUNT, help="pre-training epochs of the --cae_fig4 runs (default: --epochs)")
+    a("--threads", type=COUNT, default=2, help="torch threads of each run (OMP_NUM_THREADS)")
     return p.parse_args(argv)
 
 
@@ -395,13 +431,27 @@ def _records(path):
         return [json.loads(line) for line in f if line.strip().endswith("}")]
 
 
-def pretrain_flags(method, args):
+def pretrain_flags(row, args, epochs=None):
     """The one scaled-recipe rule: the file's defaults, our epochs / batch, its paper's warmup fraction."""
-    d = importlib.import_module(method).get_args(["--data", "x"])
-    warmup = args.epochs * d.warmup_epochs / d.epochs
+    script, extra = METHODS[row]
+    d = importlib.import_module(script).get_args(["--data", "x"])
+    epochs = epochs or args.epochs
+    warmup = epochs * d.warmup_epochs / d.epochs
     total = d.batch_size * d.accum_iter * 8 if args.lr_rule == "paper" else args.batch_size  # the papers: 8 GPUs
-    return ["--epochs", args.epochs, "--warmup_epochs", f"{warmup:.4g}", "--batch_size", args.batch_size,
-            "--lr", f"{d.blr * total / 256:.6g}"] + METHODS[method]
+    return ["--epochs", epochs, "--warmup_epochs", f"{warmup:.4g}", "--batch_size", args.batch_size,
+            "--lr", f"{d.blr * total / 256:.6g}"] + extra
+
+
+def pretrain(row, run_dir, args, data, teacher_path, log, env, extra=(), epochs=None):
+    """`python <method file> ...` as a user runs it, the recipe rule's flags; -> (seconds, log.txt records).
+    cae.py gets no --teacher / --teacher_weights: it has no teacher network (it would refuse a weights file)."""
+    script = METHODS[row][0]
+    teacher = [] if script == "cae" else ["--teacher", "tiny", "--teacher_weights", teacher_path]
+    cmd = [f"{script}.py", "--data", data, "--model", "vit_nano_patch16", "--input_size", args.input_size, *teacher,
+           "--seed", args.seed, "--num_workers", 1, "--log_every", 10, *pretrain_flags(row, args, epochs), *extra,
+           "--output_dir", run_dir]
+    log(f"{row}: python {' '.join(str(c) for c in cmd)}")
+    return run([str(c) for c in cmd], run_dir, log, row, env)
 
 
 def linprobe(ckpt, out_dir, args, data, log, label, env):
@@ -412,6 +462,135 @@ def linprobe(ckpt, out_dir, args, data, log, label, env):
     return secs, records[-1]["acc1"]
 
 
+def finetune_top1(ckpt, out_dir, args, data, log, label, env):
+    """finetune.py --mode finetune (its recipe: AdamW, layer decay, RandAugment, mixup / cutmix, drop path, lr by its
+    blr x batch / 256) for --finetune_epochs, warmup a tenth of them, the probe's batch and crop scale: top-1 (%)
+    after the last epoch, or None when the column is off."""
+    if not args.finetune_epochs:
+        return None
+    cmd = ["finetune.py", "--mode", "finetune", "--data", data, "--finetune", ckpt, "--input_size", args.input_size,
+           "--crop_min", args.probe_crop_min, "--epochs", args.finetune_epochs, "--warmup_epochs",
+           f"{args.finetune_epochs / 10:.4g}", "--batch_size", args.probe_batch, "--seed", args.seed, "--num_workers", 1,
+           "--output_dir", out_dir]
+    return run([str(c) for c in cmd], out_dir, log, label, env)[1][-1]["acc1"]
+
+
+# ---- CAE Sec. 3, Fig. 4: are the regressor's predictions in the encoder's representation space? --------------
+def load_cae(path):
+    """A cae.py --target pixel checkpoint as the CAE module (encoder F, regressor H, decoder G), eval mode, CPU."""
+    import cae
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ns = argparse.Namespace(**dict(ckpt["args"], device="cpu"))
+    model = cae.build_model(ns)[0]
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ns
+
+
+@torch.no_grad()
+def cae_reconstruct(model, images):
+    """CAE Sec. 3 (Fig. 4): all patches of the images through the encoder F, the latent contextual regressor
+    skipped, the encoded patches straight into the decoder G (at their own positions) -> normalised pixels
+    [B, N, 768]. With the alignment loss, G learnt to read F's space (the regressor's outputs are aligned to it)."""
+    B, N = len(images), model.encoder.grid ** 2
+    ids_all = torch.arange(N).expand(B, N)
+    z = model.forward_encoder(images, ids_all)[:, 1:]  # [B, N, D], CLS dropped
+    return model.forward_decoder(z, ids_all)
+
+
+@torch.no_grad()
+def cae_fig4_errors(path, args, data, n=256):
+    """On the first n val images (finetune.py's val resize + centre crop): recon_mse, the mean squared error of
+    cae_reconstruct against the normalised pixels (Sec. 3.1) of all patches; recon_mse_masked, the same on the
+    patches that a block mask (CAE Sec. 2.2, drawn from --seed: the same masks for every run) hides; pretext_mse,
+    the training path (F on the visible patches, H, G) on those masked patches: the pretext task's error."""
+    import cae
+    model, ns = load_cae(path)
+    masks = cae.block_masking(ns)
+    state = random.getstate()
+    random.seed(args.seed)
+    sums, count = torch.zeros(3, dtype=torch.float64), 0
+    for images, _ in loaders(args, data)[2]:
+        images = common.to_device(images[:n - count], "cpu")  # uint8 -> ImageNet-normalised, as in training
+        mask = torch.stack([masks() for _ in range(len(images))])  # [B, N], True = hidden
+        target = common.pixel_targets(images, 16)  # [B, N, 768]
+        err = (cae_reconstruct(model, images) - target).pow(2).mean(-1)  # [B, N]
+        ids_keep, ids_mask = common.ids_from_mask(mask, common.num_visible(mask.shape[1], ns.mask_ratio))
+        pred = model.forward_decoder(model.forward_regressor(model.forward_encoder(images, ids_keep)[:, 1:], ids_keep,
+                                                             ids_mask), ids_mask)
+        hidden = mask.float()  # each image's mean over all its patches, over its masked ones, and the pretext error
+        sums += torch.stack([err.mean(1).sum(), ((err * hidden).sum(1) / hidden.sum(1)).sum(),
+                             (pred - common.gather(target, ids_mask)).pow(2).mean((1, 2)).sum()]).double()
+        count += len(images)
+        if count == n:
+            break
+    random.setstate(state)
+    return dict(zip(["recon_mse", "recon_mse_masked", "pretext_mse"], (round(v, 4) for v in (sums / count).tolist())))
+
+
+@torch.no_grad()
+def fig4_picture(paths, args, data, path, n=10):
+    """A Fig. 4-style sheet: one val image per class (columns); rows: the image, its normalised-pixel target (each
+    patch standardised, as CAE's pixel target is: mean colour and contrast removed), and the encoder-to-decoder
+    reconstruction of the lambda = 2 and lambda = 0 models, drawn in that same normalised space."""
+    pa, _, val, classes = loaders(args, data)
+    picked, seen = [], set()
+    for images, labels in val:
+        for x, y in zip(images, labels.tolist()):
+            if y not in seen and len(picked) < n:
+                seen.add(y), picked.append(x)
+    images = common.to_device(torch.stack(picked), "cpu")
+    p, g = 16, args.input_size // 16
+
+    def unpatch(t):  # normalised patches [B, N, 768] -> displayable uint8 images [B, H, W, 3] (+-2.5 sd -> 0..255)
+        t = t.view(len(t), g, g, p, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(len(t), g * p, g * p, 3)
+        return ((t / 5 + 0.5).clamp(0, 1) * 255).byte()
+    mean, std = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    rows = [("image", ((images * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1)),
+            ("target: normalised pixels", unpatch(common.pixel_targets(images, p)))]
+    for label, ckpt in paths:
+        rows.append((label, unpatch(cae_reconstruct(load_cae(ckpt)[0], images))))
+    S, left, top = args.input_size, 190, 26
+    sheet = Image.new("RGB", (left + len(picked) * (S + 4), top + len(rows) * (S + 4)), "white")
+    d = ImageDraw.Draw(sheet)
+    common.draw_text(d, (6, 6), "CAE Fig. 4 at laptop scale: all patches -> encoder -> decoder (regressor skipped), "
+                     "val images")
+    for r, (label, ims) in enumerate(rows):
+        y = top + r * (S + 4)
+        for k, line in enumerate(label.split("\n")):
+            common.draw_text(d, (6, y + S // 2 - 8 + 12 * k), line)
+        for c, im in enumerate(ims):
+            sheet.paste(Image.fromarray(im.numpy()), (left + c * (S + 4), y))
+    sheet.save(path)
+
+
+def cae_fig4(args, data, log, env):
+    """Both arms (--align_weight 2 and 0), --fig4_seeds training seeds each, same recipe and length: one record per
+    run, and the picture from the first seed's two models."""
+    records, paths, out = [], {}, os.path.abspath(args.out)
+    for seed in range(args.seed, args.seed + args.fig4_seeds):
+        for weight in (2, 0):
+            run_dir = os.path.join(out, f"cae_fig4_align{weight}_seed{seed}")
+            secs, rec = pretrain("cae", run_dir, args, data, None, log, env, ["--align_weight", weight, "--seed", seed],
+                                 args.fig4_epochs)
+            ckpt = os.path.join(run_dir, "checkpoint-last.pth")
+            paths.setdefault(weight, ckpt)
+            records.append(dict(method="cae_fig4", align_weight=weight, seed=seed, pretrain_s=secs,
+                                final_pretrain_loss=rec[-1]["train_loss"], **cae_fig4_errors(ckpt, args, data)))
+            log("cae_fig4 lambda {align_weight}, seed {seed}: recon MSE {recon_mse:.4f} (masked patches "
+                "{recon_mse_masked:.4f}), pretext MSE {pretext_mse:.4f}".format(**records[-1]))
+    picture = os.path.join(out, "cae_fig4.png")
+    fig4_picture([("with alignment\n(lambda = 2)", paths[2]), ("without alignment\n(lambda = 0)", paths[0])], args, data,
+                 picture)
+    if args.plot:
+        shutil.copyfile(picture, os.path.splitext(args.plot)[0] + "_cae_fig4.png")
+    print("\n| CAE Fig. 4 (seeds) | recon MSE, all patches | recon MSE, masked patches | pretext MSE |\n|---|---|---|---|")
+    for weight in (2, 0):
+        rs = [r for r in records if r["align_weight"] == weight]
+        cell = lambda k: f"{np.mean([r[k] for r in rs]):.4f} (sd {np.std([r[k] for r in rs], ddof=1) if len(rs) > 1 else 0:.4f})"  # noqa: E731
+        print(f"| lambda = {weight} ({len(rs)}) | {cell('recon_mse')} | {cell('recon_mse_masked')} | {cell('pretext_mse')} |")
+    return records
+
+
 # ---- The picture ------------------------------------------------------------------------------------
 def plot(rows, curves, steps_per_epoch, path):
     """Left: each method's pre-training loss (log.txt epoch means) against optimiser steps, on its own scale.
@@ -419,11 +598,11 @@ def plot(rows, curves, steps_per_epoch, path):
     font = ImageFont.load_default()
     colours = {"milan": (31, 119, 180), "cae": (255, 127, 14), "cae_v2": (44, 160, 44), "mr_mae": (214, 39, 40),
                "mask_align": (148, 103, 189), "teacher": (60, 60, 60), "random_init": (150, 150, 150),
-               "pixels": (188, 189, 34)}
+               "pixels": (188, 189, 34), "mae_pixel": (140, 86, 75)}
     W, H, pw, ph = 1040, 470, 190, 160
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
-    d.text((10, 8), "pre-training loss (epoch mean) vs step", fill="black", font=font)
+    common.draw_text(d, (10, 8), "pre-training loss (epoch mean) vs step")  # PIL's font: draw_text keeps the spaces
     for k, (method, losses) in enumerate(curves.items()):
         x0, y0 = 10 + (k % 3) * (pw + 15), 30 + (k // 3) * (ph + 45)
         d.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(180, 180, 180))
@@ -436,10 +615,9 @@ def plot(rows, curves, steps_per_epoch, path):
             d.line(pts, fill=colours.get(method, "black"), width=2) if len(pts) > 1 else None
             for p in pts:
                 d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colours.get(method, "black"))
-            d.text((x0 + 4, y0 + ph + 3), f"{hi:.3g} -> {losses[-1]:.3g}, {len(losses) * steps_per_epoch} steps",
-                   fill="black", font=font)
+            common.draw_text(d, (x0 + 4, y0 + ph + 3), f"{hi:.3g} -> {losses[-1]:.3g}, {len(losses) * steps_per_epoch} steps")
     bx, by, bw = 640, 30, 260
-    d.text((bx, 8), "linear probe top-1 (%) on val", fill="black", font=font)
+    common.draw_text(d, (bx, 8), "linear probe top-1 (%) on val")
     for k, r in enumerate(rows):
         y = by + k * 40
         d.text((bx, y + 8), r["method"], fill="black", font=font)
@@ -450,20 +628,33 @@ def plot(rows, curves, steps_per_epoch, path):
     im.save(path)
 
 
+def prepare_out(path):
+    """--out: learn.py's own folder (its marker file) is emptied; a non-empty folder it did not make is refused."""
+    out = os.path.abspath(path)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {path} is a file; pass a folder")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
+        raise UserError(f"--out {path} holds files learn.py did not write (it would empty the folder); pass a new or "
+                        f"empty folder")
+    shutil.rmtree(out, ignore_errors=True)  # every run starts fresh: the scripts refuse an output dir in use
+    os.makedirs(out)
+    open(os.path.join(out, MARKER), "w").close()
+    return out
+
+
 def main(argv=None):
     args = get_args(argv)
     t_start = time.time()
     log = lambda s: print(f"[{time.time() - t_start:6.0f} s] {s}", flush=True)  # noqa: E731
+    out = prepare_out(args.out)
     torch.set_num_threads(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
-    out = os.path.abspath(args.out)
-    shutil.rmtree(out, ignore_errors=True)  # every run starts fresh: the scripts refuse an output dir in use
     data = make_dataset(os.path.join(out, "data"), args.seed, args.classes, args.train_per_class,
                         args.val_per_class, args.image_size)
     log(f"wrote {args.classes * (args.train_per_class + args.val_per_class)} JPEGs to {data}")
     rows, curves, t0 = [], {}, time.time()
     pixels = probe_features(args, data, lambda x: x.flatten(1), 3 * args.input_size ** 2)
-    rows.append(dict(method="pixels", probe_top1=pixels, pretrain_s=0.0, probe_s=time.time() - t0,
+    rows.append(dict(method="pixels", probe_top1=pixels, finetune_top1=None, pretrain_s=0.0, probe_s=time.time() - t0,
                      final_pretrain_loss=None, colour_r2=None, teacher_r2=None))
     log(f"pixels: linear probe top-1 {pixels:.1f}%")
     teacher_path, grid = os.path.join(out, "teacher.pth"), args.input_size // 16
@@ -477,47 +668,47 @@ def main(argv=None):
     def diagnostics(tokens_of):  # how much of a student's patch tokens is the patch's colour; of the teacher's, it predicts
         t = val_patches(tokens_of, args, data)
         return dict(colour_r2=linear_r2(colour, t), teacher_r2=linear_r2(t, teacher_t))
-    rows.append(dict(method="teacher", probe_top1=top1, pretrain_s=secs, probe_s=time.time() - t0,
+    rows.append(dict(method="teacher", probe_top1=top1, finetune_top1=None, pretrain_s=secs, probe_s=time.time() - t0,
                      final_pretrain_loss=loss, colour_r2=linear_r2(colour, teacher_t), teacher_r2=None))
     log(f"teacher: trained in {secs:.0f} s, linear probe top-1 {top1:.1f}%, colour R^2 {rows[-1]['colour_r2']:.2f}")
     torch.manual_seed(args.seed)  # the random student, as common.setup seeds before a method builds it
     random_path = os.path.join(out, "random_init.pth")
     torch.save(common.build_vit("vit_nano_patch16", args.input_size).state_dict(), random_path)
     secs, top1 = linprobe(random_path, os.path.join(out, "probe_random_init"), args, data, log, "random_init probe", env)
-    rows.append(dict(method="random_init", probe_top1=top1, pretrain_s=0.0, probe_s=secs, final_pretrain_loss=None,
-                     **diagnostics(student_encoder(random_path, args))))
+    ft = finetune_top1(random_path, os.path.join(out, "finetune_random_init"), args, data, log, "random_init finetune", env)
+    rows.append(dict(method="random_init", probe_top1=top1, finetune_top1=ft, pretrain_s=0.0, probe_s=secs,
+                     final_pretrain_loss=None, **diagnostics(student_encoder(random_path, args))))
     log(f"random_init: linear probe top-1 {top1:.1f}%, colour R^2 {rows[-1]['colour_r2']:.2f}, teacher R^2 "
-        f"{rows[-1]['teacher_r2']:.2f}")
-    shared = ["--data", data, "--model", "vit_nano_patch16", "--input_size", args.input_size, "--teacher", "tiny",
-              "--teacher_weights", teacher_path, "--seed", args.seed, "--num_workers", 1, "--log_every", 10]
+        f"{rows[-1]['teacher_r2']:.2f}" + (f", fine-tuned top-1 {ft:.1f}%" if ft is not None else ""))
     for method in args.methods:
         run_dir = os.path.join(out, method)
-        cmd = [f"{method}.py"] + shared + pretrain_flags(method, args) + ["--output_dir", run_dir]
-        log(f"{method}: python {' '.join(str(c) for c in cmd)}")
-        secs, records = run([str(c) for c in cmd], run_dir, log, method, env)
+        secs, records = pretrain(method, run_dir, args, data, teacher_path, log, env)
         curves[method] = [r["train_loss"] for r in records]
-        p_secs, top1 = linprobe(os.path.join(run_dir, "checkpoint-last.pth"), os.path.join(out, f"probe_{method}"),
-                                args, data, log, f"{method} probe", env)
-        rows.append(dict(method=method, probe_top1=top1, pretrain_s=secs, probe_s=p_secs,
-                         final_pretrain_loss=curves[method][-1],
-                         **diagnostics(student_encoder(os.path.join(run_dir, "checkpoint-last.pth"), args))))
+        ckpt = os.path.join(run_dir, "checkpoint-last.pth")
+        p_secs, top1 = linprobe(ckpt, os.path.join(out, f"probe_{method}"), args, data, log, f"{method} probe", env)
+        ft = finetune_top1(ckpt, os.path.join(out, f"finetune_{method}"), args, data, log, f"{method} finetune", env)
+        rows.append(dict(method=method, probe_top1=top1, finetune_top1=ft, pretrain_s=secs, probe_s=p_secs,
+                         final_pretrain_loss=curves[method][-1], **diagnostics(student_encoder(ckpt, args))))
         log(f"{method}: pre-trained in {secs:.0f} s, final loss {curves[method][-1]:.4f}, linear probe top-1 {top1:.1f}%, "
-            f"colour R^2 {rows[-1]['colour_r2']:.2f}, teacher R^2 {rows[-1]['teacher_r2']:.2f}")
-    print(f"\n| method | probe top-1 (%) | pre-train s | probe s | final pre-train loss | colour R^2 | teacher R^2 |\n"
-          f"|---|---|---|---|---|---|---|")
+            f"colour R^2 {rows[-1]['colour_r2']:.2f}, teacher R^2 {rows[-1]['teacher_r2']:.2f}"
+            + (f", fine-tuned top-1 {ft:.1f}%" if ft is not None else ""))
+    print("\n| method | probe top-1 (%) | fine-tuned top-1 (%) | pre-train s | probe s | final pre-train loss | colour R^2 "
+          "| teacher R^2 |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         loss = "" if r["final_pretrain_loss"] is None else f"{r['final_pretrain_loss']:.4f}"
         r2 = " | ".join("" if r[k] is None else f"{r[k]:.2f}" for k in ("colour_r2", "teacher_r2"))
-        print(f"| {r['method']} | {r['probe_top1']:.1f} | {r['pretrain_s']:.0f} | {r['probe_s']:.0f} | {loss} | {r2} |")
+        ft = "" if r["finetune_top1"] is None else f"{r['finetune_top1']:.1f}"
+        print(f"| {r['method']} | {r['probe_top1']:.1f} | {ft} | {r['pretrain_s']:.0f} | {r['probe_s']:.0f} | {loss} | {r2} |")
+    fig4 = cae_fig4(args, data, log, env) if args.cae_fig4 else []
     print(f"total {time.time() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(rows + fig4, f, indent=1)
     if args.plot:
         steps = args.classes * args.train_per_class // args.batch_size
         plot(rows, curves, steps, args.plot)
-    return rows
+    return rows + fig4
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)
