@@ -442,16 +442,16 @@ def pretrain_flags(row, args, epochs=None):
             "--lr", f"{d.blr * total / 256:.6g}"] + extra
 
 
-def pretrain(row, run_dir, args, data, teacher_path, log, env, extra=(), epochs=None):
+def pretrain(row, run_dir, args, data, teacher_path, log, env, extra=(), epochs=None, seed=None, label=None):
     """`python <method file> ...` as a user runs it, the recipe rule's flags; -> (seconds, log.txt records).
     cae.py gets no --teacher / --teacher_weights: it has no teacher network (it would refuse a weights file)."""
-    script = METHODS[row][0]
+    script, label = METHODS[row][0], label or row
     teacher = [] if script == "cae" else ["--teacher", "tiny", "--teacher_weights", teacher_path]
     cmd = [f"{script}.py", "--data", data, "--model", "vit_nano_patch16", "--input_size", args.input_size, *teacher,
-           "--seed", args.seed, "--num_workers", 1, "--log_every", 10, *pretrain_flags(row, args, epochs), *extra,
-           "--output_dir", run_dir]
-    log(f"{row}: python {' '.join(str(c) for c in cmd)}")
-    return run([str(c) for c in cmd], run_dir, log, row, env)
+           "--seed", args.seed if seed is None else seed, "--num_workers", 1, "--log_every", 10,
+           *pretrain_flags(row, args, epochs), *extra, "--output_dir", run_dir]
+    log(f"{label}: python {' '.join(str(c) for c in cmd)}")
+    return run([str(c) for c in cmd], run_dir, log, label, env)
 
 
 def linprobe(ckpt, out_dir, args, data, log, label, env):
@@ -570,8 +570,8 @@ def cae_fig4(args, data, log, env):
     for seed in range(args.seed, args.seed + args.fig4_seeds):
         for weight in (2, 0):
             run_dir = os.path.join(out, f"cae_fig4_align{weight}_seed{seed}")
-            secs, rec = pretrain("cae", run_dir, args, data, None, log, env, ["--align_weight", weight, "--seed", seed],
-                                 args.fig4_epochs)
+            secs, rec = pretrain("cae", run_dir, args, data, None, log, env, ["--align_weight", weight], args.fig4_epochs,
+                                 seed, f"cae_fig4 lambda {weight}, seed {seed}")
             ckpt = os.path.join(run_dir, "checkpoint-last.pth")
             paths.setdefault(weight, ckpt)
             records.append(dict(method="cae_fig4", align_weight=weight, seed=seed, pretrain_s=secs,

@@ -175,30 +175,31 @@ def test_cae_reconstruct_skips_the_regressor():
 
 def test_out_folder_learn_py_did_not_make_is_refused(tmp_path):
     """--out used to be emptied whatever it held: a non-empty folder without learn.py's marker, or a file, is now one
-    error line (exit 2) and stays as it was; learn.py's own folder is emptied and marked again."""
+    error line (exit 2, through common.cli) and stays as it was; learn.py's own folder is emptied and marked again."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    (tmp_path / "afile").write_text("x")
-    for out, words in [(mine, "did not write"), (tmp_path / "afile", "is a file")]:
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learn.py"), "--out", str(out)],
-                           capture_output=True, text=True, timeout=60)
-        assert p.returncode == 2 and p.stderr.startswith("error: --out") and words in p.stderr, p.stderr
-        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learn.py"), "--out", str(mine)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith("error: --out") and "did not write" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert (mine / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(learn.UserError, match="is a file"):
+        learn.prepare_out(str(tmp_path / "afile"))
     own = learn.prepare_out(str(tmp_path / "own"))
     open(os.path.join(own, "old_run.txt"), "w").close()
     assert sorted(os.listdir(learn.prepare_out(own))) == [learn.MARKER]
     assert learn.prepare_out(str(tmp_path / "empty_dir_ok")).endswith("empty_dir_ok")
 
 
-def test_help_shows_defaults_and_the_control_row():
+def test_help_shows_defaults_and_the_control_row(capsys):
     """--help gives each flag's default; mae_pixel, the pixel-target control, is a default row: MAE through
     mr_mae.py (L_R alone, uniform masking, no fusion), under the same recipe rule as every row (MR-MAE's peak lr
     6e-4, its warmup fraction 80/400)."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learn.py"), "--help"], capture_output=True,
-                       text=True, timeout=60)
-    text = " ".join(p.stdout.split())
+    with pytest.raises(SystemExit):
+        learn.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
     for default in ["(default: learn_out)", "(default: 16)", "(default: 2400)", "(default: 0.002)"]:
         assert default in text, default
     assert "mae_pixel" in learn.get_args([]).methods
