@@ -400,13 +400,16 @@ def student_encoder(path, args):
 
 
 # ---- 3. and 4. The method files and finetune.py, as a user runs them ---------------------------------
+PYTHON = [sys.executable]  # how a script is started (the tests start it through their fork server)
+
+
 def run(cmd, out_dir, log, label, env):
     """Run `python SCRIPT ...` with its output in out_dir/output.txt; print each epoch of its log.txt as it
     appears. Returns (seconds, [epoch records])."""
     os.makedirs(out_dir, exist_ok=True)
     t0, seen, logf = time.time(), 0, os.path.join(out_dir, "log.txt")
     with open(os.path.join(out_dir, "output.txt"), "w") as f:
-        proc = subprocess.Popen([sys.executable] + cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(PYTHON + cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
         try:
             while proc.poll() is None or seen < len(_records(logf)):
                 for r in _records(logf)[seen:]:

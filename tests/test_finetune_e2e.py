@@ -5,14 +5,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
 import finetune
-from conftest import ROOT, SMOKE
+from conftest import ROOT, SMOKE, python
 
 METHODS = ["milan", "cae", "cae_v2", "mr_mae", "mask_align"]
 TINY = ["--data", "fake", "--fake_size", "16", "--batch_size", "8", "--num_workers", "0", "--epochs", "1"]
@@ -115,8 +114,7 @@ def runs(milan_ckpt, tmp_path_factory):
     procs, outs = {}, {}
     for mode in finetune.RECIPES:
         outs[mode] = tmp_path_factory.mktemp(mode)
-        cmd = [sys.executable, "finetune.py", *TINY, "--finetune", str(milan_ckpt), "--mode", mode,
-               "--output_dir", str(outs[mode])]
+        cmd = python("finetune.py", *TINY, "--finetune", milan_ckpt, "--mode", mode, "--output_dir", outs[mode])
         procs[mode] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for mode, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=240)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, python
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import learn  # noqa: E402
@@ -92,6 +92,7 @@ def reduced(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("learn")
     torch_threads = torch.get_num_threads()
     try:
+        learn.PYTHON = python()  # each script as `python SCRIPT ...`, through the tests' fork server
         rows = learn.main(["--out", str(tmp / "run"), "--seed", "0", "--classes", "4", "--train_per_class", "100",
                            "--val_per_class", "40", "--teacher_steps", "400", "--teacher_log", "400", "--epochs", "16",
                            "--batch_size", "16", "--probe_epochs", "8", "--probe_batch", "64", "--methods", "mask_align",
@@ -99,6 +100,7 @@ def reduced(tmp_path_factory):
                            "--json", str(tmp / "out.json"), "--plot", str(tmp / "out.png")])
     finally:
         torch.set_num_threads(torch_threads)
+        learn.PYTHON = [sys.executable]
     return rows, tmp
 
 
@@ -179,7 +181,7 @@ def test_out_folder_learn_py_did_not_make_is_refused(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "learn.py"), "--out", str(mine)],
+    p = subprocess.run(python(os.path.join(ROOT, "benchmarks", "learn.py"), "--out", mine),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("error: --out") and "did not write" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr

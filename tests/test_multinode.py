@@ -2,12 +2,11 @@
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SMOKE
+from conftest import ROOT, SMOKE, python
 
 FLAGS = SMOKE + ["--fake_size", "32", "--epochs", "2", "--batch_size", "4", "--accum_iter", "1",
                  "--save_every_steps", "2"]  # 4 steps of 4 per rank per epoch; a mid-epoch checkpoint at step 2
@@ -25,22 +24,23 @@ def launch(node_args, env=None):
     Returns the started processes."""
     port, procs = free_port(), []
     for node, argv in enumerate(node_args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "tests/preempt.py"] + [str(a) for a in argv]
+        cmd = python("-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node",
+                     "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "--no-python",
+                     *python("tests/preempt.py", *argv))
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))))
     return procs
 
 
 def finish(procs, timeout=240):
-    """(exit code, stdout, stderr) of each launcher; a hang kills them all (and their workers) and fails the test."""
+    """(exit code, stdout, stderr) of each launcher; a hang kills them all (the fork server's supervisor then kills
+    the launcher's process group) and fails the test."""
     try:
         return [(p.wait(timeout=timeout), p.stdout.read(), p.stderr.read()) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
-                subprocess.run(["pkill", "-9", "-P", str(p.pid)]), p.kill()
+                p.kill()
 
 
 def params(folder):

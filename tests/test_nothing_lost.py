@@ -4,9 +4,7 @@ error line, evaluation scores each image once, the unreadable-image limit does n
 import argparse
 import json
 import os
-import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common
-from conftest import ROOT, SMOKE, run_forked
+from conftest import ROOT, SMOKE, python, run_forked
 from test_operations import FAST, FT_SMOKE, assert_same_state
 
 
@@ -122,9 +120,9 @@ def test_sigterm_to_the_whole_process_group_with_workers(tmp_path):
     """As a scheduler sends it: the DataLoader workers get SIGTERM too, ignore it, and the run still saves and stops
     with its one line. A second signal (a user who presses Ctrl-C twice) stops at once."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", SIGNAL_AT_UPDATE="2", SIGNAL_GROUP="1")
-    proc = subprocess.run([sys.executable, "tests/preempt.py", "milan.py"] + [str(a) for a in FAST] +
-                          ["--accum_iter", "1", "--num_workers", "2", "--output_dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, start_new_session=True)
+    proc = subprocess.run(python("tests/preempt.py", "milan.py", *FAST, "--accum_iter", "1", "--num_workers", "2",
+                                 "--output_dir", tmp_path), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240, start_new_session=True)
     assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM at epoch 0, step 2")
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["step"] == 2
@@ -261,8 +259,8 @@ def test_evaluation_scores_each_val_image_once_under_torchrun(two_runs, tmp_path
     one = runs["eval"][1].strip().splitlines()[-1]
     assert one.endswith("on 38 images (1 unreadable, not scored)"), one
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] +
-                          [str(a) for a in ft + ["--finetune", tmp_path / "ft" / "checkpoint-last.pth", "--eval"]],
+    proc = subprocess.run(python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+                                 *python(*ft, "--finetune", tmp_path / "ft" / "checkpoint-last.pth", "--eval")),
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = [x for x in proc.stdout.splitlines() if x.startswith("eval ")][-1]
@@ -301,7 +299,7 @@ def test_words_in_pictures_keep_their_spaces():
 
 
 def test_help_says_what_each_flag_does():
-    helps = {s: subprocess.run([sys.executable, s, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    helps = {s: subprocess.run(python(s, "--help"), cwd=ROOT, capture_output=True, text=True).stdout
              for s in ("cae.py", "finetune.py")}
     assert "(default: no clipping) (default: 3.0)" not in " ".join(helps["cae.py"].split())
     ft = " ".join(helps["finetune.py"].split())

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 
 import common
 import finetune
-from conftest import ROOT, SMOKE, run_forked
+from conftest import ROOT, SMOKE, python, run_forked
 
 FAST = SMOKE + ["--fake_size", "32"]  # 4 steps of batch 8 per epoch
 
@@ -182,7 +181,7 @@ def test_openai_weights_fail_fast_when_the_hub_is_unreachable(monkeypatch, capfd
 # ---- 11.: Ctrl-C ----------------------------------------------------------------------------------------
 def test_ctrl_c_prints_one_line_with_where_and_how_to_resume(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "milan.py"] + FAST + ["--epochs", "100", "--output_dir", str(tmp_path)],
+    proc = subprocess.Popen(python("milan.py", *FAST, "--epochs", "100", "--output_dir", tmp_path),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "log.txt").exists() and time.time() < deadline and proc.poll() is None:
