@@ -235,8 +235,9 @@ def build_tokenizer(args):
         raise common.UserError("--target dalle needs --dalle_weights /path/to/encoder.pkl (OpenAI's DALL-E encoder, "
                                "https://cdn.openai.com/dall-e/encoder.pkl), or none (random), or use --target pixel")
     if args.dalle_weights == "none":
-        print("WARNING: DALL-E tokenizer has RANDOM weights (--dalle_weights none): fine for tests and smoke runs, "
-              "meaningless for pre-training", file=sys.stderr)
+        if common.RUN["rank"] == 0:
+            print("WARNING: DALL-E tokenizer has RANDOM weights (--dalle_weights none): fine for tests and smoke runs, "
+                  "meaningless for pre-training", file=sys.stderr)
         return DalleEncoder(args.dalle_n_hid).to(args.device)
     return load_dalle_encoder(args.dalle_weights).to(args.device)
 

@@ -336,7 +336,7 @@ def load_teacher(name, weights):
         except RuntimeError as e:
             raise UserError(f"--teacher_weights {weights} does not fit --teacher {name} "
                             f"({str(e).splitlines()[-1].strip()[:150]}); pass the file of that architecture") from None
-    if weights == "none":
+    if weights == "none" and RUN["rank"] == 0:
         print(f"WARNING: teacher {name} has RANDOM weights (--teacher_weights none): fine for tests and smoke runs, "
               f"meaningless for pre-training", file=sys.stderr)
     elif RUN["rank"] == 0:
