@@ -20,7 +20,9 @@ SMOKE = ["--data", "fake", "--model", "vit_nano_patch16", "--teacher", "tiny", "
 # tests/forkserver.py: imports torch once; every script the tests run is then a fork of it, through
 # tests/forkclient.py. Its socket is named here, before any test copies os.environ for a child, and it starts on
 # first use.
-os.environ["MIMLAB_FORKSERVER"] = os.path.join(tempfile.mkdtemp(), "forkserver.sock")
+_sock = os.path.join(tempfile.mkdtemp(prefix="mimlab-"), "forkserver.sock")
+os.environ["MIMLAB_FORKSERVER"] = _sock if len(_sock) < 100 else os.path.join(  # (a socket path has at most 107 bytes)
+    tempfile.mkdtemp(prefix="mimlab-", dir="/tmp"), "forkserver.sock")
 _server, _server_lock = [], threading.Lock()
 
 
