@@ -566,15 +566,21 @@ def fig4_picture(paths, args, data, path, n=10):
     sheet.save(path)
 
 
-def cae_fig4(args, data, log, env):
+def cae_fig4(args, data, log, env, cae_row=None):
     """Both arms (--align_weight 2 and 0), --fig4_seeds training seeds each, same recipe and length: one record per
-    run, and the picture from the first seed's two models."""
+    run, and the picture from the first seed's two models. cae_row: (seconds, log records) of this run's cae row,
+    which is the lambda = 2 run of seed --seed when the lengths match (the same command: cae.py's default
+    --align_weight is 2), so it is not trained twice."""
     records, paths, out = [], {}, os.path.abspath(args.out)
     for seed in range(args.seed, args.seed + args.fig4_seeds):
         for weight in (2, 0):
-            run_dir = os.path.join(out, f"cae_fig4_align{weight}_seed{seed}")
-            secs, rec = pretrain("cae", run_dir, args, data, None, log, env, ["--align_weight", weight], args.fig4_epochs,
-                                 seed, f"cae_fig4 lambda {weight}, seed {seed}")
+            if cae_row and (weight, seed) == (2, args.seed) and (args.fig4_epochs or args.epochs) == args.epochs:
+                run_dir, (secs, rec) = os.path.join(out, "cae"), cae_row
+                log(f"cae_fig4 lambda 2, seed {seed}: the cae row's run ({run_dir})")
+            else:
+                run_dir = os.path.join(out, f"cae_fig4_align{weight}_seed{seed}")
+                secs, rec = pretrain("cae", run_dir, args, data, None, log, env, ["--align_weight", weight],
+                                     args.fig4_epochs, seed, f"cae_fig4 lambda {weight}, seed {seed}")
             ckpt = os.path.join(run_dir, "checkpoint-last.pth")
             paths.setdefault(weight, ckpt)
             records.append(dict(method="cae_fig4", align_weight=weight, seed=seed, pretrain_s=secs,
@@ -655,7 +661,7 @@ def main(argv=None):
     data = make_dataset(os.path.join(out, "data"), args.seed, args.classes, args.train_per_class,
                         args.val_per_class, args.image_size)
     log(f"wrote {args.classes * (args.train_per_class + args.val_per_class)} JPEGs to {data}")
-    rows, curves, t0 = [], {}, time.time()
+    rows, curves, runs, t0 = [], {}, {}, time.time()
     pixels = probe_features(args, data, lambda x: x.flatten(1), 3 * args.input_size ** 2)
     rows.append(dict(method="pixels", probe_top1=pixels, finetune_top1=None, pretrain_s=0.0, probe_s=time.time() - t0,
                      final_pretrain_loss=None, colour_r2=None, teacher_r2=None))
@@ -685,7 +691,7 @@ def main(argv=None):
         f"{rows[-1]['teacher_r2']:.2f}" + (f", fine-tuned top-1 {ft:.1f}%" if ft is not None else ""))
     for method in args.methods:
         run_dir = os.path.join(out, method)
-        secs, records = pretrain(method, run_dir, args, data, teacher_path, log, env)
+        secs, records = runs[method] = pretrain(method, run_dir, args, data, teacher_path, log, env)
         curves[method] = [r["train_loss"] for r in records]
         ckpt = os.path.join(run_dir, "checkpoint-last.pth")
         p_secs, top1 = linprobe(ckpt, os.path.join(out, f"probe_{method}"), args, data, log, f"{method} probe", env)
@@ -702,7 +708,7 @@ def main(argv=None):
         r2 = " | ".join("" if r[k] is None else f"{r[k]:.2f}" for k in ("colour_r2", "teacher_r2"))
         ft = "" if r["finetune_top1"] is None else f"{r['finetune_top1']:.1f}"
         print(f"| {r['method']} | {r['probe_top1']:.1f} | {ft} | {r['pretrain_s']:.0f} | {r['probe_s']:.0f} | {loss} | {r2} |")
-    fig4 = cae_fig4(args, data, log, env) if args.cae_fig4 else []
+    fig4 = cae_fig4(args, data, log, env, runs.get("cae")) if args.cae_fig4 else []
     print(f"total {time.time() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -221,3 +221,22 @@ def test_plot_words_keep_their_spaces(tmp_path, monkeypatch):
     rows = [dict(method="milan", probe_top1=30.0)]
     learn.plot(rows, {"milan": [1.0, 0.5]}, 10, str(tmp_path / "p.png"))
     assert "pre-training loss (epoch mean) vs step" in drawn and "linear probe top-1 (%) on val" in drawn
+
+
+def test_cae_fig4_reuses_the_cae_row_instead_of_training_it_again(tmp_path, monkeypatch):
+    """The cae row (cae.py --target pixel, its default --align_weight 2, --seed) is the lambda = 2 run of the first
+    Fig. 4 seed when the lengths match: that run is not trained twice; any other length trains it."""
+    trained = []
+    monkeypatch.setattr(learn, "pretrain", lambda row, run_dir, *a, **kw: (trained.append(os.path.basename(run_dir)),
+                                                                         (1.0, [{"train_loss": 0.5}]))[1])
+    monkeypatch.setattr(learn, "cae_fig4_errors", lambda *a: dict(recon_mse=0.0, recon_mse_masked=0.0, pretext_mse=0.0))
+    monkeypatch.setattr(learn, "fig4_picture", lambda *a: None)
+    assert learn.get_args([]).methods.count("cae") == 1
+    args = learn.get_args(["--out", str(tmp_path), "--fig4_seeds", "2", "--seed", "3", "--epochs", "5"])
+    records = learn.cae_fig4(args, "data", lambda s: None, {}, cae_row=(7.0, [{"train_loss": 0.25}]))
+    assert trained == ["cae_fig4_align0_seed3", "cae_fig4_align2_seed4", "cae_fig4_align0_seed4"]
+    assert records[0]["align_weight"] == 2 and records[0]["seed"] == 3 and records[0]["pretrain_s"] == 7.0
+    trained.clear()
+    args = learn.get_args(["--out", str(tmp_path), "--fig4_seeds", "1", "--epochs", "5", "--fig4_epochs", "2"])
+    learn.cae_fig4(args, "data", lambda s: None, {}, cae_row=(7.0, [{"train_loss": 0.25}]))
+    assert trained == ["cae_fig4_align2_seed0", "cae_fig4_align0_seed0"]
