@@ -4,10 +4,17 @@ Zejiang Hou, Fei Sun, Yen-Kuang Chen, Yuan Xie, Sun-Yuan Kung, 2022. arXiv:2208.
 Implemented: a MAE encoder on the visible patches (Sec. 2.1), CLIP image features of the intact
 image as the reconstruction target (Sec. 2.2), the prompting decoder (Sec. 2.3, Eq. 2), semantic
 aware sampling from the CLIP class-token attention (Sec. 2.4, Eq. 3), and the loss over all
-patches (Eq. 1), trained with the App. A.1 recipe.
+patches (Eq. 1), trained with the App. A.1 recipe. Table 5's arms: --target pixel (MAE's per-patch
+normalised pixels), --decoder mae (MAE's decoder at the prompting decoder's width and depth), --mask_type
+random (MAE's uniform masking); all three together are MAE (#1).
+Which patches each arm's loss covers (the paper does not say for #3-#6): CLIP targets keep Eq. 1, all N
+patches, with either decoder (Sec. 2.2); pixel targets keep MAE's loss, the mean squared error of the masked
+patches only, with either decoder: the prompting decoder reads the visible patches straight out of the
+prompts Z, which MAE's loss never scores.
 
 Computed in common.py: the targets t_j and the class-token attention s_class of Eq. 3 (common.Teacher, one pass,
-cls_attn=True); MAE's uniform masking for --mask_type random (common.random_masking).
+cls_attn=True); MAE's uniform masking for --mask_type random (common.random_masking); the normalised pixels of
+--target pixel (common.pixel_targets).
 
 Deviations from the released code (github.com/zejiangh/MILAN @7dcfe0f), one line each:
 - the teacher gets CLIP-normalised pixels; the released code feeds ImageNet-normalised pixels to CLIP.
@@ -15,6 +22,7 @@ Deviations from the released code (github.com/zejiangh/MILAN @7dcfe0f), one line
 - cls_token and mask_token get no weight decay; the released code decays them (timm add_weight_decay).
 - targets are ln_post(all tokens) @ proj, as the released code intends (its pretraining path builds the wrong CLIP head).
 - the teacher stays outside DDP and one-process runs work; the released code wraps CLIP in DDP and needs it.
+- --decoder mae and --target pixel are MAE's models_mae.py at MILAN's decoder size; the released code has neither.
 Kept as released, though the paper is loose: Eq. 2 writes cat(Z, X W_k); the prompts Z are projected by the
 same W_k, W_v as the mask tokens (a per-head concatenation of unprojected Z would not type-check).
 
@@ -46,11 +54,16 @@ def get_args(argv=None):
                    warmup_epochs=40, min_lr=0.0, crop_min=0.2, mask_ratio=0.75, teacher="ViT-B-16")
     p.add_argument("--mask_type", choices=["attention", "random"], default="attention",
                    help="Sec. 2.4 semantic aware sampling, or MAE's uniform sampling (Table 5 ablation)")
-    p.add_argument("--decoder_dim", type=common.COUNT, help="prompting decoder width; default: 512 (released code; the paper "
-                   "gives no decoder size), 64 for the test size vit_nano_patch16")
-    p.add_argument("--decoder_depth", type=common.COUNT, help="prompting decoder blocks; default: 8 (released code), 2 for "
+    p.add_argument("--target", choices=["clip", "pixel"], default="clip", help="Sec. 2.2 the teacher's features of all "
+                   "patches (Eq. 1), or MAE's per-patch normalised pixels, MSE on the masked patches (Table 5 #1, #3-#5)")
+    p.add_argument("--decoder", choices=["prompting", "mae"], default="prompting", help="Sec. 2.3 prompting decoder, or "
+                   "MAE's decoder (self-attention over visible latents and mask tokens, same width and depth; Table 5 "
+                   "#1, #2, #4, #6)")
+    p.add_argument("--decoder_dim", type=common.COUNT, help="decoder width; default: 512 (released code; the paper gives "
+                   "no decoder size), 64 for the test size vit_nano_patch16")
+    p.add_argument("--decoder_depth", type=common.COUNT, help="decoder blocks; default: 8 (released code), 2 for "
                    "vit_nano_patch16")
-    p.add_argument("--decoder_heads", type=common.COUNT, help="prompting decoder heads; default: 16 (released code), 2 for "
+    p.add_argument("--decoder_heads", type=common.COUNT, help="decoder heads; default: 16 (released code), 2 for "
                    "vit_nano_patch16")
     args = p.parse_args(argv)
     sizes = (64, 2, 2) if args.model == "vit_nano_patch16" else (512, 8, 16)  # width, depth, heads
@@ -70,7 +83,7 @@ def semantic_aware_sampling(cls_attn, n_keep):
     return common.mask_from_ids(ids_keep, cls_attn.shape[1])
 
 
-# ---- Model: MAE encoder + prompting decoder (Sec. 2.1, 2.3, Eq. 2) -----------------------------------------
+# ---- Model: MAE encoder + prompting decoder (Sec. 2.1, 2.3, Eq. 2), or MAE's decoder (Table 5) -------------
 class PromptingAttention(nn.Module):
     """MILAN Eq. 2: MHA(X, Z) = sum_h softmax(X W_q^h (cat(Z, X) W_k^h)^T / sqrt(d_h)) cat(Z, X) W_v^h W_o^h.
     Queries come from the mask tokens X only; the fixed prompts Z join the keys and values."""
@@ -101,13 +114,16 @@ class PromptingBlock(nn.Module):
 
 
 class MILAN(nn.Module):
-    def __init__(self, encoder, target_dim, decoder_dim=512, decoder_depth=8, decoder_heads=16):
+    """Encoder + decoder ('prompting': Sec. 2.3; 'mae': MAE's, Table 5) + loss ('clip': Eq. 1; 'pixel': MAE's)."""
+    def __init__(self, encoder, target_dim, decoder_dim=512, decoder_depth=8, decoder_heads=16, decoder="prompting",
+                 target="clip"):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.decoder, self.target = encoder, decoder, target
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_pos_embed = nn.Parameter(common.sincos_pos_embed(decoder_dim, encoder.grid)[None], requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(PromptingBlock(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        block = PromptingBlock if decoder == "prompting" else common.Block  # MAE: pre-norm self-attention blocks
+        self.decoder_blocks = nn.ModuleList(block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, target_dim)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
@@ -120,6 +136,12 @@ class MILAN(nn.Module):
         return self.encoder(images, ids_keep)
 
     def forward_decoder(self, latent, ids_keep, ids_mask):
+        """The decoder of --decoder: [B, 1+n, D] encoder output -> predictions for all N patches [B, N, C]."""
+        if self.decoder == "mae":
+            return self.forward_mae_decoder(latent, ids_keep, ids_mask)
+        return self.forward_prompting_decoder(latent, ids_keep, ids_mask)
+
+    def forward_prompting_decoder(self, latent, ids_keep, ids_mask):
         """Sec. 2.3: prompts Z = decoder_embed(encoder output) + pos (CLS + visible), queries X =
         mask token + pos (masked). Returns p_j for all N patches in raster order [B, N, C]: visible
         ones read out of Z, masked ones out of X after the prompting blocks."""
@@ -135,8 +157,24 @@ class MILAN(nn.Module):
         feats = common.gather(feats, ids_restore)  # [B, N, Dd], raster order
         return self.decoder_pred(self.decoder_norm(feats))  # [B, N, C]
 
+    def forward_mae_decoder(self, latent, ids_keep, ids_mask):
+        """Table 5's MAE decoder (MAE's models_mae.py): embed CLS + the visible latents, append one mask token per
+        masked patch, restore raster order, add positions, self-attention blocks over all 1+N tokens (the visible ones
+        are updated too), norm, predict; CLS dropped -> [B, N, C]."""
+        x = self.decoder_embed(latent)  # [B, 1+n, Dd]
+        B, M = x.shape[0], ids_mask.shape[1]
+        x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, M, -1)], 1)  # [B, N, Dd] in (ids_keep, ids_mask) order
+        ids_restore = torch.argsort(torch.cat([ids_keep, ids_mask], 1), 1)  # [B, N]
+        x = torch.cat([x[:, :1], common.gather(x_, ids_restore)], 1) + self.decoder_pos_embed  # [B, 1+N, Dd], raster
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # [B, N, C]
+
     def forward(self, images, ids_keep, ids_mask, target):
+        """target [B, N, C]: the teacher's t_j (--target clip) or the normalised pixels (pixel) of all N patches."""
         pred = self.forward_decoder(self.forward_encoder(images, ids_keep), ids_keep, ids_mask)
+        if self.target == "pixel":  # MAE's loss: the masked patches only
+            return pixel_loss(common.gather(pred, ids_mask), common.gather(target, ids_mask)), pred
         return milan_loss(pred, target), pred
 
 
@@ -149,34 +187,60 @@ def milan_loss(pred, target, per_patch=False):
     return dist if per_patch else dist.mean()  # mean over N patches and B images
 
 
+def pixel_loss(pred_m, target_m, per_patch=False):
+    """--target pixel, MAE's loss (models_mae.py forward_loss, norm_pix_loss): the mean squared error over each masked
+    patch's p*p*3 normalised pixels, averaged over the masked patches and the batch. pred_m, target_m [B, M, p*p*3]."""
+    err = (pred_m.float() - target_m.float()).pow(2).mean(-1)  # [B, M]
+    return err if per_patch else err.mean()
+
+
 # ---- Training: forward_step, train_one_epoch, main ---------------------------------------------------------
 def build_transform(args):
     return common.pretrain_transform(args)  # RandomResizedCrop + flip (App. A.1)
 
 
 def build_model(args):
-    """-> (model, teacher): the trained student (encoder + prompting decoder) and the frozen CLIP teacher."""
+    """-> (model, teacher): the trained student (encoder + decoder) and the frozen CLIP teacher; no teacher when nothing
+    needs it (--target pixel --mask_type random: MAE, Table 5 #1)."""
     encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path)
-    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
-    model = MILAN(encoder, teacher.dim, args.decoder_dim, args.decoder_depth, args.decoder_heads)
+    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device) \
+        if args.target == "clip" or args.mask_type == "attention" else None
+    target_dim = teacher.dim if args.target == "clip" else encoder.patch_size ** 2 * 3  # C, or p*p*3 pixels
+    model = MILAN(encoder, target_dim, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.decoder, args.target)
     return model.to(args.device), teacher
+
+
+def describe(args):
+    """The run's arms, for its start line."""
+    target = f"teacher {args.teacher} ({args.teacher_weights}) features, Eq. 1 on all patches" if args.target == "clip" \
+        else "normalised pixels, MSE on the masked patches" + (f" (teacher {args.teacher} ({args.teacher_weights}) for "
+                                                                "the sampling)" if args.mask_type == "attention" else "")
+    decoder = "prompting decoder" if args.decoder == "prompting" else "MAE's decoder"
+    return f"targets: {target}; {decoder}; {'semantic aware' if args.mask_type == 'attention' else 'random'} masking"
 
 
 def forward_step(model, teacher, batch, args, per_patch=False):
     """One training forward on a batch of images (on the device). Returns the loss, the mask [B, N] (True = hidden),
     the teacher's CLS attention and, only when asked (per_patch: pictures, benchmarks), the per-patch loss [B, N]."""
-    images, N = batch, teacher.grid ** 2
+    images, patch = batch, common.VIT_CONFIGS[args.model][0]
+    N = (images.shape[-1] // patch) ** 2
     n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
-    # one teacher pass on the intact image: targets t_j (Sec. 2.2) and s_class (Eq. 3)
-    out = teacher(images, tokens=True, cls_attn=args.mask_type == "attention")
-    if args.mask_type == "attention":
+    # one teacher pass on the intact image: targets t_j (Sec. 2.2) and s_class (Eq. 3), what the run needs of them
+    clip, attention = args.target == "clip", args.mask_type == "attention"
+    out = teacher(images, tokens=clip, cls_attn=attention) if clip or attention else {}
+    if attention:
         mask = semantic_aware_sampling(out["cls_attn"], n_keep)
     else:
         mask = common.random_masking(len(images), N, n_keep, images.device)
     ids_keep, ids_mask = common.ids_from_mask(mask, n_keep)  # [B, 49], [B, 147]
-    target = out["tokens"][:, 1:]  # t_j of the N patches
+    target = out["tokens"][:, 1:] if clip else common.pixel_targets(images, patch)  # of the N patches: t_j, or pixels
     loss, pred = model(images, ids_keep, ids_mask, target)
-    patch_loss = milan_loss(pred.detach(), target, per_patch=True) if per_patch else None  # [B, N], Fig. 5 style
+    patch_loss = None
+    if per_patch and clip:  # [B, N], Fig. 5 style
+        patch_loss = milan_loss(pred.detach(), target, per_patch=True)
+    elif per_patch:  # pixels: 0 on the visible patches, which MAE's loss does not score
+        terms = pixel_loss(common.gather(pred.detach(), ids_mask), common.gather(target, ids_mask), per_patch=True)
+        patch_loss = torch.zeros(mask.shape, device=images.device).scatter(1, ids_mask, terms)  # [B, N]
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
 
 
@@ -212,8 +276,9 @@ def main(argv=None):
     optimizer = common.build_optimizer(model, args)
     ckpt = common.Checkpointer(args, "milan", model, optimizer)  # exact resume: model, optimizer, RNGs, position
     start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
-    common.announce(args, "milan", dataset, loader.sampler.steps, start_epoch)
-    teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
+    common.announce(args, "milan", dataset, loader.sampler.steps, start_epoch, describe(args))
+    if teacher is not None:
+        teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
     student = DDP(model) if args.world_size > 1 else model  # the trained student only
     student = torch.compile(student) if args.compile else student
     for epoch in range(start_epoch, args.epochs):

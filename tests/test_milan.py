@@ -167,3 +167,85 @@ def test_twenty_steps_on_one_batch_lower_the_loss(tiny_teacher):
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0], losses  # random-teacher targets: measured ~0.64x here
     assert all(b < a for a, b in zip(losses[::5], losses[5::5])), losses  # and it keeps going down
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 5's arms: MAE's decoder (--decoder mae), pixel targets with MAE's loss (--target pixel)
+# ---------------------------------------------------------------------------------------------
+def test_mae_decoder_equals_maes_forward_decoder_rebuilt_patch_by_patch():
+    torch.manual_seed(0)
+    model = milan.MILAN(common.build_vit("vit_nano_patch16", 224), 32, 32, 2, 2, decoder="mae").eval()
+    assert all(isinstance(b, common.Block) for b in model.decoder_blocks)  # self-attention, not prompting blocks
+    ids_keep, ids_mask = split()
+    latent = model.forward_encoder(images(), ids_keep)  # [B, 1+49, D]
+    pred = model.forward_decoder(latent, ids_keep, ids_mask)
+    pos = model.decoder_pos_embed[0]  # [1+N, Dd]
+    for b in range(2):  # MAE: [CLS; patch j's embedded latent if visible, else the mask token] + pos, in raster order
+        where = {j: i for i, j in enumerate(ids_keep[b].tolist())}
+        rows = [model.decoder_embed(latent[b, 0])] + [model.decoder_embed(latent[b, 1 + where[j]]) if j in where
+                                                       else model.mask_token[0, 0] for j in range(N)]
+        x = (torch.stack(rows) + pos)[None]  # [1, 1+N, Dd]
+        for blk in model.decoder_blocks:
+            x = blk(x)  # every token attends to every token; the visible ones are updated too
+        expected = model.decoder_pred(model.decoder_norm(x))[0, 1:]  # CLS dropped -> [N, C]
+        torch.testing.assert_close(pred[b], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mae_decoder_updates_visible_patches_where_the_prompting_decoder_reads_them_out_of_z():
+    torch.manual_seed(0)
+    model = milan.MILAN(common.build_vit("vit_nano_patch16", 224), 32, 32, 2, 2, decoder="mae").eval()
+    ids_keep, ids_mask = split()
+    latent = model.forward_encoder(images(), ids_keep)
+    pred = model.forward_decoder(latent, ids_keep, ids_mask)
+    with torch.no_grad():
+        model.decoder_blocks[1].mlp.fc2.bias += 0.5  # the blocks change every output, visible ones included
+    pred2 = model.forward_decoder(latent, ids_keep, ids_mask)
+    assert not torch.allclose(pred[0, ids_keep[0]], pred2[0, ids_keep[0]])
+
+
+def test_pixel_loss_is_maes_mse_over_the_masked_patches_only():
+    torch.manual_seed(0)
+    model = milan.MILAN(common.build_vit("vit_nano_patch16", 224), 768, 32, 2, 2, target="pixel").eval()
+    ids_keep, ids_mask = split()
+    x, target = images(), torch.randn(2, N, 768)
+    with torch.no_grad():
+        loss, pred = model(x, ids_keep, ids_mask, target)
+    per_image = []
+    for b in range(2):  # MAE's forward_loss: mean over a patch's p*p*3 values, then over the masked patches
+        errs = [float(((pred[b, j] - target[b, j]) ** 2).mean()) for j in ids_mask[b].tolist()]
+        per_image.append(sum(errs) / len(errs))
+    assert loss.item() == pytest.approx(np.mean(per_image), rel=1e-5)
+    target2 = target.clone()
+    target2[0, ids_keep[0]] += 5.0  # the visible patches are not scored
+    with torch.no_grad():
+        assert model(x, ids_keep, ids_mask, target2)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("decoder", ["prompting", "mae"])
+def test_each_arm_learns_on_one_batch(decoder, tiny_teacher):
+    torch.manual_seed(0)
+    model = milan.MILAN(common.build_vit("vit_nano_patch16", 224), 768, 32, 2, 2, decoder, "pixel")
+    ramp = torch.linspace(-1, 1, 16).repeat(14)  # every patch holds the same horizontal ramp: a learnable target
+    x = ramp.expand(4, 3, 224, 224) + 0.1 * images(4)
+    ids_keep, ids_mask = split(4)
+    target = common.pixel_targets(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = model(x, ids_keep, ids_mask, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses  # measured: 1.06 -> 0.09 (both decoders)
+
+
+def test_mae_run_builds_no_teacher_and_samples_uniformly():
+    args = milan.get_args(["--data", "fake", "--model", "vit_nano_patch16", "--target", "pixel", "--decoder", "mae",
+                           "--mask_type", "random", "--teacher_weights", "/nonexistent.pt"])  # never read
+    args.device = "cpu"
+    model, teacher = milan.build_model(args)
+    assert teacher is None and model.decoder_pred.out_features == 768 and model.decoder == "mae"
+    out = milan.forward_step(model, None, images(2), args, per_patch=True)
+    assert torch.all((~out["mask"]).sum(1) == 49) and out["cls_attn"] is None
+    assert torch.all(out["patch_loss"][~out["mask"]] == 0) and torch.all(out["patch_loss"][out["mask"]] > 0)
