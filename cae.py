@@ -8,10 +8,15 @@ alignment target sg[F(masked patches)] (Sec. 2.1), the decoder G (self-attention
 only) to the DALL-E tokens of the masked patches (Sec. 2.2), and the loss l_y + lambda * l_z with lambda = 2
 (Eq. 1), trained with the App. A recipe. The DALL-E dVAE encoder (OpenAI) is defined below, so no extra
 package is needed. --target pixel predicts per-patch normalised pixels with MSE instead (the pixel-colour
-CAE of Sec. 3.1), so CAE also trains with no tokenizer at all.
+CAE of Sec. 3.1), so CAE also trains with no tokenizer at all. --target clip predicts a frozen teacher's
+(CLIP's) patch features at the masked patches, scored by the cosine distance: CAE v2's baseline (arXiv:2211.09799
+Table 1 No. 1, "CAE's target replaced by CLIP latent"). Cosine, because that is how CAE v2 scores CLIP latents
+(its Eq. 2 and the released code's only loss for them), so that No. 1 and No. 2 differ in the loss's place, not its
+type; the alignment loss l_z stays as in CAE.
 
 Computed in common.py: BEiT's block-wise masking (common.BlockMaskGenerator); the normalised pixels of Sec. 3.1
-(common.pixel_targets); the encoder F (common.ViT, on the visible patches).
+(common.pixel_targets); the encoder F (common.ViT, on the visible patches); --target clip's teacher features
+(common.Teacher).
 
 Deviations from the released code (github.com/Atten4Vis/CAE @a7fd162), one line each:
 - the alignment target runs the encoder itself under no_grad; the released code keeps a weight-aliased copy (same numbers).
@@ -21,6 +26,7 @@ Deviations from the released code (github.com/Atten4Vis/CAE @a7fd162), one line 
 - cls_token and mask_token get no weight decay; the released code decays them.
 - ViT-L regresses at width 1024 as the paper's setting reads; the released script (missing line break) runs it at 768.
 - --target pixel is the paper's Sec. 3.1 analysis; the released code has no pixel target.
+- --target clip (CAE v2's No. 1) has no released code: the released CLIP path is CAE v2's (no decoder, no l_z).
 
 DALL-E weights: download OpenAI's encoder https://cdn.openai.com/dall-e/encoder.pkl (a pickled module of the
 `dall_e` package) and pass --dalle_weights /path/to/encoder.pkl; it loads without installing `dall_e`.
@@ -55,18 +61,20 @@ def get_args(argv=None):
     p = common.get_parser("CAE pre-training (arXiv:2202.03026). Defaults: the App. A recipe (ViT-B/16, 300 epochs, "
                           "block masking of 98 of 196 patches, DALL-E targets, lambda = 2) for 8 GPUs: batch 256 per "
                           "GPU x accum 1 x 8 = 2048; with fewer GPUs raise --accum_iter.", helps={
-        "--teacher": "CAE has no teacher network (its targets: --dalle_weights or --target pixel); only 'tiny' is "
-                     "taken, the smoke runs' flag: a narrow random tokenizer",
-        "--teacher_weights": "CAE has no teacher network; only 'none' is taken, the smoke runs' flag: "
-                             "--dalle_weights none"})
+        "--teacher": "--target clip: the teacher (open_clip ViT name, dino_vitb16, or tiny; default ViT-B-16); "
+                     "otherwise CAE has no teacher network and only 'tiny' is taken, the smoke runs' flag: a narrow "
+                     "random tokenizer",
+        "--teacher_weights": "--target clip: 'openai' (default, downloads), a local file, or 'none' (random); "
+                             "otherwise only 'none' is taken, the smoke runs' flag: --dalle_weights none"})
     # CAE App. A: AdamW, batch 2048, lr 1.5e-3 (blr 1.875e-4 x 2048 / 256), wd 0.05, 300 epochs with 10 of
     # warmup, cosine, drop path 0.1, mask ratio 50%. From BEiT / the released scripts (the paper says "almost
     # the same as BEiT"): betas (0.9, 0.999), min lr 1e-5, grad clip 3.0, crop scale (0.08, 1) + flip.
     p.set_defaults(batch_size=256, accum_iter=1, blr=1.875e-4, betas=(0.9, 0.999), weight_decay=0.05, epochs=300,
                    warmup_epochs=10, min_lr=1e-5, clip_grad=3.0, crop_min=0.08, drop_path=0.1, mask_ratio=0.5,
                    teacher=None, teacher_weights=None)
-    p.add_argument("--target", choices=["dalle", "pixel"], default="dalle",
-                   help="Sec. 2.2 DALL-E tokens (cross-entropy), or Sec. 3.1 normalised pixels (MSE, no tokenizer)")
+    p.add_argument("--target", choices=["dalle", "pixel", "clip"], default="dalle",
+                   help="Sec. 2.2 DALL-E tokens (cross-entropy), Sec. 3.1 normalised pixels (MSE, no tokenizer), or "
+                   "the teacher's patch features (cosine distance; CAE v2 Table 1 No. 1)")
     p.add_argument("--dalle_weights", help="OpenAI's DALL-E encoder.pkl (https://cdn.openai.com/dall-e/encoder.pkl), "
                    "or 'none' (random tokenizer: tests and smoke runs); default: none with --teacher_weights none, "
                    "else required by --target dalle")
@@ -78,12 +86,18 @@ def get_args(argv=None):
     p.add_argument("--regressor_depth", type=common.COUNT, default=4, help="cross-attention blocks of H (Sec. 4.1)")
     p.add_argument("--decoder_depth", type=common.SIZE, default=4, help="self-attention blocks of G (Sec. 4.1)")
     args = p.parse_args(argv)
+    if args.target == "clip":  # a teacher network, with the other method files' flags and defaults
+        args.teacher, args.teacher_weights = args.teacher or "ViT-B-16", args.teacher_weights or "openai"
+        if args.dalle_weights not in (None, "none"):
+            raise common.UserError(f"--dalle_weights {args.dalle_weights}: --target clip uses no DALL-E tokenizer; "
+                                   f"drop --dalle_weights or pass --target dalle")
     # the DALL-E tokenizer is CAE's teacher: the README's shared smoke flags (--teacher tiny --teacher_weights none)
     # give a narrow random tokenizer, so the smoke command is the same for every method file; other values are refused
-    if args.teacher not in (None, "tiny") or args.teacher_weights not in (None, "none"):
+    elif args.teacher not in (None, "tiny") or args.teacher_weights not in (None, "none"):
         raise common.UserError(f"--teacher {args.teacher} --teacher_weights {args.teacher_weights}: cae.py has no teacher "
-                               f"network; its targets are DALL-E tokens (--dalle_weights /path/to/encoder.pkl) or pixels "
-                               f"(--target pixel); only the smoke flags --teacher tiny --teacher_weights none are taken")
+                               f"network with --target {args.target}; its targets are DALL-E tokens (--dalle_weights "
+                               f"/path/to/encoder.pkl), pixels (--target pixel) or a teacher's features (--target clip); "
+                               f"only the smoke flags --teacher tiny --teacher_weights none are taken")
     if args.dalle_weights is None and args.teacher_weights == "none":
         args.dalle_weights = "none"
     if args.dalle_n_hid is None:
@@ -228,9 +242,13 @@ def load_dalle_encoder(path):
 
 
 def build_tokenizer(args):
-    """--target dalle: the frozen dVAE encoder (the 'teacher' of CAE); --target pixel: None."""
+    """--target dalle: the frozen dVAE encoder (the 'teacher' of CAE); --target clip: the frozen teacher network
+    (common.Teacher, on the encoder's view); --target pixel: None."""
     if args.target == "pixel":
         return None
+    if args.target == "clip":
+        grid = args.input_size // common.VIT_CONFIGS[args.model][0]
+        return common.Teacher(args.teacher, args.teacher_weights, grid).to(args.device)
     if args.dalle_weights is None:
         raise common.UserError("--target dalle needs --dalle_weights /path/to/encoder.pkl (OpenAI's DALL-E encoder, "
                                "https://cdn.openai.com/dall-e/encoder.pkl), or none (random), or use --target pixel")
@@ -309,9 +327,10 @@ class LatentContextualRegressor(nn.Module):
 
 
 class CAE(nn.Module):
-    def __init__(self, encoder, num_targets, regressor_depth=4, decoder_depth=4, drop_path=0.1, align_weight=2.0):
+    def __init__(self, encoder, num_targets, regressor_depth=4, decoder_depth=4, drop_path=0.1, align_weight=2.0,
+                 target="dalle"):
         super().__init__()
-        self.encoder, self.align_weight = encoder, align_weight
+        self.encoder, self.align_weight, self.target = encoder, align_weight, target
         D, heads = encoder.embed_dim, encoder.blocks[0].attn.num_heads
         self.regressor = LatentContextualRegressor(D, regressor_depth, heads, encoder.grid, drop_path, 0.1)
         dpr = torch.linspace(0, drop_path, decoder_depth).tolist()
@@ -349,21 +368,26 @@ class CAE(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))
 
     def forward(self, images, ids_keep, ids_mask, target):
-        """target [B, M]: token ids of the masked patches (long), or their normalised pixels [B, M, 768] (float)."""
+        """target of the masked patches: token ids [B, M] (dalle), normalised pixels [B, M, 768] (pixel) or the
+        teacher's features [B, M, C] (clip)."""
         z_m = self.forward_regressor(self.forward_encoder(images, ids_keep)[:, 1:], ids_keep, ids_mask)
         zbar_m = self.alignment_target(images, ids_mask)
         pred = self.forward_decoder(z_m, ids_mask)
-        return cae_loss(pred, target, z_m, zbar_m, self.align_weight), {"pred": pred, "z_m": z_m, "zbar_m": zbar_m}
+        loss = cae_loss(pred, target, z_m, zbar_m, self.target, self.align_weight)
+        return loss, {"pred": pred, "z_m": z_m, "zbar_m": zbar_m}
 
 
 # ---- Loss: Eq. 1 (Sec. 2.2) --------------------------------------------------------------------------------
-def decoding_loss(pred, target, per_patch=False):
-    """CAE Sec. 2.2: l_y(Y_m, Ybar_m), cross-entropy against the tokens (target long [B, M], pred [B, M, 8192]),
-    or MSE against normalised pixels (target float [B, M, 768], Sec. 3.1); mean over the B * M masked patches."""
-    if target.dtype == torch.long:
+def decoding_loss(pred, target, kind="dalle", per_patch=False):
+    """CAE Sec. 2.2: l_y(Y_m, Ybar_m), mean over the B * M masked patches of: the cross-entropy against the tokens
+    (dalle: target long [B, M], pred [B, M, 8192]), the MSE against normalised pixels (pixel: [B, M, 768], Sec. 3.1),
+    or the cosine distance 1 - cos(y, ybar) to the teacher's features (clip: [B, M, C]; CAE v2 Eq. 2's distance)."""
+    if kind == "dalle":
         loss = F.cross_entropy(pred.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
-    else:
+    elif kind == "pixel":
         loss = (pred.float() - target).pow(2).mean(-1)  # [B, M]
+    else:
+        loss = 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)  # [B, M]
     return loss if per_patch else loss.mean()
 
 
@@ -373,26 +397,31 @@ def alignment_loss(z_m, zbar_m, per_patch=False):
     return loss if per_patch else loss.mean()
 
 
-def cae_loss(pred, target, z_m, zbar_m, align_weight=2.0, per_patch=False):
-    """CAE Eq. 1: l_y(Y_m, Ybar_m) + lambda * l_z(Z_m, sg[Zbar_m]), lambda = 2. per_patch: the [B, M] terms,
-    whose mean is the loss."""
-    return decoding_loss(pred, target, per_patch) + align_weight * alignment_loss(z_m, zbar_m, per_patch)
+def cae_loss(pred, target, z_m, zbar_m, kind="dalle", align_weight=2.0, per_patch=False):
+    """CAE Eq. 1: l_y(Y_m, Ybar_m) + lambda * l_z(Z_m, sg[Zbar_m]), lambda = 2; l_y of the --target kind. per_patch:
+    the [B, M] terms, whose mean is the loss."""
+    return decoding_loss(pred, target, kind, per_patch) + align_weight * alignment_loss(z_m, zbar_m, per_patch)
 
 
 # ---- Training: forward_step, train_one_epoch, main ---------------------------------------------------------
 def build_transform(args):
     """Block masks made in the DataLoader workers: -> (view, mask), or (view, token_view, mask) for DALL-E."""
-    if args.target == "pixel":
+    if args.target in ("pixel", "clip"):  # clip: the teacher sees the encoder's view, as in the other method files
         return common.pretrain_transform(args, mask_fn=block_masking(args))  # crop + flip (Sec. 4.1)
     return TwoViews(args, block_masking(args))
 
 
 def build_model(args):
-    """-> (model, tokenizer): the trained student (F, H, G) and the frozen DALL-E encoder (None for pixels)."""
+    """-> (model, tokenizer): the trained student (F, H, G) and the frozen DALL-E encoder (the teacher for clip, None
+    for pixels)."""
     tokenizer = build_tokenizer(args)
     encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=args.layer_scale)
-    num_targets = tokenizer.vocab_size if tokenizer is not None else encoder.patch_size ** 2 * 3
-    model = CAE(encoder, num_targets, args.regressor_depth, args.decoder_depth, args.drop_path, args.align_weight)
+    if args.target == "pixel":
+        num_targets = encoder.patch_size ** 2 * 3  # p*p*3 normalised pixels
+    else:
+        num_targets = tokenizer.vocab_size if args.target == "dalle" else tokenizer.dim  # 8192 tokens, or C features
+    model = CAE(encoder, num_targets, args.regressor_depth, args.decoder_depth, args.drop_path, args.align_weight,
+                args.target)
     return model.to(args.device), tokenizer
 
 
@@ -403,15 +432,18 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     images, *token_images, mask = batch
     N = mask.shape[1]
     ids_keep, ids_mask = common.ids_from_mask(mask, common.num_visible(N, args.mask_ratio))  # [B, 98], [B, 98]
-    if teacher is not None:  # Ybar_m: the DALL-E token of each masked patch
+    if args.target == "dalle":  # Ybar_m: the DALL-E token of each masked patch
         target = teacher.tokenize(map_pixels(token_images[0])).gather(1, ids_mask)  # [B, M]
+    elif args.target == "clip":  # CAE v2 Table 1 No. 1: the teacher's feature of each masked patch (intact image)
+        target = common.gather(teacher(images)["tokens"][:, 1:], ids_mask)  # [B, M, C]
     else:  # Sec. 3.1: normalised pixels of the masked patches
         pixels = common.pixel_targets(images, common.VIT_CONFIGS[args.model][0])  # [B, N, 768], Sec. 3.1
         target = common.gather(pixels, ids_mask)  # [B, M, 768]
     loss, out = model(images, ids_keep, ids_mask, target)
     patch_loss = None
     if per_patch:  # the terms of Eq. 1 per masked patch (the 8,192-way cross-entropy of every token again: not in training)
-        terms = cae_loss(out["pred"].detach(), target, out["z_m"].detach(), out["zbar_m"], args.align_weight, per_patch=True)
+        terms = cae_loss(out["pred"].detach(), target, out["z_m"].detach(), out["zbar_m"], args.target, args.align_weight,
+                         per_patch=True)
         patch_loss = torch.zeros(mask.shape, device=mask.device).scatter(1, ids_mask, terms.float())  # [B, N]
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": None}
 
@@ -448,8 +480,11 @@ def main(argv=None):
     optimizer = common.build_optimizer(model, args)
     ckpt = common.Checkpointer(args, "cae", model, optimizer)  # exact resume: model, optimizer, RNGs, position
     start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
-    targets = f"targets: DALL-E tokens ({args.dalle_weights})" if args.target == "dalle" else "targets: normalised pixels"
+    targets = {"dalle": f"targets: DALL-E tokens ({args.dalle_weights})", "pixel": "targets: normalised pixels",
+               "clip": f"targets: teacher {args.teacher} ({args.teacher_weights}) features, cosine distance"}[args.target]
     common.announce(args, "cae", dataset, loader.sampler.steps, start_epoch, targets)
+    if teacher is not None and args.target == "clip":
+        teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
     student = DDP(model) if args.world_size > 1 else model  # the trained student only
     student = torch.compile(student) if args.compile else student
     for epoch in range(start_epoch, args.epochs):

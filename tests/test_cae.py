@@ -155,13 +155,21 @@ def test_cae_loss_equals_cross_entropy_plus_two_mse():
             ce += float(logits.max() + torch.log(torch.exp(logits - logits.max()).sum()) - logits[labels[b, j]])
             mse += float(((z_m[b, j] - zbar[b, j]).double() ** 2).sum())
     expected = ce / 196 + 2 * mse / (196 * 16)
-    assert cae.cae_loss(pred, labels, z_m, zbar).item() == pytest.approx(expected, rel=1e-5)
-    assert cae.cae_loss(pred, labels, z_m, zbar, 0.5).item() == pytest.approx(ce / 196 + 0.5 * mse / 3136, rel=1e-5)
-    per_patch = cae.cae_loss(pred, labels, z_m, zbar, per_patch=True)
+    assert cae.cae_loss(pred, labels, z_m, zbar, "dalle").item() == pytest.approx(expected, rel=1e-5)
+    assert cae.cae_loss(pred, labels, z_m, zbar, "dalle", 0.5).item() == pytest.approx(ce / 196 + 0.5 * mse / 3136, rel=1e-5)
+    per_patch = cae.cae_loss(pred, labels, z_m, zbar, "dalle", per_patch=True)
     assert per_patch.shape == (2, 98) and per_patch.mean().item() == pytest.approx(expected, rel=1e-5)
     pix = torch.randn(2, 98, 768, generator=g)
     expected_pix = float(((pred[..., :768] - pix) ** 2).mean()) + 2 * mse / 3136
-    assert cae.cae_loss(pred[..., :768], pix, z_m, zbar).item() == pytest.approx(expected_pix, rel=1e-5)
+    assert cae.cae_loss(pred[..., :768], pix, z_m, zbar, "pixel").item() == pytest.approx(expected_pix, rel=1e-5)
+    feats, cos = torch.randn(2, 98, 32, generator=g), 0.0  # --target clip: 1 - cos(y_j, ybar_j), mean over patches
+    for b in range(2):
+        for j in range(98):
+            y, t = pred[b, j, :32].double(), feats[b, j].double()
+            cos += float(1 - (y @ t) / (y.norm() * t.norm()))
+    expected_clip = cos / 196 + 2 * mse / 3136
+    assert cae.cae_loss(pred[..., :32], feats, z_m, zbar, "clip").item() == pytest.approx(expected_clip, rel=1e-5)
+    assert cae.cae_loss(3 * feats, feats, z_m, zbar, "clip", 0.0).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
 
 
 def test_model_loss_is_eq1_of_its_own_parts():
@@ -318,7 +326,8 @@ def test_missing_or_wrong_dalle_weights_give_one_clear_error(tmp_path):
 # Training step: gradients and a few optimisation steps
 # ---------------------------------------------------------------------------------------------
 def fixed_batch(target, seed=0):
-    args = args_for("--target", target, "--dalle_weights", "none", "--dalle_n_hid", "16")
+    teacher = ["--teacher", "tiny", "--teacher_weights", "none"] if target == "clip" else []
+    args = args_for("--target", target, "--dalle_weights", "none", "--dalle_n_hid", "16", *teacher)
     model, tokenizer = cae.build_model(args)
     for blk in model.encoder.blocks:  # drop path off for a deterministic loss curve
         blk.drop_path = 0.0
@@ -327,7 +336,7 @@ def fixed_batch(target, seed=0):
     return model, tokenizer, (batch if target == "dalle" else (batch[0], batch[2])), args
 
 
-@pytest.mark.parametrize("target", ["dalle", "pixel"])
+@pytest.mark.parametrize("target", ["dalle", "pixel", "clip"])
 def test_gradients_reach_the_student_never_the_tokenizer(target):
     model, tokenizer, batch, args = fixed_batch(target)
     out = cae.forward_step(model, tokenizer, batch, args, per_patch=True)
@@ -339,13 +348,13 @@ def test_gradients_reach_the_student_never_the_tokenizer(target):
         assert g is not None and g.abs().sum() > 0, name
     if tokenizer is not None:
         assert all(p.grad is None and not p.requires_grad for p in tokenizer.parameters())
-    assert model.decoder_pred.out_features == (8192 if target == "dalle" else 768)
+    assert model.decoder_pred.out_features == {"dalle": 8192, "pixel": 768, "clip": 32}[target]  # tiny teacher: C = 32
     mask, patch_loss = out["mask"], out["patch_loss"]
     assert torch.all(patch_loss[~mask] == 0) and torch.all(patch_loss[mask] > 0)
     assert patch_loss[mask].mean().item() == pytest.approx(out["loss"].item(), rel=1e-5)  # Eq. 1 per patch
 
 
-@pytest.mark.parametrize("target", ["dalle", "pixel"])
+@pytest.mark.parametrize("target", ["dalle", "pixel", "clip"])
 def test_steps_on_one_batch_lower_the_loss(target):
     model, tokenizer, batch, args = fixed_batch(target)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -358,3 +367,13 @@ def test_steps_on_one_batch_lower_the_loss(target):
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(b < a for a, b in zip(losses[::4], losses[4::4])), losses
+
+
+def test_clip_target_takes_the_teacher_flags_of_the_other_method_files():
+    a = cae.get_args(["--data", "fake", "--target", "clip"])
+    assert (a.teacher, a.teacher_weights) == ("ViT-B-16", "openai")  # as milan.py, cae_v2.py, ...
+    assert cae.get_args(["--data", "fake", "--target", "clip", "--teacher", "ViT-L-14"]).teacher == "ViT-L-14"
+    with pytest.raises(common.UserError, match="--target clip uses no DALL-E"):
+        cae.get_args(["--data", "fake", "--target", "clip", "--dalle_weights", "encoder.pkl"])
+    with pytest.raises(common.UserError, match="no teacher network with --target pixel"):
+        cae.get_args(["--data", "fake", "--target", "pixel", "--teacher", "ViT-B-16"])
