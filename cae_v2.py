@@ -7,7 +7,11 @@ encoder F on the visible patches, CAE's latent contextual regressor H (CAE v2 re
 holds its own copy, so it runs with only common.py beside it) with no final LN and no decoder, one FC -> LN
 head shared by the encoder (visible) and regressor (masked) outputs (App. B.1), CLIP latents of the intact
 image as the targets of both (Sec. 2.3), and the loss l_v + l_z of Eq. 2 (cosine distance, two separate
-means), trained with the Table 8 recipe. Ablation switches: Tables 2, 4, 5 (README).
+means), trained with the Table 8 recipe. Ablation switches: Tables 1-5 (README); --loss mse / smooth_l1 swap
+the distance of both l_v and l_z (Table 3, Sec. 3.2). These two, unlike the cosine, see the target's scale: they
+compare the head's output with the CLIP latent normalised per token (LayerNorm without affine, as MaskAlign's Eq. 2
+normalises its targets), the scale the head's own LN gives; smooth-l1 with beta 1, one standard deviation of a
+normalised target channel (PyTorch's default, MaskAlign's Eq. 3). The paper names neither choice.
 
 Computed in common.py: block-wise masking (common.BlockMaskGenerator), uniform masking for --mask_type random
 (common.random_masking); the CLIP latents Zbar of Sec. 2.3 (common.Teacher).
@@ -24,6 +28,7 @@ Deviations from the released code (github.com/Atten4Vis/CAE @a7fd162, --model_ty
 - sin-cos positions put the column in the first half of the channels (MAE); the released code puts the row first.
 - ViT-L (mask ratio 0.6, regressor 4 x 1024, drop path 0.2, CLIP-L/14 at 196 px) follows the paper; no released script.
 - AdamW betas (0.9, 0.98) as Table 8 writes; the released scripts pass no --opt_betas, so they run (0.9, 0.999).
+- --loss mse / smooth_l1 (Table 3) have no released code; the released loss is the cosine only.
 Kept as released, where the paper is silent: colour jitter on the whole image before the crop and flip (its contrast
 blends towards the whole image's mean); patch projection, CLS and mask tokens drawn from a normal of std 0.02 cut at
 +-0.02, projection bias 0, xavier linears.
@@ -76,6 +81,9 @@ def get_args(argv=None):
                    "masking, or MAE's uniform random masking of as many patches (Table 5)")
     p.add_argument("--visible_align", action=argparse.BooleanOptionalAction, default=True, help="Eq. 2's visible "
                    "latent alignment l_v; --no-visible_align trains with l_z alone (Table 1 No. 2, Table 2)")
+    p.add_argument("--loss", choices=["cosine", "mse", "smooth_l1"], default="cosine", help="the distance of both l_v "
+                   "and l_z: Eq. 2's cosine distance, or MSE / smooth-l1 (beta 1) to the per-token normalised latent "
+                   "(Table 3)")
     p.add_argument("--layer_scale", type=common.NONNEG, default=0.1, help="encoder layer scale init (released scripts, all sizes)")
     p.add_argument("--regressor_depth", type=common.SIZE, help="blocks of H; default: 1/1/4/4 for T/S/B/L (App. B.1), 1 "
                    "otherwise; 0: no regressor, l_v alone (Table 4's 0 layers = Table 2's l_v-only row, Sec. 3.2)")
@@ -171,9 +179,10 @@ class LatentContextualRegressor(nn.Module):
 
 
 class CAEv2(nn.Module):
-    def __init__(self, encoder, target_dim, regressor_dim=None, regressor_depth=4, drop_path=0.1, visible_align=True):
+    def __init__(self, encoder, target_dim, regressor_dim=None, regressor_depth=4, drop_path=0.1, visible_align=True,
+                 loss="cosine"):
         super().__init__()
-        self.encoder, self.visible_align = encoder, visible_align
+        self.encoder, self.visible_align, self.loss = encoder, visible_align, loss
         D, heads, R = encoder.embed_dim, encoder.blocks[0].attn.num_heads, regressor_dim or encoder.embed_dim
         # encoder width -> regressor width (ViT-T: 192 -> 96), FC + LN as released; nothing when they agree
         self.encoder_to_regressor = nn.Sequential(nn.Linear(D, R), nn.LayerNorm(R, eps=1e-6)) if R != D else nn.Identity()
@@ -205,23 +214,30 @@ class CAEv2(nn.Module):
         z_v = self.forward_encoder(images, ids_keep)
         pred_v = self.head(z_v)  # the same FC -> LN for both branches (App. B.1)
         pred_m = self.head(self.forward_regressor(z_v, ids_keep, ids_mask)) if self.regressor is not None else None
-        loss = cae_v2_loss(pred_v, target_v, pred_m, target_m, visible=self.visible_align)
+        loss = cae_v2_loss(pred_v, target_v, pred_m, target_m, visible=self.visible_align, distance=self.loss)
         return loss, {"pred_v": pred_v, "pred_m": pred_m}
 
 
 # ---- Loss: Eq. 2 (Sec. 2.3) --------------------------------------------------------------------------------
-def cosine_distance(pred, target):
-    """1 - cos(z, zbar) per token: [B, L, C] x 2 -> [B, L]."""
-    return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)
+def latent_distance(pred, target, distance="cosine"):
+    """d(z, zbar) per token, [B, L, C] x 2 -> [B, L]: cosine, 1 - cos(z, zbar) (Eq. 2); Table 3's mse, the mean over
+    the C channels of (z - LN(zbar))^2, and smooth_l1, of smooth-l1 with beta 1 on the same pair, with LN(zbar) the
+    latent normalised per token (no affine parameters)."""
+    if distance == "cosine":
+        return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)
+    target = F.layer_norm(target.float(), target.shape[-1:], eps=1e-6)  # zero mean, unit variance per token
+    if distance == "mse":
+        return (pred.float() - target).pow(2).mean(-1)
+    return F.smooth_l1_loss(pred.float(), target, beta=1.0, reduction="none").mean(-1)
 
 
-def cae_v2_loss(pred_v, target_v, pred_m, target_m, per_patch=False, visible=True):
+def cae_v2_loss(pred_v, target_v, pred_m, target_m, per_patch=False, visible=True, distance="cosine"):
     """CAE v2 Eq. 2: l = (1/|v|) sum_i (1 - cos(z_v^i, zbar_v^i)) + (1/|m|) sum_i (1 - cos(z_m^i, zbar_m^i)),
     visible latent alignment l_v plus masked latent alignment l_z, each its own mean (and over the batch).
-    Table 2's rows: visible=False drops l_v; pred_m None (no regressor) drops l_z.
-    per_patch: the [B, n] and [B, M] terms instead (0 for a dropped term)."""
-    l_v = cosine_distance(pred_v, target_v) * visible
-    l_z = cosine_distance(pred_m, target_m) if pred_m is not None else target_m.new_zeros(target_m.shape[:2])
+    Table 2's rows: visible=False drops l_v; pred_m None (no regressor) drops l_z. Table 3: another distance for
+    both terms (latent_distance). per_patch: the [B, n] and [B, M] terms instead (0 for a dropped term)."""
+    l_v = latent_distance(pred_v, target_v, distance) * visible
+    l_z = latent_distance(pred_m, target_m, distance) if pred_m is not None else target_m.new_zeros(target_m.shape[:2])
     return (l_v, l_z) if per_patch else (l_v.mean() if visible else 0) + (l_z.mean() if pred_m is not None else 0)
 
 
@@ -239,7 +255,8 @@ def build_model(args):
     heads = {"num_heads": 12} if args.model == "vit_tiny_patch16" else {}  # Sec. 3.1: ViT-T with 12 heads
     encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=args.layer_scale, **heads)
     teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
-    model = CAEv2(encoder, teacher.dim, args.regressor_dim, args.regressor_depth, args.drop_path, args.visible_align)
+    model = CAEv2(encoder, teacher.dim, args.regressor_dim, args.regressor_depth, args.drop_path, args.visible_align,
+                  args.loss)
     return model.to(args.device), teacher
 
 
@@ -256,7 +273,7 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     patch_loss = None
     if per_patch:
         pred_m = out["pred_m"].detach() if out["pred_m"] is not None else None
-        l_v, l_z = cae_v2_loss(out["pred_v"].detach(), target_v, pred_m, target_m, True, args.visible_align)
+        l_v, l_z = cae_v2_loss(out["pred_v"].detach(), target_v, pred_m, target_m, True, args.visible_align, args.loss)
         patch_loss = torch.zeros(mask.shape, device=mask.device).scatter(1, ids_keep, l_v).scatter(1, ids_mask, l_z)
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": None}
 
@@ -293,7 +310,10 @@ def main(argv=None):
     optimizer = common.build_optimizer(model, args)
     ckpt = common.Checkpointer(args, "cae_v2", model, optimizer)  # exact resume: model, optimizer, RNGs, position
     start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
-    common.announce(args, "cae_v2", dataset, loader.sampler.steps, start_epoch)
+    targets = f"teacher {args.teacher} ({args.teacher_weights}), {args.loss} distance " + \
+        ("(l_v + l_z)" if args.visible_align and args.regressor_depth else "(l_v alone)" if args.visible_align else
+         "(l_z alone)")
+    common.announce(args, "cae_v2", dataset, loader.sampler.steps, start_epoch, targets)
     teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
     student = DDP(model) if args.world_size > 1 else model  # the trained student only
     student = torch.compile(student) if args.compile else student

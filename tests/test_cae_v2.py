@@ -111,13 +111,33 @@ def test_loss_equals_eq2_with_two_separate_means():
     assert cae_v2.cae_v2_loss(3 * tv, tv, -tm, tm).item() == pytest.approx(2.0, rel=1e-5)  # 0 + 2
 
 
+@pytest.mark.parametrize("distance", ["mse", "smooth_l1"])
+def test_table3_distances_switch_both_terms_against_the_normalised_latent(distance):
+    g = torch.Generator().manual_seed(0)
+    zv, tv = torch.randn(2, 166, 16, generator=g), 3 * torch.randn(2, 166, 16, generator=g) + 1  # off scale on purpose
+    zm, tm = torch.randn(2, 30, 16, generator=g), 3 * torch.randn(2, 30, 16, generator=g) + 1
+
+    def d(z, t):  # per token: t standardised over its channels (biased variance, eps 1e-6), then per-channel terms
+        t = (t - t.mean()) / torch.sqrt(((t - t.mean()) ** 2).mean() + 1e-6)
+        e = (z - t).abs()
+        terms = e ** 2 if distance == "mse" else torch.where(e < 1, 0.5 * e ** 2, e - 0.5)  # smooth-l1, beta 1
+        return float(terms.mean())
+    l_v = sum(d(zv[b, i], tv[b, i]) for b in range(2) for i in range(166)) / (2 * 166)
+    l_z = sum(d(zm[b, i], tm[b, i]) for b in range(2) for i in range(30)) / (2 * 30)
+    assert cae_v2.cae_v2_loss(zv, tv, zm, tm, distance=distance).item() == pytest.approx(l_v + l_z, rel=1e-5)
+    norm = lambda t: torch.nn.functional.layer_norm(t, (16,), eps=1e-6)
+    assert cae_v2.cae_v2_loss(norm(tv), tv, norm(tm), tm, distance=distance).item() == pytest.approx(0.0, abs=1e-6)
+    assert cae_v2.cae_v2_loss(norm(tv), tv, zm, tm, distance=distance, visible=False).item() == pytest.approx(l_z, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training step: gradients and a few optimisation steps
 # ---------------------------------------------------------------------------------------------
-def fixed_batch(tiny_teacher, seed=0):
-    args = args_for()
+def fixed_batch(tiny_teacher, seed=0, distance="cosine"):
+    args = args_for("vit_nano_patch16", "--loss", distance)
     torch.manual_seed(seed)
-    model = cae_v2.CAEv2(common.build_vit("vit_nano_patch16", 224, init_values=0.1), tiny_teacher.dim, None, 1, 0.0)
+    model = cae_v2.CAEv2(common.build_vit("vit_nano_patch16", 224, init_values=0.1), tiny_teacher.dim, None, 1, 0.0,
+                         loss=distance)
     ids_keep, _ = split(4, seed=seed)
     return model, (images(4, seed=seed), common.mask_from_ids(ids_keep, N)), args
 
@@ -136,8 +156,9 @@ def test_gradients_reach_the_student_never_the_teacher(tiny_teacher):
     assert (patch_loss[~mask].mean() + patch_loss[mask].mean()).item() == pytest.approx(out["loss"].item(), rel=1e-5)
 
 
-def test_steps_on_one_batch_lower_the_loss(tiny_teacher):
-    model, batch, args = fixed_batch(tiny_teacher)
+@pytest.mark.parametrize("distance", ["cosine", "mse", "smooth_l1"])
+def test_steps_on_one_batch_lower_the_loss(tiny_teacher, distance):
+    model, batch, args = fixed_batch(tiny_teacher, distance=distance)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(12):
