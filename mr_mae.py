@@ -7,6 +7,9 @@ CLIP or DINO features of the same patches (L_M, Eq. 2); loss 0.5 L_R + 0.5 L_M (
 of Sec. 3.3: focused mimicking (visible patches chosen from the teacher's [CLS] attention), multi-layer
 fusion (visible tokens of several encoder blocks added before the mimic head and the decoder) and masked
 convolution stages (MCMAE's ConvViT encoder, `--arch convvit_base`); trained with the Sec. 4.1 recipe.
+Table 3 row 5, the design the title argues against ("semantic conflicts", Fig. 1b): --high_level reconstruct
+removes the mimic head and has the decoder reconstruct the teacher features of the masked patches too, through a
+second prediction head on its output, scored as Eq. 1 scores pixels (L_R on features; weights 0.5 / 0.5).
 
 Computed in common.py: the normalised pixels I of Eq. 1 (common.pixel_targets); the teacher features F of Eq. 2 and
 its [CLS] attention (common.Teacher); MAE's uniform masking for --focus none (common.random_masking).
@@ -19,6 +22,7 @@ Alpha-VL/ConvMAE holds MCMAE v1 only); the paper is the only reference. Where it
 - multi-layer fusion sums blocks ceil(d/3), ceil(2d/3), d (4, 8, 12 for ViT-B; 4, 8, 11 for ConvViT-B), CLS
   included, then the encoder's final LayerNorm; the last block must be among them (`--fusion_layers`).
 - the mimic head is one Linear(D -> C) on the fused, normed visible tokens; the [CLS] token is not mimicked.
+- Table 3 row 5's feature head is one Linear(decoder width -> C) beside the pixel head, on the same decoder output.
 - targets are the teacher's output tokens (CLIP: ln_post then proj, 512-d for B/16; DINO: final norm, 768-d),
   not normalised further; one teacher per run (Table 4's joint CLIP+DINO row is not implemented).
 - Eq. 1 and Eq. 2 are taken as written: squared error summed over a patch's values, mean over patches, mean
@@ -76,6 +80,9 @@ def get_args(argv=None):
     p.add_argument("--decoder_heads", type=common.COUNT, help="decoder heads; default: 16 (MAE), 2 for the test sizes")
     p.add_argument("--loss_weights", type=common.NONNEG, nargs=2, default=(0.5, 0.5), metavar=("W_R", "W_M"), help="weights "
                    "of L_R and L_M (Sec. 4.1); Table 3: 1 0 = MAE's L_R alone, 0 1 = L_M alone")
+    p.add_argument("--high_level", choices=["mimic", "reconstruct"], default="mimic", help="Table 3's 'High Level' "
+                   "column: L_M, the encoder's visible tokens mimic the teacher (Eq. 2), or L_R, the decoder reconstructs "
+                   "the teacher features of the masked patches beside the pixels (row 5; weighted by W_M)")
     args = p.parse_args(argv)
     if args.arch != "vit":  # the encoder's name, as announced and saved in the checkpoints' args
         args.model = args.arch
@@ -226,20 +233,26 @@ def default_fusion_layers(depth):
 
 class MRMAE(nn.Module):
     """MR-MAE Fig. 2: encoder on the visible patches -> E_v (fused blocks, final LN); E_v -> mimic head L
-    (visible mimic, L_M) and E_v -> MAE decoder (masked reconstruct, L_R)."""
+    (visible mimic, L_M) and E_v -> MAE decoder (masked reconstruct, L_R). high_level 'reconstruct' (Table 3 row 5,
+    Fig. 1b): no mimic head; a feature head on the decoder output reconstructs the teacher's masked features."""
     def __init__(self, encoder, target_dim, fusion_layers, decoder_dim=512, decoder_depth=8, decoder_heads=16,
-                 loss_weights=(0.5, 0.5)):
+                 loss_weights=(0.5, 0.5), high_level="mimic"):
         super().__init__()
         self.encoder, self.fusion_layers, D = encoder, list(fusion_layers), encoder.embed_dim
         self.loss_weights = tuple(loss_weights)  # (w_R, w_M): Sec. 4.1's 0.5 and 0.5; Table 3 rows 1 and 6 zero one
-        self.mimic_head = nn.Linear(D, target_dim)  # L in Eq. 2
+        self.high_level = high_level
+        if high_level == "mimic":
+            self.mimic_head = nn.Linear(D, target_dim)  # L in Eq. 2
+        else:  # row 5: the teacher features of the masked patches from the decoder's output
+            self.decoder_feature_pred = nn.Linear(decoder_dim, target_dim)
         self.decoder_embed = nn.Linear(D, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_pos_embed = nn.Parameter(common.sincos_pos_embed(decoder_dim, encoder.grid)[None], requires_grad=False)
         self.decoder_blocks = nn.ModuleList(common.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size ** 2 * 3)  # one p x p x 3 patch per token
-        for m in [self.mimic_head, self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+        head = self.mimic_head if high_level == "mimic" else self.decoder_feature_pred
+        for m in [head, self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(m, nn.Linear):  # MAE init
                 nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -255,9 +268,10 @@ class MRMAE(nn.Module):
         """Sec. 3.2: the mimic head on the visible tokens, L(E_v): [B, 1+n, D] -> [B, n, C] ([CLS] dropped)."""
         return self.mimic_head(latent[:, 1:])
 
-    def forward_decoder(self, latent, ids_keep, ids_mask):
+    def forward_decoder(self, latent, ids_keep, ids_mask, features=False):
         """Sec. 3.1 (MAE): embed [CLS] + E_v, add one learned mask token per masked patch, restore raster
-        order, add positions, decoder blocks, norm, predict p*p*3 pixels per patch -> D [B, N, p*p*3]."""
+        order, add positions, decoder blocks, norm, predict p*p*3 pixels per patch -> D [B, N, p*p*3];
+        features (Table 3 row 5): also the feature head's [B, N, C] from the same normed decoder output."""
         x = self.decoder_embed(latent)  # [B, 1+n, Dd]
         B, M = x.shape[0], ids_mask.shape[1]
         x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, M, -1)], 1)  # [B, N, Dd] in (ids_keep, ids_mask) order
@@ -266,17 +280,24 @@ class MRMAE(nn.Module):
         x = torch.cat([x[:, :1], x_], 1) + self.decoder_pos_embed  # [B, 1+N, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # [B, N, p*p*3], [CLS] dropped
+        x = self.decoder_norm(x)  # [B, 1+N, Dd]; the predictions drop [CLS]
+        return (self.decoder_pred(x)[:, 1:], self.decoder_feature_pred(x)[:, 1:]) if features else self.decoder_pred(x)[:, 1:]
 
     def forward(self, images, ids_keep, ids_mask, pixels, tokens):
         """pixels [B, N, p*p*3] (target I), tokens [B, N, C] (teacher features F of all patches).
-        Returns the loss w_R L_R + w_M L_M (0.5, 0.5), the pixel predictions [B, N, p*p*3], L(E_v) [B, n, C]."""
+        Returns the loss w_R L_R + w_M L_M (0.5, 0.5), the pixel predictions [B, N, p*p*3] and the high-level
+        predictions: L(E_v) [B, n, C] of the visible patches (mimic), or the decoder's [B, M, C] of the masked ones."""
         latent = self.forward_encoder(images, ids_keep)  # E_v, fed to both branches (Sec. 3.3)
-        pred, mimic = self.forward_decoder(latent, ids_keep, ids_mask), self.forward_mimic(latent)
-        loss_r = reconstruction_loss(common.gather(pred, ids_mask), common.gather(pixels, ids_mask))  # masked patches only
-        loss_m = mimic_loss(mimic, common.gather(tokens, ids_keep))  # visible patches only
         w_r, w_m = self.loss_weights  # MR-MAE Sec. 4.1: 0.5 and 0.5 (a zero weight keeps its branch in the graph)
-        return w_r * loss_r + w_m * loss_m, pred, mimic
+        if self.high_level == "reconstruct":  # Table 3 row 5: L_R on pixels and on features, both at the masked patches
+            pred, feats = self.forward_decoder(latent, ids_keep, ids_mask, features=True)
+            high = common.gather(feats, ids_mask)  # [B, M, C]
+            loss_h = reconstruction_loss(high, common.gather(tokens, ids_mask))  # Eq. 1's form, on F_m
+        else:
+            pred, high = self.forward_decoder(latent, ids_keep, ids_mask), self.forward_mimic(latent)
+            loss_h = mimic_loss(high, common.gather(tokens, ids_keep))  # visible patches only
+        loss_r = reconstruction_loss(common.gather(pred, ids_mask), common.gather(pixels, ids_mask))  # masked patches only
+        return w_r * loss_r + w_m * loss_h, pred, high
 
 
 # ---- Loss: Eq. 1 and Eq. 2 (Sec. 3.1, 3.2) -----------------------------------------------------------------
@@ -312,7 +333,8 @@ def build_model(args):
                                f"that include the last block {depth}")
     args.fusion_layers = layers
     teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
-    model = MRMAE(encoder, teacher.dim, layers, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.loss_weights)
+    model = MRMAE(encoder, teacher.dim, layers, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.loss_weights,
+                  args.high_level)
     return model.to(args.device), teacher
 
 
@@ -320,7 +342,8 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     """One training forward on a batch of images (on the device). Returns the loss, the mask [B, N] (True = hidden),
     the teacher's [CLS] attention and, only when asked (per_patch: pictures, benchmarks), the per-patch loss [B, N]:
     ||D_j - I_j||^2 on masked patches and ||L(E_j) - F_j||^2 on visible ones, each divided by its own mean over the
-    batch (pixels and features have different units: on one scale the picture would only show the mask)."""
+    batch (pixels and features have different units: on one scale the picture would only show the mask); row 5
+    (--high_level reconstruct): the two reconstruction terms of each masked patch, each so divided, summed."""
     images, N = batch, teacher.grid ** 2
     n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
     # one teacher pass on the intact image: mimic targets F (Sec. 3.2) and [CLS] attention (Sec. 3.3)
@@ -330,13 +353,17 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     ids_keep, ids_mask = common.ids_from_mask(mask, n_keep)  # [B, 49], [B, 147]
     patch = images.shape[-1] // teacher.grid  # the student's patch size: the teacher's grid is the student's
     pixels, tokens = common.pixel_targets(images, patch, args.norm_pix_loss), out["tokens"][:, 1:]  # I, F of all patches
-    loss, pred, mimic = model(images, ids_keep, ids_mask, pixels, tokens)
+    loss, pred, high = model(images, ids_keep, ids_mask, pixels, tokens)
     patch_loss = None
     if per_patch:
         l_r = reconstruction_loss(common.gather(pred.detach(), ids_mask), common.gather(pixels, ids_mask), True)  # [B, 147]
-        l_m = mimic_loss(mimic.detach(), common.gather(tokens, ids_keep), True)  # [B, 49]
         patch_loss = torch.zeros(mask.shape, device=images.device)  # [B, N]
-        patch_loss.scatter_(1, ids_mask, l_r / l_r.mean()).scatter_(1, ids_keep, l_m / l_m.mean())
+        if args.high_level == "reconstruct":  # both terms on the masked patches
+            l_f = reconstruction_loss(high.detach(), common.gather(tokens, ids_mask), True)  # [B, 147]
+            patch_loss.scatter_(1, ids_mask, l_r / l_r.mean() + l_f / l_f.mean())
+        else:
+            l_m = mimic_loss(high.detach(), common.gather(tokens, ids_keep), True)  # [B, 49]
+            patch_loss.scatter_(1, ids_mask, l_r / l_r.mean()).scatter_(1, ids_keep, l_m / l_m.mean())
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
 
 
@@ -372,7 +399,11 @@ def main(argv=None):
     optimizer = common.build_optimizer(model, args)
     ckpt = common.Checkpointer(args, "mr_mae", model, optimizer)  # exact resume: model, optimizer, RNGs, position
     start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
-    common.announce(args, "mr_mae", dataset, loader.sampler.steps, start_epoch)
+    high = "mimicked at the visible patches (L_M)" if args.high_level == "mimic" else \
+        "reconstructed at the masked patches by the decoder (Table 3 row 5)"
+    targets = f"pixels (L_R) and teacher {args.teacher} ({args.teacher_weights}) features {high}, weights " \
+        f"{args.loss_weights[0]:g} / {args.loss_weights[1]:g}; {args.focus} focus"
+    common.announce(args, "mr_mae", dataset, loader.sampler.steps, start_epoch, targets)
     teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
     student = DDP(model) if args.world_size > 1 else model  # the trained student only
     student = torch.compile(student) if args.compile else student

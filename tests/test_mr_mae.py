@@ -12,11 +12,11 @@ from conftest import images
 N = 196
 
 
-def small_model(arch="vit", target_dim=32, fusion=None, seed=0):
+def small_model(arch="vit", target_dim=32, fusion=None, seed=0, high_level="mimic"):
     torch.manual_seed(seed)
     enc = mr_mae.build_encoder(Namespace(arch=arch, model="vit_nano_patch16", input_size=224, drop_path=0.0))
     layers = fusion or mr_mae.default_fusion_layers(len(enc.blocks))
-    return mr_mae.MRMAE(enc, target_dim, layers, decoder_dim=32, decoder_depth=2, decoder_heads=2)
+    return mr_mae.MRMAE(enc, target_dim, layers, decoder_dim=32, decoder_depth=2, decoder_heads=2, high_level=high_level)
 
 
 def split(batch=2, n_keep=49, seed=0):
@@ -230,10 +230,63 @@ def test_reconstruction_ignores_visible_patches_and_mimic_ignores_masked_ones():
         assert loss(pixels, tokens + 10 * vis) > base + 1
 
 
+def test_table3_row5_reconstructs_pixels_and_features_of_the_masked_patches_with_the_decoder():
+    model = small_model(high_level="reconstruct").eval()
+    assert not hasattr(model, "mimic_head") and model.decoder_feature_pred.in_features == 32  # no mimic at the encoder
+    x, (mask, ids_keep, ids_mask) = images(), split()
+    pixels, tokens = common.pixel_targets(x), torch.randn(2, N, 32)
+    with torch.no_grad():
+        loss, pred, feats = model(x, ids_keep, ids_mask, pixels, tokens)
+        latent = model.forward_encoder(x, ids_keep)  # the decoder's normed output, rebuilt: one head per target
+        x_dec = model.decoder_embed(latent)
+        rows = [torch.cat([x_dec[b, :1], torch.stack([x_dec[b, 1 + ids_keep[b].tolist().index(j)] if not mask[b, j]
+                                                      else model.mask_token[0, 0] for j in range(N)])]) for b in range(2)]
+        h = torch.stack(rows) + model.decoder_pos_embed
+        for blk in model.decoder_blocks:
+            h = blk(h)
+        h = model.decoder_norm(h)[:, 1:]  # [B, N, Dd]
+    masked = [[j for j in range(N) if mask[b, j]] for b in range(2)]
+    at = lambda t: torch.stack([t[b, masked[b]] for b in range(2)])  # [B, 147, ...], raster order
+    torch.testing.assert_close(pred, model.decoder_pred(h), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats, at(model.decoder_feature_pred(h)), atol=1e-5, rtol=1e-5)
+    expected = 0.5 * loops_eq(at(pred), at(pixels)) + 0.5 * loops_eq(feats, at(tokens))  # Eq. 1's form on both targets
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():  # the visible patches' features are no target any more; the masked ones' are
+        assert model(x, ids_keep, ids_mask, pixels, tokens + 10 * ~mask[..., None])[0].item() == pytest.approx(loss.item())
+        assert model(x, ids_keep, ids_mask, pixels, tokens + 10 * mask[..., None])[0].item() > loss.item() + 1
+
+
+def test_table3_row5_trains_the_encoder_through_the_decoder_only(tiny_teacher):
+    model = small_model(high_level="reconstruct")
+    args = Namespace(mask_ratio=0.75, focus="attention", norm_pix_loss=True, high_level="reconstruct")
+    out = mr_mae.forward_step(model, tiny_teacher, images(), args, per_patch=True)
+    out["loss"].backward()
+    for name in ["encoder.blocks.0.attn.qkv.weight", "decoder_feature_pred.weight", "decoder_pred.weight", "mask_token"]:
+        g = dict(model.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    mask, pl = out["mask"], out["patch_loss"]
+    assert torch.all(pl[~mask] == 0) and torch.all(pl[mask] > 0)  # both terms sit on the masked patches
+    assert pl[mask].mean().item() == pytest.approx(2.0, rel=1e-5)  # each term over its own mean: 1 + 1
+    x = images()  # one fixed batch, one fixed mask: both reconstruction terms go down
+    ids_keep, ids_mask = common.ids_from_mask(mask, 49)
+    pixels, tokens = common.pixel_targets(x), tiny_teacher(x)["tokens"][:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses, l_f = [], []
+    for _ in range(10):
+        loss, _, feats = model(x, ids_keep, ids_mask, pixels, tokens)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        l_f.append(mr_mae.reconstruction_loss(feats, common.gather(tokens, ids_mask)).item())
+    l_r = [2 * a - b for a, b in zip(losses, l_f)]  # loss = 0.5 L_R(pixels) + 0.5 L_R(features)
+    assert l_f[-1] < 0.75 * l_f[0] and l_r[-1] < 0.97 * l_r[0], (l_f, l_r)  # measured ~0.59x, ~0.92x
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-ARGS = Namespace(mask_ratio=0.75, focus="attention", norm_pix_loss=True)
+ARGS = Namespace(mask_ratio=0.75, focus="attention", norm_pix_loss=True, high_level="mimic")
 
 
 @pytest.mark.parametrize("arch,names", [
