@@ -49,6 +49,25 @@ def test_milan_targets_are_the_teachers_token_of_each_patch(tiny_teacher):
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def patch_pixels(x, norm=True):
+    """Each patch's own 16 x 16 x 3 pixels in (row, col, channel) order, normalised by their mean and std: [B, N, 768]."""
+    rows = [[x[b, :, 16 * (j // 14):16 * (j // 14) + 16, 16 * (j % 14):16 * (j % 14) + 16].permute(1, 2, 0).flatten()
+             for j in range(N)] for b in range(len(x))]
+    return torch.stack([torch.stack([(p - p.mean()) / (p.var() + 1e-6) ** 0.5 if norm else p for p in r]) for r in rows])
+
+
+def test_milan_pixel_targets_are_the_pixels_of_each_patch(tiny_teacher):
+    torch.manual_seed(0)
+    model = milan.MILAN(common.build_vit("vit_nano_patch16", 224), 768, 32, 2, 2, "mae", "pixel").eval()
+    args = milan.get_args(["--data", "fake", "--model", "vit_nano_patch16", "--target", "pixel", "--decoder", "mae"])
+    x = images(B)
+    with torch.no_grad():
+        out = milan.forward_step(model, tiny_teacher, x, args)
+        ids_keep, ids_mask = common.ids_from_mask(out["mask"], 49)
+        expected, _ = model(x, ids_keep, ids_mask, patch_pixels(x))
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("target", ["dalle", "pixel"])
 def test_cae_targets_are_the_token_or_pixels_of_each_masked_patch(target):
     args = cae.get_args(["--data", "fake", "--model", "vit_nano_patch16", "--target", target, "--dalle_weights", "none",
@@ -71,6 +90,21 @@ def test_cae_targets_are_the_token_or_pixels_of_each_masked_patch(target):
                 (x[b, :, 16 * (j // 14):16 * (j // 14) + 16, 16 * (j % 14):16 * (j % 14) + 16].permute(1, 2, 0).flatten()
                  for j in range(N))]) for b in range(B)])  # [B, N, 768], (row, col, channel) order
         expected, _ = model(x, ids_keep, ids_mask, at(per_patch, ids_mask))
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_cae_clip_targets_are_the_teachers_token_of_each_masked_patch():
+    args = cae.get_args(["--data", "fake", "--model", "vit_nano_patch16", "--target", "clip", "--teacher", "tiny",
+                         "--teacher_weights", "none"])
+    args.device = "cpu"
+    torch.manual_seed(0)
+    model, teacher = cae.build_model(args)
+    model.eval()
+    x, mask = images(B), block_mask(98)
+    with torch.no_grad():
+        out = cae.forward_step(model, teacher, (x, mask), args)
+        ids_keep, ids_mask = common.ids_from_mask(mask, 98)
+        expected, _ = model(x, ids_keep, ids_mask, at(teacher(x)["tokens"][:, 1:], ids_mask))
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
