@@ -434,27 +434,40 @@ def _records(path):
         return [json.loads(line) for line in f if line.strip().endswith("}")]
 
 
-def pretrain_flags(row, args, epochs=None):
-    """The one scaled-recipe rule: the file's defaults, our epochs / batch, its paper's warmup fraction."""
-    script, extra = METHODS[row]
+def recipe_flags(script, args, epochs=None):
+    """The one scaled-recipe rule: the file's defaults, our epochs / batch, its paper's warmup fraction and peak lr."""
     d = importlib.import_module(script).get_args(["--data", "x"])
     epochs = epochs or args.epochs
     warmup = epochs * d.warmup_epochs / d.epochs
     total = d.batch_size * d.accum_iter * 8 if args.lr_rule == "paper" else args.batch_size  # the papers: 8 GPUs
     return ["--epochs", epochs, "--warmup_epochs", f"{warmup:.4g}", "--batch_size", args.batch_size,
-            "--lr", f"{d.blr * total / 256:.6g}"] + extra
+            "--lr", f"{d.blr * total / 256:.6g}"]
+
+
+def pretrain_flags(row, args, epochs=None):
+    """A row's flags: the recipe rule, then the row's own."""
+    script, extra = METHODS[row]
+    return recipe_flags(script, args, epochs) + extra
+
+
+def pretrain_command(script, flags, run_dir, args, data, teacher_path, epochs=None, seed=None):
+    """`SCRIPT ...` as a user runs it: data, student and teacher, the recipe rule, then flags (a row's or an arm's).
+    cae.py gets --teacher / --teacher_weights only with --target clip: it has no teacher network otherwise (and would
+    refuse a weights file)."""
+    uses_teacher = script != "cae" or ("--target", "clip") in zip(flags, flags[1:])
+    teacher = ["--teacher", "tiny", "--teacher_weights", teacher_path] if uses_teacher else []
+    return [str(c) for c in [f"{script}.py", "--data", data, "--model", "vit_nano_patch16", "--input_size",
+                             args.input_size, *teacher, "--seed", args.seed if seed is None else seed, "--num_workers",
+                             1, "--log_every", 10, *recipe_flags(script, args, epochs), *flags, "--output_dir", run_dir]]
 
 
 def pretrain(row, run_dir, args, data, teacher_path, log, env, extra=(), epochs=None, seed=None, label=None):
-    """`python <method file> ...` as a user runs it, the recipe rule's flags; -> (seconds, log.txt records).
-    cae.py gets no --teacher / --teacher_weights: it has no teacher network (it would refuse a weights file)."""
+    """`python <method file> ...` of a row, the recipe rule's flags; -> (seconds, log.txt records)."""
     script, label = METHODS[row][0], label or row
-    teacher = [] if script == "cae" else ["--teacher", "tiny", "--teacher_weights", teacher_path]
-    cmd = [f"{script}.py", "--data", data, "--model", "vit_nano_patch16", "--input_size", args.input_size, *teacher,
-           "--seed", args.seed if seed is None else seed, "--num_workers", 1, "--log_every", 10,
-           *pretrain_flags(row, args, epochs), *extra, "--output_dir", run_dir]
-    log(f"{label}: python {' '.join(str(c) for c in cmd)}")
-    return run([str(c) for c in cmd], run_dir, log, label, env)
+    cmd = pretrain_command(script, METHODS[row][1] + [str(e) for e in extra], run_dir, args, data, teacher_path, epochs,
+                           seed)
+    log(f"{label}: python {' '.join(cmd)}")
+    return run(cmd, run_dir, log, label, env)
 
 
 def linprobe(ckpt, out_dir, args, data, log, label, env):

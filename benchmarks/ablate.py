@@ -1,0 +1,341 @@
+"""Each paper's headline ablation claims, measured at laptop scale.
+
+  python benchmarks/ablate.py --list
+  python benchmarks/ablate.py --tables milan_t5 --out ablate_out --json milan_t5.json --plot milan_t5.png
+
+The papers argue through their ablation tables. This runs their headline rows on learn.py's laptop-scale setting and
+says, per claim, whether it holds here. Everything but the arms is learn.py's, imported, not copied: its synthetic
+dataset (10 shape and texture classes as JPEGs), its teacher (the `tiny` CLIP tower trained supervised on that
+dataset, one teacher for every arm), its recipe rule (each method file's defaults, the same epochs and batch for all,
+each paper's warmup fraction and peak lr: learn.py --help), its linear probe (finetune.py --mode linprobe on the mean
+patch token) and its two R^2 columns (colour_r2: how much of the student's patch tokens is the patch's mean colour;
+teacher_r2: how well they predict the teacher's tokens). An arm is a method file and its flags, the row's own, never
+tuned: a claim that does not hold at this scale is a finding, not a reason to change an arm.
+
+Seeds vary the student (--seed of the pre-training: initialisation, masks, data order) and its probe; the dataset and
+the teacher stay those of --data_seed. Each finished run is kept in OUT/runs/<script>-<hash>-s<seed>/ with result.json
+(its record), so a table can be extended (more --seeds), resumed (runs with a result are not trained again) or re-run
+arm by arm (--rerun: trains again into OUT/reruns/ and says whether the record is reproduced). A run shared by two
+tables (the same method file and resolved flags: MaskAlign Table 4's 0.7 is Table 6's LN; CAE v2 Figure 3's 0.5 is
+Table 1's No. 3 at the nano size) is trained once.
+
+Per claim ("A above B by x points" in the paper), over the seeds: mean_delta = mean(A) - mean(B) of the probe top-1,
+se = sqrt(sd_A^2 / n_A + sd_B^2 / n_B) (sample sd), and the verdict: holds (mean_delta > 2 se, the paper's direction),
+reversed (mean_delta < -2 se), else unresolved. The papers' numbers are ImageNet scores of ViT-B (MILAN's and CAE v2's
+linear probes, CAE's attentive probe, MR-MAE's and MaskAlign's fine-tuning; CAE v2 Figure 3: ViT-T's linear probe):
+only the direction and order compare with ours.
+
+Cost on the 2-core machine (idle; one pre-training of 992 steps 80-180 s, its probe and R^2 about 40 s): the dataset
+and teacher once, about 4 minutes; then per table and 3 seeds, milan_t5 about 30 minutes, cae_t2 35, cae_v2_t1 35,
+cae_v2_fig3 25 (its 0.5 arm is cae_v2_t1's), mr_mae_t3 40, mask_align_t4 25, mask_align_t6 15 (its LN arm is
+mask_align_t4's 0.7): under 4 hours for all. CAE Fig. 4 stays learn.py's (--cae_fig4); --list names it beside them.
+"""
+import argparse
+import hashlib
+import importlib
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+import learn  # noqa: E402
+
+PIXEL_MILAN = ["--target", "pixel", "--decoder", "mae", "--mask_type", "random"]
+TABLES = {  # name: the paper's table, its metric, arms {arm: (method file, flags, the paper's number)}, claims
+    "milan_t5": dict(
+        paper="MILAN", table="Table 5 #1, #2, #7, #8 (= Table 7 #1, #2, #4, #5)",
+        metric="ViT-B ImageNet linear probe top-1, Table 7",
+        arms={"1_mae": ("milan", PIXEL_MILAN, 62.0), "2_clip": ("milan", ["--decoder", "mae", "--mask_type", "random"], 67.1),
+              "7_prompting": ("milan", ["--mask_type", "random"], 79.9), "8_milan": ("milan", [], 78.9)},
+        claims=[("2_clip", "1_mae"), ("7_prompting", "2_clip"), ("7_prompting", "8_milan")],
+        note="Table 5 fine-tunes: 83.0 / 83.9 / 85.1 / 85.4, where #8 is above #7 by 0.3; Table 7's linear probe has "
+             "#7 above #8 by 1.0 (the paper: the encoder over-adapts to the sampled salient patches)"),
+    "cae_t2": dict(
+        paper="CAE", table="Table 2 (decoder, alignment) with CLIP targets (--target clip)",
+        metric="ViT-B ImageNet attentive probe top-1, Table 2 (DALL-E targets)",
+        arms={"neither": ("cae", ["--target", "clip", "--decoder_depth", "0", "--align_weight", "0"], 71.2),
+              "decoder": ("cae", ["--target", "clip", "--align_weight", "0"], 72.7),
+              "both": ("cae", ["--target", "clip"], 73.8)},
+        claims=[("both", "decoder"), ("decoder", "neither")],
+        note="the paper's Table 2 predicts DALL-E tokens; here the teacher's features (CAE v2's No. 1 target), since "
+             "pixel targets probe at the random student's level at this scale (README 'The learning run')"),
+    "cae_v2_t1": dict(
+        paper="CAE v2", table="Table 1 No. 1-3, Table 2 (l_v alone)",
+        metric="ViT-B ImageNet linear probe top-1, Tables 1 and 2",
+        arms={"no1_cae_clip": ("cae", ["--target", "clip"], 75.8), "no2_l_z": ("cae_v2", ["--no-visible_align"], 78.4),
+              "no3_cae_v2": ("cae_v2", [], 80.7), "l_v": ("cae_v2", ["--regressor_depth", "0"], 80.5)},
+        claims=[("no2_l_z", "no1_cae_clip"), ("no3_cae_v2", "no2_l_z"), ("l_v", "no2_l_z")],
+        note="No. 1 runs cae.py with CAE's own recipe (crop scale 0.08, no colour jitter, betas (0.9, 0.999)), No. 2 and "
+             "No. 3 cae_v2.py's (Table 8): each file keeps its defaults"),
+    "cae_v2_fig3": dict(
+        paper="CAE v2", table="Figure 3 (mask ratio) at the nano size",
+        metric="ViT-T ImageNet linear probe top-1, Figure 3",
+        arms={"r0.15": ("cae_v2", ["--mask_ratio", "0.15"], 69.3), "r0.5": ("cae_v2", ["--mask_ratio", "0.5"], 67.1),
+              "r0.75": ("cae_v2", ["--mask_ratio", "0.75"], 61.9), "r0.9": ("cae_v2", ["--mask_ratio", "0.9"], 52.0)},
+        claims=[("r0.15", "r0.5"), ("r0.5", "r0.75"), ("r0.75", "r0.9")],
+        note="the paper's smallest model (ViT-T, 5.7 M parameters) prefers 15%; ours is smaller still (0.1 M, 7 x 7 "
+             "patches)"),
+    "mr_mae_t3": dict(
+        paper="MR-MAE", table="Table 3 rows 1, 2, 4, 5, 6",
+        metric="ViT-B ImageNet fine-tuning top-1, Table 3",
+        arms={"row1_mae": ("mr_mae", ["--loss_weights", "1", "0", "--focus", "none", "--fusion_layers", "2"], 83.0),
+              "row2_mimic": ("mr_mae", ["--focus", "none", "--fusion_layers", "2"], 84.7),
+              "row4_mr_mae": ("mr_mae", [], 85.0), "row5_both_reconstructed": ("mr_mae", ["--high_level", "reconstruct"], 83.3),
+              "row6_mimic_only": ("mr_mae", ["--loss_weights", "0", "1"], 84.9)},
+        claims=[("row2_mimic", "row1_mae"), ("row4_mr_mae", "row5_both_reconstructed"), ("row4_mr_mae", "row6_mimic_only")],
+        note="--fusion_layers 2 is no fusion at the nano depth of 2 blocks; row 1 is learn.py's mae_pixel control"),
+    "mask_align_t4": dict(
+        paper="MaskAlign", table="Table 4 (mask ratio), without [CLS] in the loss as the paper's Table 4",
+        metric="ViT-B ImageNet fine-tuning top-1, Table 4",
+        arms={"r0": ("mask_align", ["--mask_ratio", "0", "--no-align_cls"], 84.9),
+              "r0.4": ("mask_align", ["--mask_ratio", "0.4", "--no-align_cls"], 85.2),
+              "r0.7": ("mask_align", ["--no-align_cls"], 85.3),
+              "r0.9": ("mask_align", ["--mask_ratio", "0.9", "--no-align_cls"], 84.4)},
+        claims=[("r0.7", "r0"), ("r0.7", "r0.9")],
+        note="every arm keeps the recipe rule's steps; the paper trains each ratio on as many aligned tokens as 200 "
+             "epochs at 0.7 (60 epochs at 0, 600 at 0.9)"),
+    "mask_align_t6": dict(
+        paper="MaskAlign", table="Table 6 (target normalisation), without [CLS]",
+        metric="ViT-B ImageNet fine-tuning top-1, Table 6",
+        arms={"ln": ("mask_align", ["--no-align_cls"], 85.3),
+              "bn": ("mask_align", ["--target_norm", "bn", "--no-align_cls"], 84.7),
+              "none": ("mask_align", ["--target_norm", "none", "--no-align_cls"], 84.3)},
+        claims=[("ln", "bn"), ("bn", "none")], note=""),
+}
+FIG4 = "cae_fig4  CAE Fig. 4 (alignment on / off, encoder-to-decoder reconstruction): benchmarks/learn.py --cae_fig4"
+MARKER = ".made_by_ablate_py"
+RESULT_KEYS = ("probe_top1", "teacher_r2", "colour_r2", "final_pretrain_loss")  # what a re-run must reproduce
+SCALE = ("classes", "train_per_class", "val_per_class", "image_size", "input_size", "teacher_steps", "teacher_batch",
+         "epochs", "batch_size", "probe_epochs", "probe_batch", "threads")  # learn.py flags ablate.py passes on
+
+
+def get_args(argv=None):
+    d = learn.get_args([])  # learn.py's defaults: the scale of the run
+    p = common.Parser(description=__doc__, formatter_class=learn.Help)
+    a = p.add_argument
+    a("--list", action="store_true", help="print one line per arm (table, arm, method file, flags) and exit")
+    a("--tables", nargs="+", choices=list(TABLES), default=list(TABLES), help="tables to run")
+    a("--arms", nargs="+", help="only these arms of the tables (default: all; --list names them)")
+    a("--seeds", nargs="+", type=common.SIZE, default=[0, 1, 2], help="student seeds of every arm")
+    a("--out", default="ablate_out", help="work folder: data, teacher, one folder per run with its record; an existing "
+      "one is used again only if ablate.py made it at the same scale")
+    a("--json", help="write the records and the claims' verdicts (a new file: an existing one is never overwritten)")
+    a("--plot", help="write a PNG: per table, each arm's probe top-1 over the seeds, the paper's number beside (new file)")
+    a("--rerun", action="store_true", help="train the selected arms and seeds again into OUT/reruns/ and say whether "
+      "each record is reproduced (pre-training time aside); kept records are not touched")
+    a("--data_seed", type=common.SIZE, default=d.seed, help="seed of the dataset and the teacher (learn.py --seed)")
+    for k in SCALE:  # the scale, as learn.py's flags of the same names
+        a(f"--{k}", type=common.COUNT, default=getattr(d, k), help=f"learn.py --{k}")
+    args = p.parse_args(argv)
+    arms = {arm for t in args.tables for arm in TABLES[t]["arms"]}
+    if args.arms and not set(args.arms) <= arms:
+        raise UserError(f"--arms {' '.join(sorted(set(args.arms) - arms))}: not an arm of --tables "
+                        f"{' '.join(args.tables)}; --list names them")
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path and os.path.exists(path):
+            raise UserError(f"{flag} {path} exists; pass a new file name (nothing is overwritten)")
+    return args
+
+
+def learn_args(args, seed):
+    """learn.py's Namespace for this scale, its --seed the given one (the dataset and teacher's, or a run's probe)."""
+    return learn.get_args(["--seed", str(seed)] + [x for k in SCALE for x in (f"--{k}", str(getattr(args, k)))])
+
+
+def selected(args):
+    """[(table, arm, script, flags, paper number)] of --tables and --arms."""
+    return [(t, arm, script, flags, number) for t in args.tables for arm, (script, flags, number) in
+            TABLES[t]["arms"].items() if not args.arms or arm in args.arms]
+
+
+def command(script, flags, seed, run_dir, args, data, teacher):
+    return learn.pretrain_command(script, flags + ["--resume", "auto"], run_dir, learn_args(args, seed), data, teacher)
+
+
+def run_id(script, flags, seed, cmd):
+    """The run's identity: the method file and every flag as it resolves (so --mask_ratio 0.5 where 0.5 is the default
+    is the same run), minus the output folder."""
+    resolved = vars(importlib.import_module(script).get_args(cmd[1:cmd.index("--output_dir")]))
+    digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{script}-{digest}-s{seed}"
+
+
+def prepare(args, log):
+    """OUT with its dataset and teacher (made once, at this scale); refuses a folder made otherwise."""
+    out, config = os.path.abspath(args.out), {k: getattr(args, k) for k in ("data_seed",) + SCALE}
+    cfg_path = os.path.join(out, "config.json")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER))):
+        raise UserError(f"--out {args.out}: holds files ablate.py did not write; pass a new or empty folder")
+    if os.path.isfile(cfg_path) and json.load(open(cfg_path)) != config:
+        raise UserError(f"--out {args.out}: was made at another scale ({cfg_path}); pass the same flags or a new folder")
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, MARKER), "a").close()
+    la, data, teacher = learn_args(args, args.data_seed), os.path.join(out, "data"), os.path.join(out, "teacher.pth")
+    if not os.path.isfile(teacher):
+        learn.make_dataset(data, la.seed, la.classes, la.train_per_class, la.val_per_class, la.image_size)
+        log(f"wrote the dataset to {data}; training the teacher")
+        secs, loss = learn.train_teacher(la, data, teacher + ".tmp", log)
+        os.replace(teacher + ".tmp", teacher)
+        with open(cfg_path, "w") as f:
+            json.dump(config, f)
+        log(f"teacher: {secs:.0f} s, final train loss {loss:.4f}")
+    return out, data, teacher
+
+
+class Measure:
+    """The colour and teacher tokens of the val patches, computed once; then each run's probe and R^2."""
+    def __init__(self, args, data, teacher_path):
+        self.args, self.data = args, data
+        la = learn_args(args, args.data_seed)
+        teacher = common.Teacher("tiny", teacher_path, grid=la.input_size // 16)
+        self.colour = learn.val_patches(learn.patch_colour, la, data)
+        self.teacher_tokens = learn.val_patches(lambda x: teacher(x)["tokens"], la, data)
+
+    def __call__(self, run_dir, seed, log, env):
+        la, ckpt = learn_args(self.args, seed), os.path.join(run_dir, "checkpoint-last.pth")
+        probe_dir = os.path.join(run_dir, f"probe-{time.strftime('%Y%m%d-%H%M%S')}")  # a new one if one was cut short
+        probe_s, top1 = learn.linprobe(ckpt, probe_dir, la, self.data, log, "probe", env)
+        t = learn.val_patches(learn.student_encoder(ckpt, la), la, self.data)
+        return dict(probe_top1=top1, teacher_r2=learn.linear_r2(t, self.teacher_tokens),
+                    colour_r2=learn.linear_r2(self.colour, t), probe_s=round(probe_s, 1))
+
+
+def train_and_measure(script, flags, seed, run_dir, args, data, teacher, measure, log, env):
+    """One arm and seed: pre-training through the method file's command line (--resume auto: a run cut short goes on
+    where its checkpoint stands, bit-identically), then the probe and R^2 -> its record, OUT/runs/.../result.json."""
+    cmd = command(script, flags, seed, run_dir, args, data, teacher)
+    log(f"python {' '.join(cmd)}")
+    secs, records = learn.run(cmd, run_dir, log, os.path.basename(run_dir), env)
+    result = dict(script=script, flags=flags, seed=seed, command=cmd[:-2], pretrain_s=round(secs, 1),
+                  final_pretrain_loss=records[-1]["train_loss"], **measure(run_dir, seed, log, env))
+    with open(os.path.join(run_dir, "result.json.tmp"), "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(os.path.join(run_dir, "result.json.tmp"), os.path.join(run_dir, "result.json"))
+    return result
+
+
+def claims(records):
+    """Per table and claim: the paper's delta, ours (mean over seeds), its standard error and the verdict."""
+    out = []
+    for t, spec in TABLES.items():
+        by_arm = {arm: [r["probe_top1"] for r in records if (r["table"], r["arm"]) == (t, arm)] for arm in spec["arms"]}
+        for better, worse in spec["claims"]:
+            a, b = np.array(by_arm[better]), np.array(by_arm[worse])
+            if len(a) < 2 or len(b) < 2:
+                continue
+            delta = a.mean() - b.mean()
+            se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+            verdict = "holds" if delta > 2 * se else "reversed" if delta < -2 * se else "unresolved"
+            out.append(dict(table=t, better=better, worse=worse, paper_delta=round(spec["arms"][better][2] -
+                            spec["arms"][worse][2], 2), mean_delta=round(float(delta), 2), se=round(se, 2),
+                            verdict=verdict, seeds=[len(a), len(b)]))
+    return out
+
+
+def report(records, verdicts):
+    """Markdown tables: per table, arm / paper / ours mean +- sd / teacher R^2 / colour R^2; then the claims."""
+    for t, spec in TABLES.items():
+        rows = [r for r in records if r["table"] == t]
+        if not rows:
+            continue
+        print(f"\n{t}: {spec['paper']} {spec['table']}; paper: {spec['metric']}\n"
+              f"| arm | flags | paper | probe top-1 (%), mean +- sd | seeds | teacher R^2 | colour R^2 |\n|---|---|---|---|---|---|---|")
+        for arm, (script, flags, number) in spec["arms"].items():
+            rs = [r for r in rows if r["arm"] == arm]
+            if rs:
+                v = lambda k: np.array([r[k] for r in rs])  # noqa: E731
+                sd = v("probe_top1").std(ddof=1) if len(rs) > 1 else 0.0
+                print(f"| {arm} | `{script}.py {' '.join(flags)}` | {number} | {v('probe_top1').mean():.1f} +- {sd:.1f} | "
+                      f"{len(rs)} | {v('teacher_r2').mean():.2f} | {v('colour_r2').mean():.2f} |")
+        for c in (c for c in verdicts if c["table"] == t):
+            print(f"claim {c['better']} > {c['worse']}: paper {c['paper_delta']:+.1f}, ours {c['mean_delta']:+.1f} "
+                  f"(se {c['se']:.1f}): {c['verdict']}")
+
+
+def plot(records, verdicts, path):
+    """Per table a panel: each arm's probe top-1 per seed (dots), mean (bar) +- sd, the paper's number under it."""
+    tables = [t for t in TABLES if any(r["table"] == t for r in records)]
+    cols, pw, ph = 2, 470, 250
+    im = Image.new("RGB", (cols * pw + 20, math.ceil(len(tables) / cols) * (ph + 70) + 10), "white")
+    d = ImageDraw.Draw(im)
+    for k, t in enumerate(tables):
+        spec, x0, y0 = TABLES[t], 10 + (k % cols) * pw, 10 + (k // cols) * (ph + 70)
+        arms = [a for a in spec["arms"] if any((r["table"], r["arm"]) == (t, a) for r in records)]
+        values = {a: [r["probe_top1"] for r in records if (r["table"], r["arm"]) == (t, a)] for a in arms}
+        top = max(max(v) for v in values.values()) * 1.15
+        common.draw_text(d, (x0, y0), f"{t}: probe top-1 (%), 0 - {top:.0f}")
+        base, height, w = y0 + 20 + ph - 60, ph - 60, (pw - 30) / len(arms)
+        d.line([(x0, base), (x0 + pw - 30, base)], fill=(150, 150, 150))
+        for i, a in enumerate(arms):
+            v, cx = np.array(values[a]), x0 + w * (i + 0.5)
+            m, sd = v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
+            y = lambda val: base - height * val / top  # noqa: E731
+            d.rectangle([cx - w / 4, y(m), cx + w / 4, base], fill=(170, 190, 230))
+            d.line([(cx, y(m + sd)), (cx, y(m - sd))], fill=(40, 40, 120), width=2)
+            for val in v:
+                d.ellipse([cx - 3, y(val) - 3, cx + 3, y(val) + 3], fill=(200, 40, 40))
+            common.draw_text(d, (cx - w / 2 + 2, base + 4), a[:14])
+            common.draw_text(d, (cx - w / 2 + 2, base + 16), f"ours {m:.1f}")
+            common.draw_text(d, (cx - w / 2 + 2, base + 28), f"paper {spec['arms'][a][2]}")
+        for j, c in enumerate(c for c in verdicts if c["table"] == t):
+            common.draw_text(d, (x0, base + 44 + 12 * j), f"{c['better']} > {c['worse']}: {c['verdict']} "
+                                                           f"({c['mean_delta']:+.1f} +- {c['se']:.1f})")
+    im.save(path)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.list:
+        for t, arm, script, flags, number in selected(args):
+            print(f"{t:14s} {arm:24s} {script}.py {' '.join(flags)}")
+        return print(FIG4)
+    t_start = time.time()
+    log = lambda s: print(f"[{time.time() - t_start:6.0f} s] {s}", flush=True)  # noqa: E731
+    torch.set_num_threads(args.threads)  # before the teacher trains: its numbers depend on the thread count
+    out, data, teacher = prepare(args, log)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    measure, records, differ = None, [], []
+    for seed in args.seeds:  # seed by seed: an interrupted table has every arm at the same number of seeds
+        for t, arm, script, flags, number in selected(args):
+            rid = run_id(script, flags, seed, command(script, flags, seed, "OUT", args, data, teacher))
+            run_dir, kept = os.path.join(out, "runs", rid), os.path.join(out, "runs", rid, "result.json")
+            if args.rerun or not os.path.isfile(kept):
+                if args.rerun:
+                    run_dir = os.path.join(out, "reruns", f"{rid}-{time.strftime('%Y%m%d-%H%M%S')}")
+                measure = measure or Measure(args, data, teacher)
+                log(f"{t} {arm} seed {seed}: {run_dir}")
+                result = train_and_measure(script, flags, seed, run_dir, args, data, teacher, measure, log, env)
+                if args.rerun and os.path.isfile(kept):
+                    old = json.load(open(kept))
+                    diff = [f"{k} {old[k]} -> {result[k]}" for k in RESULT_KEYS if old[k] != result[k]]
+                    log(f"{t} {arm} seed {seed}: " + ("reproduced to the digit" if not diff else "DIFFERS: " + ", ".join(diff)))
+                    differ += diff
+            result = json.load(open(kept)) if os.path.isfile(kept) else result
+            records.append(dict(table=t, arm=arm, seed=seed, script=script, flags=flags, run=rid,
+                                **{k: result[k] for k in RESULT_KEYS + ("pretrain_s",)}))
+    verdicts = claims(records)
+    report(records, verdicts)
+    if args.json:
+        with open(args.json, "x") as f:
+            json.dump(dict(records=records, claims=verdicts, scale={k: getattr(args, k) for k in ("data_seed",) + SCALE}),
+                      f, indent=1)
+    if args.plot:
+        plot(records, verdicts, args.plot)
+    if differ:
+        raise SystemExit(f"{len(differ)} value(s) not reproduced (above)")
+    return records, verdicts
+
+
+if __name__ == "__main__":
+    common.cli(main)
