@@ -134,6 +134,7 @@ def get_args(argv=None):
     a("--plot", help="write a PNG: per table, each arm's probe top-1 over the seeds, the paper's number beside (new file)")
     a("--rerun", action="store_true", help="train the selected arms and seeds again into OUT/reruns/ and say whether "
       "each record is reproduced (pre-training time aside); kept records are not touched")
+    a("--report", action="store_true", help="train nothing: the tables, --json and --plot from the records kept so far")
     a("--data_seed", type=common.SIZE, default=d.seed, help="seed of the dataset and the teacher (learn.py --seed)")
     for k in SCALE:  # the scale, as learn.py's flags of the same names
         a(f"--{k}", type=common.COUNT, default=getattr(d, k), help=f"learn.py --{k}")
@@ -163,11 +164,15 @@ def command(script, flags, seed, run_dir, args, data, teacher):
     return learn.pretrain_command(script, flags + ["--resume", "auto"], run_dir, learn_args(args, seed), data, teacher)
 
 
-def run_id(script, flags, seed, cmd):
-    """The run's identity: the method file and every flag as it resolves (so --mask_ratio 0.5 where 0.5 is the default
-    is the same run), minus the output folder."""
-    resolved = vars(importlib.import_module(script).get_args(cmd[1:cmd.index("--output_dir")]))
-    digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def run_id(script, flags, seed, args, data, teacher):
+    """The run's identity: the method file, the seed, and what the flags change in the file's resolved arguments at this
+    scale (so --mask_ratio 0.5 where 0.5 is the default is the same run, and a flag the file gains later, at its
+    default, leaves every identity as it was)."""
+    module = importlib.import_module(script)
+    resolve = lambda f: vars(module.get_args(command(script, f, seed, "OUT", args, data, teacher)[1:-2]))  # noqa: E731
+    base, own = resolve([]), resolve(flags)
+    changed = {k: v for k, v in own.items() if k not in base or base[k] != v}
+    digest = hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{script}-{digest}-s{seed}"
 
 
@@ -308,8 +313,10 @@ def main(argv=None):
     measure, records, differ = None, [], []
     for seed in args.seeds:  # seed by seed: an interrupted table has every arm at the same number of seeds
         for t, arm, script, flags, number in selected(args):
-            rid = run_id(script, flags, seed, command(script, flags, seed, "OUT", args, data, teacher))
+            rid = run_id(script, flags, seed, args, data, teacher)
             run_dir, kept = os.path.join(out, "runs", rid), os.path.join(out, "runs", rid, "result.json")
+            if args.report and not os.path.isfile(kept):
+                continue
             if args.rerun or not os.path.isfile(kept):
                 if args.rerun:
                     run_dir = os.path.join(out, "reruns", f"{rid}-{time.strftime('%Y%m%d-%H%M%S')}")
