@@ -2,7 +2,8 @@
 MILAN Eq. 3's class-token attention, masking, pixel targets), then, behind one divider, the machinery. Whatever an
 ablation could change (sampler, decoder, loss, recipe) lives in the method file. Conventions: mask bool [B, N], True =
 hidden from the encoder; ids_keep sorted ascending; tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, atexit, json, logging, math, os, random, signal, socket, sys, time, warnings, zipfile
+import argparse, atexit, json, logging, math, multiprocessing, os, random, signal, socket, sys, time, traceback
+import warnings, zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -283,7 +284,9 @@ def on_signal(signum, frame):  # training finishes its update and saves (Checkpo
     RUN["stop"] = signal.Signals(signum).name
 
 def cli(main, argv=None):
-    """Every script's entry point: a UserError is one line (exit 2); SIGTERM / Ctrl-C one line on how to go on."""
+    """Every script's entry point: a UserError is one line (exit 2); SIGTERM / Ctrl-C one line on how to go on; any other
+    error its traceback, then the process and its DataLoader workers end at once (exit 1; the workers ignore SIGTERM,
+    so the interpreter's exit would wait on them forever). argv given (a test calling main): that error is raised."""
     signal.signal(signal.SIGTERM, on_signal), signal.signal(signal.SIGINT, on_signal)
     try:
         main(argv)
@@ -299,6 +302,16 @@ def cli(main, argv=None):
             where = " at epoch {}, step {}; ".format(*RUN["at"]) if RUN["at"] else "; "
             print(f"\n{'interrupted' if name == 'SIGINT' else 'stopped by ' + name}{where}{how}", file=sys.stderr)
         sys.exit(130 if name == "SIGINT" else 143)
+    except Exception:
+        if argv is not None:
+            raise
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):  # a signal now ends it (SIGCHLD: torch's handler
+            signal.signal(sig, signal.SIG_DFL)  # would raise again for the workers killed below)
+        traceback.print_exc()
+        sys.stdout.flush(), sys.stderr.flush()
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        os._exit(1)
 
 # ---- Teacher weights: open_clip names, OpenAI's TorchScript files, DINO, no network ------------------------------
 def load_teacher(name, weights):
