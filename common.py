@@ -520,7 +520,8 @@ class Samples(torch.utils.data.Dataset):
             for j in range(i, i + len(self)) if self.train else [i]:
                 try:
                     return self.dataset[j % len(self)]
-                except (OSError, SyntaxError) as e:  # PIL: unidentified, truncated or broken file
+                except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: unidentified, truncated, broken
+                    # file, or over twice Image.MAX_IMAGE_PIXELS (a decompression bomb, not an OSError)
                     self.failed += 1
                     path = getattr(self.dataset, "samples", [[f"#{j}"]] * len(self))[j % len(self)][0]
                     print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)

@@ -50,6 +50,7 @@ def test_an_unexpected_error_with_workers_ends_the_run_within_seconds(tmp_path):
     assert group_alive(pid) == []
 
 
+
 def test_an_unexpected_error_on_one_rank_ends_torchrun_within_seconds(tmp_path):
     """Under torchrun (2 processes, a worker each) rank 0 fails after update 2: rank 0 prints the traceback, rank 1 stops
     with its own error (its peer is gone), torchrun exits non-zero within 10 s of the failure."""
@@ -59,3 +60,20 @@ def test_an_unexpected_error_on_one_rank_ends_torchrun_within_seconds(tmp_path):
     ended = time.time()
     assert proc.returncode != 0 and proc.stderr.count("RuntimeError: injected failure") == 1, proc.stderr[-3000:]
     assert ended - failure(proc.stderr)[0] < 10
+
+
+def test_a_decompression_bomb_is_an_unreadable_image(tmp_path):
+    """A PNG of 14,000 x 14,000 pixels (over twice PIL's MAX_IMAGE_PIXELS: Image.open raises DecompressionBombError, not
+    an OSError) among 200 readable ones: named once, counted, skipped; the run trains (it was a traceback)."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(tmp_path / "data" / c)
+        for i in range(100):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i:03d}.png")
+    Image.new("1", (14000, 14000)).save(tmp_path / "data" / "a" / "bomb.png")  # 24 MB in memory, a few KB as a file
+    run = run_forked({"train": ["milan.py"] + SMOKE + ["--data", tmp_path / "data", "--input_size", "32",
+                                                       "--output_dir", tmp_path / "out"]})["train"]
+    code, _, err = run
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    assert err.count("bomb.png") == 1 and "DecompressionBombError" in err
+    assert json.loads((tmp_path / "out" / "log.txt").read_text())["unreadable_images"] == 1
