@@ -503,13 +503,17 @@ class SeededSampler(torch.utils.data.Sampler):
         return end - min(self.start * self.batch, end)
 
 class Samples(torch.utils.data.Dataset):
-    """dataset[(epoch, i)] with torch, numpy and python RNGs seeded by (seed, epoch, i). An unreadable image is named and
-    counted in .failed (shared by the workers); training takes the next image, evaluation a stand-in labelled -1."""
+    """dataset[(epoch, i)] with torch, numpy and python RNGs seeded by (seed, epoch, i). An unreadable file is named and
+    flagged in .bad (shared by the workers) once an epoch, however often it is met (as another bad file's stand-in too);
+    training takes the next image, evaluation a stand-in labelled -1."""
     def __init__(self, dataset, seed, train=True):
         self.dataset, self.seed, self.train = dataset, seed, train
-        self.failed = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.bad = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
     def __len__(self):
         return len(self.dataset)
+    @property
+    def failed(self):  # the distinct unreadable files met this epoch
+        return int(self.bad.sum())
     def __getitem__(self, key):
         epoch, i = key
         main = torch.utils.data.get_worker_info() is None  # num_workers 0: keep the training RNGs intact
@@ -522,9 +526,10 @@ class Samples(torch.utils.data.Dataset):
                     return self.dataset[j % len(self)]
                 except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: unidentified, truncated, broken
                     # file, or over twice Image.MAX_IMAGE_PIXELS (a decompression bomb, not an OSError)
-                    self.failed += 1
-                    path = getattr(self.dataset, "samples", [[f"#{j}"]] * len(self))[j % len(self)][0]
-                    print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
+                    if not self.bad[j % len(self)]:
+                        self.bad[j % len(self)] = True
+                        path = getattr(self.dataset, "samples", [[f"#{j}"]] * len(self))[j % len(self)][0]
+                        print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
             if self.train:
                 raise UserError("no image of --data could be read")
             return self.dataset.transform(Image.new("RGB", (64, 64))), -1  # a stand-in of the right shape
@@ -896,9 +901,11 @@ def log_epoch(args, stats):  # rank 0: one JSON line per epoch in OUTPUT_DIR/log
             f.write(json.dumps(stats) + "\n")
 
 def too_many_unreadable(failed, seen, final=False):
-    """Over 1% of the images unreadable? At the epoch's end (final): over 1% of them. Within it only beyond doubt
-    (above 1% of those seen by 3 standard deviations of a 1% rate, plus 2), whatever the batch size or order."""
-    return failed > 0.01 * seen + (0 if final else 3 * math.sqrt(0.0099 * seen) + 2)
+    """Over 1% of the files looked at unreadable (failed distinct bad files, seen images trained on)? At the epoch's end
+    (final): over 1% of them. Within it only beyond doubt (above 1% of those looked at by 3 standard deviations of a 1%
+    rate, plus 2), whatever the batch size or order."""
+    n = seen + failed
+    return failed > 0.01 * n + (0 if final else 3 * math.sqrt(0.0099 * n) + 2)
 
 class Meter:
     """The loader from the resume point as (step, batch), a tqdm bar of loss, lr and images/s (rank 0). The loss stays
@@ -907,7 +914,7 @@ class Meter:
     def __init__(self, loader, epoch, args, ckpt=None):
         p = ckpt and ckpt.progress or {"loss_sum": 0.0, "steps": 0, "seen": 0, "unreadable": 0}
         self.sum, self.count, self.seen, self.images = p["loss_sum"], p["steps"], p["seen"], 0
-        loader.dataset.failed.fill_(p["unreadable"])  # counted per epoch
+        loader.dataset.bad.zero_()[p["unreadable"] if isinstance(p["unreadable"], list) else []] = True  # per epoch
         if ckpt:
             ckpt.progress = None  # for the resumed epoch only
         self.args, self.t0, self.epoch, self.loader, self.start, self.steps = \
@@ -926,26 +933,29 @@ class Meter:
             loss = self.check(float(self.sum / self.count), step)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
     def progress(self):  # this epoch so far, for a mid-epoch checkpoint
-        return {"loss_sum": float(self.sum), "steps": self.count, "seen": self.seen, "unreadable": int(self.loader.dataset.failed)}
+        return {"loss_sum": float(self.sum), "steps": self.count, "seen": self.seen,
+                "unreadable": self.loader.dataset.bad.nonzero().flatten().tolist()}
     def check(self, loss, step, failed=None, seen=None, final=False):
         """A non-finite loss stops the run, naming the checkpoint to resume from; so do too many unreadable images."""
         if not math.isfinite(loss):
             last = os.path.join(self.args.output_dir, "checkpoint-last.pth")
             hint = f"resume with --resume {last}" if os.path.isfile(last) else "no checkpoint yet"
             raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none")
-        failed, seen = (int(self.loader.dataset.failed), self.seen) if failed is None else (failed, seen)
+        failed, seen = (self.loader.dataset.failed, self.seen) if failed is None else (failed, seen)
         if too_many_unreadable(failed, seen, final):
-            raise UserError(f"--data {self.args.data}: {failed} of {seen} images could not be read (over 1%); fix or "
-                            "remove the files named in the warnings above")
+            raise UserError(f"--data {self.args.data}: {failed} of the {seen + failed} images looked at could not be read "
+                            "(over 1%); fix or remove the files named in the warnings above")
         return loss
     def stats(self, epoch, lr):
-        """The epoch's mean loss over all processes (one all-reduce), checked before a checkpoint is written."""
-        total = torch.tensor([0.0, self.count, int(self.loader.dataset.failed), self.seen], device=self.args.device)
+        """The epoch's mean loss over all processes (one all-reduce, with each file's unreadable flags: a file that two
+        ranks met counts once), checked before a checkpoint is written."""
+        total = torch.cat([torch.tensor([0.0, self.count, self.seen]), self.loader.dataset.bad.float()]).to(self.args.device)
         total[0] = self.sum if torch.is_tensor(self.sum) else torch.tensor(self.sum)
         if dist.is_initialized():
             dist.all_reduce(total)
-        loss = self.check((total[0] / total[1]).item(), self.start + self.count - 1, int(total[2]), int(total[3]), True)
-        return {"epoch": epoch, "train_loss": loss, "lr": lr, "unreadable_images": int(total[2])}
+        failed = int((total[3:] > 0).sum())
+        loss = self.check((total[0] / total[1]).item(), self.start + self.count - 1, failed, int(total[2]), True)
+        return {"epoch": epoch, "train_loss": loss, "lr": lr, "unreadable_images": failed}
 
 # ---- Pictures: --visualize N ----------------------------------------------------------------------------------------
 def heat(values, size):
