@@ -404,8 +404,15 @@ def decode(img, box, size):
         s *= 2
     if s == 1 or img.format != "JPEG" or not img.draft("RGB", (img.width // s, img.height // s)):
         s = 1
-    img.load()  # decodes (an RGB image is then used as it is: convert would copy it)
-    return img if img.mode == "RGB" else img.convert("RGB"), (left / s, top / s, (left + w) / s, (top + h) / s), s
+    img.load()  # decodes
+    return to_rgb(img), (left / s, top / s, (left + w) / s, (top + h) / s), s
+
+def to_rgb(img):
+    """A decoded image as 8-bit RGB: RGB as it is (convert would copy it); 16-bit greyscale (PIL modes I;16*, I: PNG,
+    TIFF) scaled to 0..255 first, x / 257 rounded (the inverse of 8 -> 16 bit's 257 x; convert clips it at 255)."""
+    if img.mode.startswith("I"):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 def resize(img, box, s, size, resample=Image.BICUBIC):
     """decode()'s box resized to size x size: at full scale crop, resize (torchvision's resized_crop); else from the box."""
@@ -421,7 +428,7 @@ class View:
         self.size, self.scale, self.mask_fn, self.first = size, (crop_min, 1.0), mask_fn, first
     def __call__(self, img):
         if self.first is not None:  # on the whole image, fully decoded
-            img = self.first(img.convert("RGB"))
+            img = self.first(to_rgb(img))
         box = RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))  # (top, left, h, w), from the header only
         flip = bool(torch.rand(1) < 0.5)
         view = pil_to_tensor(resize(*decode(img, box, self.size), self.size))  # [3, size, size] uint8

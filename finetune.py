@@ -333,8 +333,9 @@ def build_optimizer(model, args):
 
 # ---- Training ---------------------------------------------------------------------------------------
 def rgb(img):
-    """The dataset's images are opened, not decoded (common.build_dataset): greyscale, CMYK, palette, RGBA -> RGB."""
-    return img.convert("RGB")
+    """The dataset's images are opened, not decoded (common.build_dataset): greyscale (16-bit too), CMYK, palette, RGBA
+    -> 8-bit RGB."""
+    return common.to_rgb(img)
 
 
 def build_transform(args, train=True):

@@ -2,6 +2,7 @@
 (CAE v2's ViT-T heads); 16-bit images decode to their 8-bit values; an epoch too short for --accum_iter is refused;
 a resume names the flags that differ and refuses those that change what is trained; sizes that cannot work are
 refused at the start."""
+import argparse
 import json
 import os
 
@@ -27,3 +28,28 @@ def test_unreadable_files_are_counted_once_whatever_the_batch(tmp_path):
         assert code == 0, (b, err[-2000:])
         assert json.loads((tmp_path / f"out{b}" / "log.txt").read_text())["unreadable_images"] == 3, b
         assert [err.count(f"a/{i}.png") for i in (100, 101, 102)] == [1, 1, 1], (b, err[-2000:])
+
+
+def test_16_bit_greyscale_images_decode_to_their_8_bit_values(tmp_path):
+    """A 16-bit greyscale PNG (PIL mode I;16) holding 257 x an 8-bit image (the usual 8 -> 16 bit expansion) must decode
+    to that 8-bit image, in the pre-training view (also through CAE v2's jitter path), finetune.py's train and val
+    transforms; PIL's convert("RGB") clipped it to 255 (a 0..65535 ramp came out at a mean of 254.5)."""
+    import torch
+    import common
+    import finetune
+    grey = np.random.default_rng(0).integers(0, 256, (64, 48), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    ft = [finetune.build_transform(argparse.Namespace(input_size=32, crop_min=0.5, mode=m, reprob=0), train=t)
+          for m, t in (("linprobe", True), ("finetune", True), ("linprobe", False))]
+    for transform in [common.View(32, 0.5), common.View(32, 0.5, first=lambda im: im), *ft]:
+        views = []
+        for name in ("8.png", "16.png"):
+            torch.manual_seed(0)
+            views.append(transform(Image.open(tmp_path / name)))
+        assert torch.equal(*views), transform
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    rgb, _, _ = common.decode(Image.open(tmp_path / "ramp.png"), (0, 0, 256, 256), 256)
+    assert abs(np.asarray(rgb).mean() - 65535 / 2 / 257) < 0.5  # 127.5, not 254.5
