@@ -87,6 +87,8 @@ def get_args(argv=None):
     args.drop_path = dpr if args.drop_path is None else args.drop_path
     args.regressor_depth = depth if args.regressor_depth is None else args.regressor_depth
     args.regressor_dim = args.regressor_dim or dim
+    # Sec. 3.1: ViT-T with 12 heads (VIT_CONFIGS: 3); in args, so the checkpoints tell finetune.py and the export
+    args.num_heads = 12 if args.model == "vit_tiny_patch16" else common.VIT_CONFIGS.get(args.model, (0, 0, 0, None))[3]
     if args.regressor_depth == 0 and not args.visible_align:
         raise common.UserError("--regressor_depth 0 --no-visible_align leaves no loss; drop one of the two")
     return args
@@ -236,8 +238,8 @@ def build_transform(args):
 
 def build_model(args):
     """-> (model, teacher): the trained student (F, H, head) and the frozen CLIP teacher."""
-    heads = {"num_heads": 12} if args.model == "vit_tiny_patch16" else {}  # Sec. 3.1: ViT-T with 12 heads
-    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=args.layer_scale, **heads)
+    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=args.layer_scale,
+                               num_heads=args.num_heads)  # 12 for ViT-T (Sec. 3.1)
     teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
     model = CAEv2(encoder, teacher.dim, args.regressor_dim, args.regressor_depth, args.drop_path, args.visible_align)
     return model.to(args.device), teacher

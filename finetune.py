@@ -189,7 +189,8 @@ def infer_model(enc, flag_value):
 
 def new_encoder(args, src):
     """The encoder's architecture rebuilt from the file: mr_mae's ConvViT when its args say so, else common.ViT
-    with layer scale when the file has ls1.gamma (CAE, CAE v2), at --input_size, with --drop_path."""
+    with layer scale when the file has ls1.gamma (CAE, CAE v2) and the head count of its args (CAE v2's ViT-T: 12),
+    at --input_size, with --drop_path."""
     if args.arch != "vit":
         try:
             import mr_mae
@@ -198,7 +199,7 @@ def new_encoder(args, src):
         return mr_mae.build_encoder(argparse.Namespace(**dict(src["args"], drop_path=args.drop_path,
                                                                input_size=args.input_size)))
     ls = 0.1 if "blocks.0.ls1.gamma" in src["encoder"] else None  # value irrelevant: loaded from the file
-    heads = src["args"].get("num_heads") or common.VIT_CONFIGS[args.model][3]
+    heads = src["args"].get("num_heads") or common.VIT_CONFIGS[args.model][3]  # (timm files: the name's)
     return common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=ls, num_heads=heads)
 
 
@@ -265,7 +266,7 @@ def export_timm(args, src):
         common.save_checkpoint(out, **sd)
     except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
         raise common.UserError(f"--export_timm {out}: cannot be written ({type(e).__name__}); pass a writable path") from None
-    p, dim, depth, heads = common.VIT_CONFIGS[args.model]
+    (p, dim, depth, _), heads = common.VIT_CONFIGS[args.model], args.num_heads
     kw = f"num_classes={sd['head.weight'].shape[0]}, global_pool='avg'" if "head.weight" in sd else "num_classes=0"
     kw += ", init_values=0.1" if "blocks.0.ls1.gamma" in sd else ""
     print(f"wrote {len(sd)} tensors to {args.export_timm}; load with timm.models.vision_transformer.VisionTransformer("
@@ -466,6 +467,8 @@ def main(argv=None):
         raise common.UserError(f"--model {args.model}: --finetune {args.finetune} holds a {own} encoder; pass "
                                f"--model {own} or leave --model out")
     args.model = own
+    if args.arch == "vit":  # the file's head count (CAE v2's ViT-T has 12), kept in this run's checkpoints too
+        args.num_heads = src["args"].get("num_heads") or common.VIT_CONFIGS[own][3]
     if args.export_timm:
         return export_timm(args, src)
     if src["method"] == "finetune":  # a finetune.py checkpoint brings its head: its mode and classes

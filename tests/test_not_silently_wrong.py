@@ -53,3 +53,33 @@ def test_16_bit_greyscale_images_decode_to_their_8_bit_values(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
     rgb, _, _ = common.decode(Image.open(tmp_path / "ramp.png"), (0, 0, 256, 256), 256)
     assert abs(np.asarray(rgb).mean() - 65535 / 2 / 257) < 0.5  # 127.5, not 254.5
+
+
+def test_a_cae_v2_vit_tiny_checkpoint_is_rebuilt_with_its_12_heads(tmp_path):
+    """CAE v2 trains ViT-T with 12 heads (Sec. 3.1), where VIT_CONFIGS' ViT-T has 3. Shapes do not depend on the head
+    count, so a checkpoint whose args did not carry it loaded into 3 heads in finetune.py (fine-tune, probes, --eval) and
+    its export printed num_heads=3: another network. finetune.py's encoder, from the pre-training checkpoint and from a
+    probe's own checkpoint, must compute what a 12-head ViT-T with the pre-trained weights computes."""
+    import torch
+    import common
+    import finetune
+    tiny = ["--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0"]
+    pre, probe = tmp_path / "pre" / "checkpoint-last.pth", tmp_path / "probe" / "checkpoint-last.pth"
+    runs = run_forked({
+        "pre": ["cae_v2.py"] + SMOKE + tiny + ["--fake_size", "8", "--output_dir", tmp_path / "pre"],
+        "export": ["finetune.py", "--finetune", pre, "--export_timm", tmp_path / "timm.pth"],
+        "probe": ["finetune.py", "--data", "fake", "--fake_size", "16", "--batch_size", "8", "--epochs", "1", "--finetune",
+                  pre, "--mode", "linprobe", "--input_size", "32", "--num_workers", "0", "--output_dir", tmp_path / "probe"]})
+    assert all(code == 0 for code, _, _ in runs.values()), {k: v[2][-1500:] for k, v in runs.items()}
+    assert "num_heads=12," in runs["export"][1], runs["export"][1]
+    x = torch.randn(2, 3, 32, 32)
+    reference = common.build_vit("vit_tiny_patch16", 32, init_values=0.1, num_heads=12).eval()
+    reference.load_state_dict({k[len("encoder."):]: t for k, t in torch.load(pre, weights_only=True)["model"].items()
+                               if k.startswith("encoder.")})
+    for path in (pre, probe):
+        src = finetune.read_pretrained(str(path))
+        ns = argparse.Namespace(arch="vit", model="vit_tiny_patch16", input_size=32, drop_path=0.0, finetune=path, rank=1)
+        encoder = finetune.new_encoder(ns, src)
+        finetune.load_encoder(encoder, src, ns)
+        with torch.no_grad():
+            torch.testing.assert_close(encoder.eval()(x), reference(x), msg=str(path))
