@@ -557,6 +557,11 @@ def build_loader(dataset, args, train=True):
     if train and len(dataset) // args.world_size < args.batch_size:
         raise UserError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is larger than the dataset "
                         f"({len(dataset)} images); lower --batch_size")
+    steps = len(dataset) // args.world_size // args.batch_size
+    if train and steps < getattr(args, "accum_iter", 1):  # (the rest of an epoch's accumulation is dropped: announce)
+        raise UserError(f"--accum_iter {args.accum_iter} is more than the {steps} steps of an epoch ({len(dataset)} "
+                        f"images, batch {args.batch_size} x {args.world_size} process(es)): the weights would never be "
+                        f"updated; lower --accum_iter or --batch_size")
     # its own generator: making an iterator must not draw from the training RNG (exact resume)
     return DataLoader(Samples(dataset, args.seed, train), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
                       num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"), worker_init_fn=ignore_signals,
@@ -692,6 +697,9 @@ def announce(args, name, dataset, steps, start_epoch=0, targets=None):
         print(f"warning: --warmup_epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the lr "
               f"peaks at {lr_at(args.epochs, args) / max(args.lr, 1e-30):.0%} of {args.lr:.3g} at the very end; "
               f"pass a shorter --warmup_epochs (the papers use about 10% of the run)", file=sys.stderr)
+    if steps % args.accum_iter:
+        print(f"warning: the {steps} steps of an epoch are not a multiple of --accum_iter {args.accum_iter}: the last "
+              f"{steps % args.accum_iter} of every epoch add to no update (dropped, as in MAE)", file=sys.stderr)
     if args.lr < args.min_lr:
         print(f"warning: the lr {args.lr:.3g} (at this batch) is below --min_lr {args.min_lr:.3g}, so the cosine rises "
               f"to it instead of decaying; pass a lower --min_lr (e.g. lr / 100) or a larger batch", file=sys.stderr)

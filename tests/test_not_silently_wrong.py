@@ -83,3 +83,19 @@ def test_a_cae_v2_vit_tiny_checkpoint_is_rebuilt_with_its_12_heads(tmp_path):
         finetune.load_encoder(encoder, src, ns)
         with torch.no_grad():
             torch.testing.assert_close(encoder.eval()(x), reference(x), msg=str(path))
+
+
+def test_an_epoch_shorter_than_accum_iter_is_refused_and_a_dropped_remainder_is_said(tmp_path):
+    """4 steps an epoch (32 images, batch 8): --accum_iter 8 never updated the weights (3 epochs, exit 0, an empty
+    optimizer state): refused before anything is written. --accum_iter 3: the 4th step of every epoch is dropped (as in
+    MAE): said at the start."""
+    from test_operations import FAST
+    runs = run_forked({"8": ["milan.py"] + FAST + ["--accum_iter", "8", "--epochs", "3", "--output_dir", tmp_path / "a"],
+                       "3": ["milan.py"] + FAST + ["--accum_iter", "3", "--output_dir", tmp_path / "b"]})
+    line = error_line(runs["8"])
+    assert "--accum_iter 8" in line and "4 steps" in line, line
+    assert not (tmp_path / "a").exists()
+    code, _, err = runs["3"]
+    assert code == 0, err[-2000:]
+    said = [x for x in err.splitlines() if "--accum_iter 3" in x]
+    assert len(said) == 1 and "4 steps" in said[0] and "the last 1 " in said[0], err[-2000:]
