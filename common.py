@@ -620,6 +620,8 @@ def get_parser(description, pretrain=True, helps=None):
     a("--crop_min", type=Range(float, "(0, 1]"), default=0.2, help="RandomResizedCrop scale = (crop_min, 1)")
     a("--output_dir", default="./output", help="checkpoints and log.txt")
     a("--resume", default="", help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint-last.pth if any")
+    a("--resume_changes", action="store_true", help="go on from --resume although flags that change what is trained "
+      "(sampler, ratios, losses, recipe, data) differ from its checkpoint's; every changed flag is named at the start")
     a("--save_freq", type=COUNT, default=20, help="keep checkpoint-<epoch>.pth every this many epochs")
     a("--save_every_minutes", type=NONNEG, default=30, help="also write checkpoint-last.pth within an epoch when this "
       "many minutes have passed since the last one (checked every --log_every updates; 0: off)")
@@ -784,6 +786,21 @@ def load_model(model, ckpt, path, args):
         raise UserError(f"--resume {path} does not fit this model: it was written with " + (", ".join(diff[:4]) or
                         "other model flags") + "; pass the flags it was written with") from None
 
+RUN_MECHANICS = {"output_dir", "resume", "resume_changes", "data", "teacher_weights", "dalle_weights", "finetune", "eval",
+                 "export_timm", "epochs", "batch_size", "accum_iter", "world_size", "num_workers", "amp", "compile",
+                 "device", "rank", "log_every", "save_freq", "save_every_minutes", "save_every_steps", "visualize"}
+
+def flag_changes(old, args):
+    """A resume's flags against its checkpoint's args -> (every difference as '--flag OLD (now NEW)', those that change
+    what is trained: every flag but the run mechanics above (paths, length, workers, logging, saving, how the batch
+    is split), and the batch per update). Flags the checkpoint lacks (added since) are not compared."""
+    new = dict(vars(args), per_update=args.batch_size * args.accum_iter * args.world_size)
+    old = dict(old, per_update=old.get("batch_size", 0) * old.get("accum_iter", 1) * old.get("world_size", 1))
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    diff = {k: ("the batch per update " if k == "per_update" else f"--{k} ") + f"{old[k]} (now {v})"
+            for k, v in new.items() if k in old and plain(old[k]) != plain(v)}
+    return list(diff.values()), [d for k, d in diff.items() if k not in RUN_MECHANICS]
+
 def rng_state():
     """This process's training RNGs (torch CPU and CUDA, numpy, python), as weights_only types."""
     np_state = np.random.get_state()
@@ -846,6 +863,12 @@ class Checkpointer:
             ckpt = load_checkpoint(path, self.method)
             load_model(self.model, ckpt, path, args)
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            changes, trained = flag_changes(ckpt.get("args", {}), args) if not fresh_ok else ([], [])
+            if trained and not args.resume_changes:  # the same on every rank
+                rest = [c for c in changes if c not in trained]
+                raise UserError(f"--resume {path}: {', '.join(trained)} change what is trained (the run would be neither "
+                                f"its checkpoint's nor a new one); pass its values, or --resume_changes to go on with them"
+                                + (f" (also changed: {', '.join(rest)})" if rest else ""))
         own = bool(path) and os.path.abspath(path) == os.path.abspath(self.last)
         taken, other = run_of(args.output_dir) if not (fresh_ok or own) and args.rank == 0 else ([], None)
         hint = f"resume {path} into a fresh --output_dir" if path else "pass --resume auto to continue it, or a fresh " \
@@ -867,7 +890,7 @@ class Checkpointer:
             set_rng_state(ckpt["rng"][args.rank])
             self.progress = (ckpt.get("progress") or [None] * args.world_size)[args.rank] if step else None
         if args.rank == 0:
-            print(f"resumed from {path}: epoch {epoch}, step {step}")
+            print(f"resumed from {path}: epoch {epoch}, step {step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
         RUN["saved"] = (epoch, step)
         return epoch, step
     def save(self, epoch, step, keep=False, meter=None):

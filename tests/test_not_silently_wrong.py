@@ -99,3 +99,33 @@ def test_an_epoch_shorter_than_accum_iter_is_refused_and_a_dropped_remainder_is_
     assert code == 0, err[-2000:]
     said = [x for x in err.splitlines() if "--accum_iter 3" in x]
     assert len(said) == 1 and "4 steps" in said[0] and "the last 1 " in said[0], err[-2000:]
+
+
+def test_a_resume_names_every_changed_flag_and_refuses_those_that_change_training(tmp_path):
+    """A finished 1-epoch MILAN run, resumed for a 2nd epoch: with --mask_type, --mask_ratio or --fake_size changed (its
+    sampler, its ratio, its data; shapes do not change, so the weights loaded and it went on: neither the old run nor a
+    new one) it is refused with one line naming the flag and its old value, and nothing is written; with
+    --resume_changes it goes on, its start naming every changed flag; run mechanics (--epochs, --num_workers,
+    --log_every) change freely."""
+    from test_nothing_lost import snapshot
+    from test_operations import FAST
+    out = tmp_path / "run"
+    first = run_forked({"first": ["milan.py"] + FAST + ["--output_dir", out]})["first"]
+    assert first[0] == 0, first[2][-2000:]
+    before = snapshot(out)
+    on = ["milan.py"] + FAST + ["--output_dir", out, "--resume", "auto", "--epochs", "2"]
+    runs = run_forked({"mask_type": on + ["--mask_type", "random"], "mask_ratio": on + ["--mask_ratio", "0.5"],
+                       "fake_size": on + ["--fake_size", "40"]})
+    for flag, old, new in (("mask_type", "attention", "random"), ("mask_ratio", "0.75", "0.5"), ("fake_size", "32", "40")):
+        refused, _, also = error_line(runs[flag]).partition("also changed")
+        assert f"--{flag} {old} (now {new})" in refused and "--resume_changes" in refused, refused
+        assert "--epochs" not in refused and "--epochs 1 (now 2)" in also, also  # named, not refused
+    assert snapshot(out) == before
+    runs = run_forked({"meant": on + ["--mask_type", "random", "--resume_changes", "--num_workers", "1",
+                                      "--log_every", "2"]})
+    code, stdout, err = runs["meant"]
+    assert code == 0, err[-2000:]
+    said = [x for x in stdout.splitlines() if x.startswith("resumed from")]
+    assert len(said) == 1 and all(f in said[0] for f in ("--mask_type attention (now random)", "--epochs 1 (now 2)",
+                                                         "--num_workers 0 (now 1)", "--log_every 20 (now 2)")), stdout
+    assert [json.loads(x)["epoch"] for x in (out / "log.txt").read_text().splitlines()] == [0, 1]
