@@ -89,6 +89,9 @@ def get_args(argv=None):
     args.regressor_dim = args.regressor_dim or dim
     # Sec. 3.1: ViT-T with 12 heads (VIT_CONFIGS: 3); in args, so the checkpoints tell finetune.py and the export
     args.num_heads = 12 if args.model == "vit_tiny_patch16" else common.VIT_CONFIGS.get(args.model, (0, 0, 0, None))[3]
+    if args.regressor_depth and args.num_heads:  # the regressor has the encoder's heads
+        common.check_width(args.regressor_dim, args.num_heads, f"--regressor_dim {args.regressor_dim} with the "
+                           f"encoder's {args.num_heads} heads")
     if args.regressor_depth == 0 and not args.visible_align:
         raise common.UserError("--regressor_depth 0 --no-visible_align leaves no loss; drop one of the two")
     return args

@@ -213,12 +213,20 @@ class Teacher(nn.Module):
 # ---- Masking: bool mask [B, N], True = hidden from the encoder; pixel targets ---------------------------------
 def num_visible(num_patches, mask_ratio, allow_zero=False):
     """floor(N (1 - r)), the patches the encoder sees (49 of 196 at r = 0.75); allow_zero: r = 0 is valid (MaskAlign)."""
-    n = int(num_patches * (1 - mask_ratio) + 1e-6)  # + 1e-6 so that 196 * 0.25 cannot floor to 48
     low, most = (0 <= mask_ratio, num_patches) if allow_zero else (0 < mask_ratio, num_patches - 1)
-    if not (low and mask_ratio < 1) or not 0 < n <= most:
+    if most < 1:
+        raise UserError(f"--input_size: {num_patches} patch leaves none to mask; pass a larger --input_size")
+    n = int(num_patches * (1 - mask_ratio) + 1e-6) if low and mask_ratio < 1 else 0  # + 1e-6: 196 * 0.25 is 49, not 48
+    if not 0 < n <= most:  # (NaN fails both comparisons: n = 0)
         raise UserError(f"--mask_ratio {mask_ratio} must be in {'[' if allow_zero else '('}0, 1) and leave 1 to "
                         f"{most} of the {num_patches} patches visible")
     return n
+
+def check_width(width, heads, what):
+    """A transformer's width must split into its heads and into the 4 parts of the 2-D sin-cos position embedding."""
+    if width % heads or width % 4:
+        raise UserError(f"{what}: the width must be a multiple of 4 (2-D sin-cos positions) and of the heads; pass a "
+                        f"multiple of {math.lcm(heads, 4)}")
 
 def gather(x, ids):
     """The tokens of x [B, N, C] at ids [B, L] (e.g. ids_keep, ids_mask) -> [B, L, C]."""
@@ -476,6 +484,10 @@ def build_dataset(args, transform, split="train"):
         if split != "train" or os.path.isdir(os.path.join(args.data, "val")):
             raise UserError(f"--data {args.data}: has " + (f"no '{split}' folder" if split != "train" else
                             "a 'val' folder but no 'train' folder, so val would be trained on as a class") + f"; {layout}")
+        odd = [e.name for e in os.scandir(args.data) if e.is_dir() and e.name.lower() in ("train", "val")]
+        if odd:  # e.g. 'Val' (a case-sensitive 'val' test let it through)
+            raise UserError(f"--data {args.data}: has a '{odd[0]}' folder beside class folders, which would be trained "
+                            f"on as a class; name the splits 'train' and 'val' ({layout})")
         root = args.data  # DIR/<class>/<image>: pre-training needs no val split
     try:
         return datasets.ImageFolder(root, transform=transform, loader=Image.open)  # the header read; the view decodes
@@ -606,7 +618,7 @@ def get_parser(description, pretrain=True, helps=None):
     if pretrain:
         a("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny (a 2-block CLIP tower)")
         a("--teacher_weights", default="openai", help="'openai' (downloads), a local file, or 'none' (random)")
-        a("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
+        a("--mask_ratio", type=FRACTION, default=0.75, help="fraction of patches hidden from the encoder")
     a("--batch_size", type=COUNT, default=64, help="per process")
     a("--accum_iter", type=COUNT, default=1, help="gradient accumulation steps")
     a("--epochs", type=COUNT, default=400, help="training epochs")

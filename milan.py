@@ -56,6 +56,8 @@ def get_args(argv=None):
     sizes = (64, 2, 2) if args.model == "vit_nano_patch16" else (512, 8, 16)  # width, depth, heads
     args.decoder_dim, args.decoder_depth, args.decoder_heads = (
         given or default for given, default in zip((args.decoder_dim, args.decoder_depth, args.decoder_heads), sizes))
+    common.check_width(args.decoder_dim, args.decoder_heads, f"--decoder_dim {args.decoder_dim}, --decoder_heads "
+                       f"{args.decoder_heads}")
     return args
 
 

@@ -83,6 +83,10 @@ def get_args(argv=None):
     sizes = (64, 2, 2) if nano else (512, 8, 16)  # width, depth, heads
     args.decoder_dim, args.decoder_depth, args.decoder_heads = (
         given or default for given, default in zip((args.decoder_dim, args.decoder_depth, args.decoder_heads), sizes))
+    common.check_width(args.decoder_dim, args.decoder_heads, f"--decoder_dim {args.decoder_dim}, --decoder_heads "
+                       f"{args.decoder_heads}")
+    if not any(args.loss_weights):
+        raise common.UserError("--loss_weights 0 0 leaves no loss to train; give L_R or L_M a weight (Table 3: 1 0, 0 1)")
     return args
 
 

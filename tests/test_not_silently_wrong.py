@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import SMOKE, run_forked
@@ -129,3 +130,33 @@ def test_a_resume_names_every_changed_flag_and_refuses_those_that_change_trainin
     assert len(said) == 1 and all(f in said[0] for f in ("--mask_type attention (now random)", "--epochs 1 (now 2)",
                                                          "--num_workers 0 (now 1)", "--log_every 20 (now 2)")), stdout
     assert [json.loads(x)["epoch"] for x in (out / "log.txt").read_text().splitlines()] == [0, 1]
+
+
+def test_settings_that_cannot_train_are_refused_at_the_start(tmp_path):
+    """No loss at all (MR-MAE --loss_weights 0 0: it trained a loss of 0.0 and exited 0, where CAE v2 refuses its own
+    no-loss flags), a NaN mask ratio, widths that do not split into their heads or into the 4 parts of the 2-D sin-cos
+    positions (tracebacks at the first step or the build), and a 'Val' folder beside class folders (taken as a class:
+    the guard only knew 'val'): one error line each, and no folder made."""
+    tiny_pngs(tmp_path / "data", 4)
+    tiny_pngs(tmp_path / "data" / "Val", 4)
+    out = ["--output_dir", tmp_path / "out"]
+    runs = run_forked({
+        "no loss": ["mr_mae.py"] + SMOKE + out + ["--loss_weights", "0", "0"],
+        "nan": ["milan.py"] + SMOKE + out + ["--mask_ratio", "nan"],
+        "milan heads": ["milan.py"] + SMOKE + out + ["--decoder_heads", "3"],
+        "mr_mae width": ["mr_mae.py"] + SMOKE + out + ["--decoder_dim", "10"],
+        "cae_v2 width": ["cae_v2.py"] + SMOKE + out + ["--regressor_dim", "7"],
+        "Val": ["milan.py"] + SMOKE + out + ["--data", tmp_path / "data"]})
+    words = {"no loss": ["--loss_weights 0 0", "no loss"], "nan": ["--mask_ratio", "nan"],
+             "milan heads": ["--decoder_dim 64", "--decoder_heads 3", "multiple of 12"],
+             "mr_mae width": ["--decoder_dim 10", "multiple of 4"], "cae_v2 width": ["--regressor_dim 7", "multiple of 4"],
+             "Val": ["'Val'", "class"]}
+    for case, run in runs.items():
+        line = error_line(run)
+        assert all(w in line for w in words[case]), (case, line)
+    assert not (tmp_path / "out").exists()
+    import common
+    for ratio in (float("nan"), float("inf")):
+        with pytest.raises(common.UserError, match="--mask_ratio"):
+            common.num_visible(196, ratio)
+
