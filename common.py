@@ -866,6 +866,7 @@ class Checkpointer:
         self.args, self.method, self.model, self.optimizer = args, method, model, optimizer
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")  # loss scaling for fp16 only
         self.last, self.saved_at, self.progress = os.path.join(args.output_dir, "checkpoint-last.pth"), time.time(), None
+        self.extra = {}  # what a script keeps across a resume besides the model (finetune.py: its best top-1)
     def resume(self, fresh_ok=False):
         """Restore from --resume (auto: OUTPUT_DIR's checkpoint-last.pth, if any) -> (epoch, step) to go on at. An output
         dir holding another run's files (a checkpoint but the one resumed, a log.txt) is refused: nothing is ever
@@ -893,6 +894,7 @@ class Checkpointer:
             return 0, 0
         if ckpt.get("scaler"):  # empty when saved without fp16
             self.scaler.load_state_dict(ckpt["scaler"])
+        self.extra = ckpt.get("extra", {})
         epoch, step, old = ckpt["epoch"], ckpt.get("step", 0), ckpt.get("args", {})
         if step and (old.get("world_size"), old.get("batch_size")) != (args.world_size, args.batch_size):
             print(f"warning: {path} was written by {old.get('world_size')} process(es) x batch {old.get('batch_size')}; "
@@ -914,6 +916,7 @@ class Checkpointer:
             state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          epoch=epoch, step=step, rng=[r for r, _ in ranks], progress=[p for _, p in ranks],
                          args=dict(vars(self.args)), method=self.method)
+            state.update({"extra": self.extra} if self.extra else {})
             save_checkpoint(self.last, **state)
             if keep:
                 save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth"), **state)

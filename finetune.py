@@ -66,8 +66,8 @@ def get_args(argv=None):
         "--weight_decay": "weight decay: AdamW's (finetune), LARS's (linprobe) or SGD's (attnprobe); unset: the mode's"})
     p.set_defaults(**{k: None for k in RECIPES["finetune"]}, betas=(0.9, 0.999), crop_min=0.08)  # MAE / timm crop (0.08, 1)
     a = p.add_argument
-    a("--mode", choices=list(RECIPES), default="finetune", help="end to end (MAE/BEiT), linear probe (MAE), or "
-      "attentive probe (CAE Sec. 4.2); unset --batch_size/--blr/--epochs/--warmup_epochs/--weight_decay/"
+    a("--mode", choices=list(RECIPES), help="end to end (MAE/BEiT), linear probe (MAE), or attentive probe (CAE Sec. "
+      "4.2); default: finetune, or with --eval that of the --finetune checkpoint; unset --batch_size/--blr/--epochs/--warmup_epochs/--weight_decay/"
       "--min_lr/--drop_path take the mode's recipe: " +
       "; ".join(f"{m}: " + " ".join(f"{k}={v:g}" for k, v in r.items()) for m, r in RECIPES.items()))
     a("--finetune", required=True, metavar="CKPT", help="a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or "
@@ -84,7 +84,7 @@ def get_args(argv=None):
     a("--reprob", type=common.Range(float, "[0, 1]"), default=0.25, help="finetune: random erasing probability (MAE, CAE)")
     a("--export_timm", metavar="OUT.pth", help="write the --finetune encoder with timm's keys to OUT.pth and exit")
     args = p.parse_args(argv)
-    for k, v in RECIPES[args.mode].items():
+    for k, v in RECIPES[args.mode or "finetune"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     return args
 
@@ -472,10 +472,12 @@ def main(argv=None):
     if args.export_timm:
         return export_timm(args, src)
     if src["method"] == "finetune":  # a finetune.py checkpoint brings its head: its mode and classes
-        if args.mode != src["args"]["mode"] and not args.eval:
-            raise common.UserError(f"--finetune {args.finetune} is a --mode {src['args']['mode']} checkpoint; pass "
-                                   f"--mode {src['args']['mode']} to train it further, or --eval")
-        args.mode, args.nb_classes = src["args"]["mode"], src["args"]["nb_classes"]
+        mode = src["args"]["mode"]
+        if (args.mode or (mode if args.eval else "finetune")) != mode:
+            raise common.UserError(f"--mode {args.mode or 'finetune'}: --finetune {args.finetune} is a --mode {mode} "
+                                   f"checkpoint; pass --mode {mode} to train it further (--eval alone takes its mode)")
+        args.mode, args.nb_classes = mode, src["args"]["nb_classes"]
+    args.mode = args.mode or "finetune"
     if args.eval and src["method"] != "finetune" and not args.resume:
         raise common.UserError(f"--eval: {args.finetune} holds no trained head (a {src['method'] or 'timm-format'} "
                                f"encoder); train one first (--mode linprobe, attnprobe or finetune), then --eval its "
@@ -507,14 +509,14 @@ def main(argv=None):
     trained = model if model.kind == "finetune" else model.head  # DDP around the trained modules only
     trained = DDP(trained) if args.world_size > 1 else trained
     trained = torch.compile(trained) if args.compile else trained
-    mix, best = build_mixup(args), 0.0
+    mix, best = build_mixup(args), ckpt.extra.get("best_acc1", 0.0)  # (over the epochs before a resume too)
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
         stats = train_one_epoch(model, trained, loader, optimizer, ckpt.scaler, mix, epoch, args, ckpt)
         stats.update(evaluate(model, val_loader, args))
+        best = ckpt.extra["best_acc1"] = max(best, stats["acc1"])
         ckpt.epoch_done(epoch)
         common.log_epoch(args, stats)
-        best = max(best, stats["acc1"])
         if args.rank == 0:
             print(f"epoch {epoch}: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['val_loss']:.4f} "
                   f"on {scored(stats)} (best top-1 {best:.2f}%)")

@@ -3,6 +3,8 @@
 a resume names the flags that differ and refuses those that change what is trained; sizes that cannot work are
 refused at the start."""
 import argparse
+import contextlib
+import io
 import json
 import os
 
@@ -160,3 +162,47 @@ def test_settings_that_cannot_train_are_refused_at_the_start(tmp_path):
         with pytest.raises(common.UserError, match="--mask_ratio"):
             common.num_visible(196, ratio)
 
+
+@pytest.fixture(scope="module")
+def linprobe_run(tmp_path_factory):
+    """finetune.py --mode linprobe on a random nano ViT (a timm-format file) for 1 epoch, then resumed for a 2nd,
+    in this process, with evaluate() giving top-1 50% after epoch 0 and 20% after epoch 1: -> (folder, stdout of
+    the resumed run)."""
+    import torch
+    import common
+    import finetune
+    tmp = tmp_path_factory.mktemp("linprobe")
+    torch.save(common.build_vit("vit_nano_patch16").state_dict(), tmp / "random.pth")
+    flags = ["--data", "fake", "--fake_size", "16", "--batch_size", "8", "--num_workers", "0", "--input_size", "32",
+             "--finetune", str(tmp / "random.pth"), "--mode", "linprobe", "--output_dir", str(tmp / "lp")]
+    real, scores = finetune.evaluate, iter([50.0, 20.0])
+    stats = lambda *a: dict(real(*a), acc1=next(scores))  # noqa: E731
+    finetune.evaluate = stats
+    try:
+        finetune.main(flags + ["--epochs", "1"])
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            finetune.main(flags + ["--epochs", "2", "--resume", "auto"])
+    finally:
+        finetune.evaluate = real
+    return tmp / "lp", printed.getvalue()
+
+
+def test_finetune_best_top1_remembers_the_epochs_before_a_resume(linprobe_run):
+    folder, printed = linprobe_run
+    assert [json.loads(x)["acc1"] for x in (folder / "log.txt").read_text().splitlines()] == [50.0, 20.0]
+    line = [x for x in printed.splitlines() if x.startswith("epoch 1:")][0]
+    assert line.endswith("(best top-1 50.00%)"), line  # it said 20.00%: epoch 0 was forgotten
+
+
+def test_eval_with_another_mode_than_the_checkpoints_is_refused(linprobe_run, capsys):
+    """--eval --mode attnprobe on a linprobe checkpoint evaluated it as a linear probe; --eval alone takes its mode."""
+    import common
+    import finetune
+    folder, _ = linprobe_run
+    base = ["--data", "fake", "--num_workers", "0", "--input_size", "32", "--finetune", str(folder / "checkpoint-last.pth"),
+            "--eval"]
+    with pytest.raises(SystemExit) as e:
+        common.cli(finetune.main, base + ["--mode", "attnprobe"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --mode attnprobe") and "linprobe" in err, err
+    assert common.cli(finetune.main, base) is None and "eval " in capsys.readouterr().out
