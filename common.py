@@ -2,8 +2,8 @@
 MILAN Eq. 3's class-token attention, masking, pixel targets), then, behind one divider, the machinery. Whatever an
 ablation could change (sampler, decoder, loss, recipe) lives in the method file. Conventions: mask bool [B, N], True =
 hidden from the encoder; ids_keep sorted ascending; tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, atexit, json, logging, math, multiprocessing, os, random, signal, socket, sys, time, traceback
-import warnings, zipfile
+import argparse, atexit, fcntl, json, logging, math, multiprocessing, os, random, signal, socket, sys, time
+import traceback, warnings, zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -281,7 +281,7 @@ def pixel_targets(images, patch=16, norm_pix=True):
     return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** 0.5 if norm_pix else x
 
 # ======== The machinery: entry point, teacher weights, data, command line, torchrun, optimiser, checkpoints, pictures ========
-RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None, "stop": None}  # where this process is
+RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None, "stop": None, "lock": None}  # where this process is
 
 class Stopped(Exception):
     """SIGTERM or Ctrl-C: the run stops (training: after the update in progress and a checkpoint)."""
@@ -558,6 +558,8 @@ class Samples(torch.utils.data.Dataset):
 
 def ignore_signals(worker_id):  # DataLoader workers: Ctrl-C and SIGTERM are the main process's to handle
     signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if RUN["lock"] is not None:  # (its lock dies with the main process, not with a worker that outlives it)
+        os.close(RUN["lock"])
 
 def build_loader(dataset, args, train=True):
     if dist.is_initialized():  # every rank must split the same list of images, or the ranks' step counts differ
@@ -691,6 +693,39 @@ def make_output_dir(args):
             os.remove(os.path.join(args.output_dir, ".write_test"))
         except OSError as e:
             raise UserError(f"--output_dir {args.output_dir}: not writable ({e.strerror})") from None
+
+def hold_output_dir(args, make=True):
+    """Rank 0: make --output_dir (make) and hold OUTPUT_DIR/.lock (flock) for the run's life, with its pid, host and
+    command in it -> a problem line, or None. The kernel drops the lock when the process ends, however it ends, so a
+    dead run never blocks its relaunch. make=False: only look for a live run's lock (nothing is written)."""
+    path, fd = os.path.join(args.output_dir, ".lock"), None
+    try:
+        if make:
+            make_output_dir(args)
+        if RUN["lock"] is None and (make or os.path.isfile(path)):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            RUN["lock"], fd = fd, None
+        if make and RUN["lock"] is not None:
+            os.ftruncate(RUN["lock"], 0)
+            os.pwrite(RUN["lock"], f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M')}: "
+                      f"{' '.join(sys.argv)}\n".encode(), 0)
+    except UserError as e:
+        return str(e)
+    except BlockingIOError:  # held: name the run that holds it (it writes its line just after taking the lock)
+        owner = ""
+        for _ in range(20):
+            owner = owner or open(path).read().strip() or time.sleep(0.05) or ""
+        return f"--output_dir {args.output_dir} is in use by a live run ({owner or 'starting'}); wait for it to end, " \
+               f"or pass another --output_dir"
+    except OSError as e:  # a filesystem without flock (see README), or a folder that is not ours to write: no lock
+        if make:
+            print(f"warning: --output_dir {args.output_dir}: cannot be locked ({e.strerror}); a second run there would "
+                  f"not be refused", file=sys.stderr)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return None
 
 def announce(args, name, dataset, steps, start_epoch=0, targets=None):
     """Rank 0: the run and its lr arithmetic in two lines (every flag is in each checkpoint's 'args'), warnings; for a
@@ -883,13 +918,15 @@ class Checkpointer:
                                 f"its checkpoint's nor a new one); pass its values, or --resume_changes to go on with them"
                                 + (f" (also changed: {', '.join(rest)})" if rest else ""))
         own = bool(path) and os.path.abspath(path) == os.path.abspath(self.last)
-        taken, other = run_of(args.output_dir) if not (fresh_ok or own) and args.rank == 0 else ([], None)
+        live = hold_output_dir(args, make=False) if not fresh_ok and args.rank == 0 else None  # a live run's, first
+        taken, other = run_of(args.output_dir) if not (fresh_ok or own or live) and args.rank == 0 else ([], None)
         hint = f"resume {path} into a fresh --output_dir" if path else "pass --resume auto to continue it, or a fresh " \
             "--output_dir to start a new one" if other == self.method else "pass a fresh --output_dir"
-        agree(f"--output_dir {args.output_dir} already holds a{' ' + other if other else ''} run ({', '.join(taken[:3])}"
-              f"{' ...' if len(taken) > 3 else ''}); {hint}: nothing there is overwritten" if taken else None)
-        if not fresh_ok:
-            make_output_dir(args)
+        agree(live or (f"--output_dir {args.output_dir} already holds a{' ' + other if other else ''} run ("
+                       f"{', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''}); {hint}: nothing there is overwritten"
+                       if taken else None))
+        if not fresh_ok:  # made and held by rank 0 (two runs that passed the check at once: the lock takes one)
+            agree(hold_output_dir(args) if args.rank == 0 else None)
         if not path:
             return 0, 0
         if ckpt.get("scaler"):  # empty when saved without fp16
