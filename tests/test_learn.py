@@ -193,8 +193,31 @@ def test_out_folder_learn_py_did_not_make_is_refused(tmp_path):
         learn.prepare_out(str(tmp_path / "afile"))
     own = learn.prepare_out(str(tmp_path / "own"))
     open(os.path.join(own, "old_run.txt"), "w").close()
+    learn.own(own, os.path.join(own, "old_run.txt"))  # as learn.py records what it writes
     assert sorted(os.listdir(learn.prepare_out(own))) == [learn.MARKER]
     assert learn.prepare_out(str(tmp_path / "empty_dir_ok")).endswith("empty_dir_ok")
+
+
+def test_a_folder_learn_py_made_is_emptied_of_its_own_files_only(tmp_path):
+    """learn.py emptied a folder it had made before, whatever else was in it: a user's notes beside its runs, or results
+    inside a run's folder, were deleted. It removes only the files it recorded writing (its marker lists them); any
+    other file makes it refuse, naming it, with nothing removed."""
+    out = learn.prepare_out(str(tmp_path / "work"))
+    for name in ("teacher.pth", "milan/log.txt", "milan/checkpoint-last.pth", "data/train/a/00000.jpg"):
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        open(os.path.join(out, name), "w").write("learn.py's")
+    learn.own(out, os.path.join(out, "teacher.pth"), os.path.join(out, "milan"), os.path.join(out, "data"))
+    mine = {"notes.txt": "my notes", os.path.join("milan", "results.md"): "my results"}
+    for name, text in mine.items():
+        open(os.path.join(out, name), "w").write(text)
+    for name in list(mine):
+        before = sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs)
+        with pytest.raises(learn.UserError, match=os.path.basename(name)):
+            learn.prepare_out(out)
+        assert sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs) == before
+        assert open(os.path.join(out, name)).read() == mine[name]
+        os.remove(os.path.join(out, name))
+    assert sorted(os.listdir(learn.prepare_out(out))) == [learn.MARKER]  # now only its own: emptied
 
 
 def test_help_shows_defaults_and_the_control_row(capsys):
