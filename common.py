@@ -1125,6 +1125,8 @@ def visualize(args, dataset, model, teacher, forward_step, method):
         draw_text(draw, xy, text)
     if args.rank == 0:
         make_output_dir(args)
-        sheet.save(os.path.join(args.output_dir, "visualize.png"))
-        print(f"wrote {os.path.join(args.output_dir, 'visualize.png')}: {len(rows)} images ({', '.join(names)}), columns "
-              + " | ".join(titles))
+        k = 0
+        while os.path.exists(path := os.path.join(args.output_dir, f"visualize{f'-{k}' if k else ''}.png")):
+            k += 1  # beside an earlier picture, never over it
+        sheet.save(path)
+        print(f"wrote {path}: {len(rows)} images ({', '.join(names)}), columns " + " | ".join(titles))

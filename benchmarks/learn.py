@@ -104,9 +104,9 @@ def get_args(argv=None):
     a("--out", default="learn_out", help="work folder (data, teacher, runs); a folder an earlier learn.py run made "
       "(its marker file " + MARKER + ", which lists what it wrote) is emptied of those files first; a folder that "
       "holds any other file is refused")
-    a("--json", help="write one record per row (method, probe_top1, finetune_top1, pretrain_s, probe_s, "
+    a("--json", help="write (a new file) one record per row (method, probe_top1, finetune_top1, pretrain_s, probe_s, "
       "final_pretrain_loss, colour_r2, teacher_r2) and, with --cae_fig4, one per Fig. 4 run")
-    a("--plot", help="write a PNG: pre-training loss per method over steps, probe top-1 as bars (with --cae_fig4 "
+    a("--plot", help="write (a new file) a PNG: pre-training loss per method over steps, probe top-1 as bars (with --cae_fig4 "
       "also the Fig. 4 picture, beside it as <name>_cae_fig4.png)")
     a("--seed", type=common.SIZE, default=0, help="data, teacher, students and probes")
     a("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="rows to pre-train; mae_pixel is "
@@ -594,7 +594,8 @@ def cae_fig4(args, data, log, env, cae_row=None):
                  picture)
     own(out, picture)
     if args.plot:
-        shutil.copyfile(picture, os.path.splitext(args.plot)[0] + "_cae_fig4.png")
+        with open(picture, "rb") as f, open(fig4_copy(args.plot), "xb") as copy:  # "x": never over a file
+            shutil.copyfileobj(f, copy)
     print("\n| CAE Fig. 4 (seeds) | recon MSE, all patches | recon MSE, masked patches | pretext MSE |\n|---|---|---|---|")
     for weight in (2, 0):
         rs = [r for r in records if r["align_weight"] == weight]
@@ -637,7 +638,8 @@ def plot(rows, curves, steps_per_epoch, path):
         d.rectangle([x1, y, x1 + bw, y + 26], outline=(220, 220, 220))
         d.rectangle([x1, y, x1 + bw * r["probe_top1"] / 100, y + 26], fill=colours.get(r["method"], "black"))
         d.text((x1 + bw + 6, y + 8), f"{r['probe_top1']:.1f}", fill="black", font=font)
-    im.save(path)
+    with open(path, "xb") as f:  # never over a file
+        im.save(f, format="PNG")
 
 
 def files_under(out, path):
@@ -679,8 +681,24 @@ def prepare_out(path):
     return out
 
 
+def fig4_copy(plot_path):
+    return os.path.splitext(plot_path)[0] + "_cae_fig4.png"
+
+
+def check_new(args):
+    """--json, --plot and the Fig. 4 picture beside --plot are new files: refused now, before the run, if one exists
+    (learn.py never overwrites a file) or its folder does not."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--plot", args.cae_fig4 and args.plot and
+                                                                       fig4_copy(args.plot))):
+        problem = "exists; pass a new file name (learn.py never overwrites a file)" if path and os.path.exists(path) \
+            else "its folder does not exist" if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))) else None
+        if problem:
+            raise UserError(f"{flag} {path}: {problem}")
+
+
 def main(argv=None):
     args = get_args(argv)
+    check_new(args)
     t_start = time.time()
     log = lambda s: print(f"[{time.time() - t_start:6.0f} s] {s}", flush=True)  # noqa: E731
     out = prepare_out(args.out)
@@ -742,13 +760,13 @@ def main(argv=None):
     fig4 = cae_fig4(args, data, log, env, runs.get("cae")) if args.cae_fig4 else []
     print(f"total {time.time() - t_start:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "x") as f:  # never over a file
             json.dump(rows + fig4, f, indent=1)
     if args.plot:
         steps = args.classes * args.train_per_class // args.batch_size
         plot(rows, curves, steps, args.plot)
-    own(out, *[p for p in (args.json, args.plot, args.cae_fig4 and args.plot and os.path.splitext(args.plot)[0] +
-                           "_cae_fig4.png") if p and os.path.abspath(p).startswith(out + os.sep)])  # (in --out: its too)
+    own(out, *[p for p in (args.json, args.plot, args.cae_fig4 and args.plot and fig4_copy(args.plot))
+               if p and os.path.abspath(p).startswith(out + os.sep)])  # (inside --out: learn.py's too)
     return rows + fig4
 
 

@@ -220,6 +220,23 @@ def test_a_folder_learn_py_made_is_emptied_of_its_own_files_only(tmp_path):
     assert sorted(os.listdir(learn.prepare_out(out))) == [learn.MARKER]  # now only its own: emptied
 
 
+def test_json_and_plot_never_overwrite_a_file(tmp_path, monkeypatch):
+    """--json and --plot (and the Fig. 4 picture written beside --plot) were overwritten at the end of the run: an
+    existing one is refused at the start, before --out is touched, as is a missing folder for them."""
+    monkeypatch.setattr(learn, "make_dataset", lambda *a: pytest.fail("the run started"))
+    (tmp_path / "old.json").write_text("my results")
+    (tmp_path / "old.png").write_text("my picture")
+    (tmp_path / "p_cae_fig4.png").write_text("my Fig. 4")
+    for flags, words in [(["--json", tmp_path / "old.json"], "--json"), (["--plot", tmp_path / "old.png"], "--plot"),
+                         (["--plot", tmp_path / "p.png", "--cae_fig4"], "p_cae_fig4.png"),
+                         (["--json", tmp_path / "nowhere" / "x.json"], "does not exist")]:
+        with pytest.raises(learn.UserError, match=words):
+            learn.main(["--out", str(tmp_path / "work")] + [str(f) for f in flags])
+        assert not (tmp_path / "work").exists()
+    assert [(tmp_path / f).read_text() for f in ("old.json", "old.png", "p_cae_fig4.png")] == \
+        ["my results", "my picture", "my Fig. 4"]
+
+
 def test_help_shows_defaults_and_the_control_row(capsys):
     """--help gives each flag's default; mae_pixel, the pixel-target control, is a default row: MAE through
     mr_mae.py (L_R alone, uniform masking, no fusion), under the same recipe rule as every row (MR-MAE's peak lr

@@ -329,6 +329,17 @@ def test_visualize_names_each_row_and_passes_over_an_unreadable_image(tmp_path):
     assert "(b: 000.png, a: 001.png, b: 001.png)" in out, out  # three different readable images, classes in turn
 
 
+def test_visualize_never_overwrites_a_picture(tmp_path):
+    """--visualize wrote OUTPUT_DIR/visualize.png over an earlier one: it now writes beside it and names the file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "visualize.png").write_bytes(b"an earlier picture")
+    code, stdout, err = run_forked({"draw": ["milan.py"] + SMOKE + ["--visualize", "2", "--output_dir", out]})["draw"]
+    assert code == 0, err[-2000:]
+    assert (out / "visualize.png").read_bytes() == b"an earlier picture"
+    assert Image.open(out / "visualize-1.png").size[0] > 0 and f"wrote {out / 'visualize-1.png'}" in stdout, stdout
+
+
 def test_words_in_pictures_keep_their_spaces():
     """PIL's default font draws a space as narrow as the gap between letters ("CLSattention"): draw_text keeps a
     gap between words wider than any gap inside a word."""
