@@ -34,7 +34,7 @@ defaults assume 8 GPUs: with fewer, raise --accum_iter to keep 2048):
 (ViT-T / ViT-S: --model vit_tiny_patch16 / vit_small_patch16; ViT-L: --model vit_large_patch16 --teacher ViT-L-14
 --teacher_weights /path/to/ViT-L-14.pt.)
 Smoke run, no downloads: python cae_v2.py --data fake --model vit_nano_patch16 --teacher tiny
-  --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT
+  --teacher_weights none --epochs 1 --warmup_epochs 0 --batch_size 32 --output_dir OUT
 """
 import argparse
 from collections import OrderedDict

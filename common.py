@@ -3,7 +3,7 @@ MILAN Eq. 3's class-token attention, masking, pixel targets), then, behind one d
 ablation could change (sampler, decoder, loss, recipe) lives in the method file. Conventions: mask bool [B, N], True =
 hidden from the encoder; ids_keep sorted ascending; tokens [CLS, patch_1 .. patch_N] in raster order."""
 import argparse, atexit, fcntl, json, logging, math, multiprocessing, os, random, signal, socket, sys, time
-import traceback, warnings, zipfile
+import traceback, unicodedata, warnings, zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -23,7 +23,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 class UserError(Exception):
-    """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback."""
+    """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback. local: met by this rank
+    alone (its images, its loss), which then reports it; otherwise every rank meets it and rank 0 reports it."""
+    def __init__(self, message, local=False):
+        super().__init__(message)
+        self.local = local
 
 # ---- ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) --------------
 def sincos_pos_embed(dim, grid):
@@ -292,14 +296,15 @@ def on_signal(signum, frame):  # training finishes its update and saves (Checkpo
     RUN["stop"] = signal.Signals(signum).name
 
 def cli(main, argv=None):
-    """Every script's entry point: a UserError is one line (exit 2); SIGTERM / Ctrl-C one line on how to go on; any other
-    error its traceback, then the process and its DataLoader workers end at once (exit 1; the workers ignore SIGTERM,
-    so the interpreter's exit would wait on them forever). argv given (a test calling main): that error is raised."""
+    """Every script's entry point: a UserError is one line (exit 2; under torchrun once); SIGTERM / Ctrl-C one line on
+    how to go on; any other error its traceback, then the process and its DataLoader workers end at once (exit 1; the
+    workers ignore SIGTERM, so the interpreter's exit would wait on them forever). argv given (a test): raised."""
     signal.signal(signal.SIGTERM, on_signal), signal.signal(signal.SIGINT, on_signal)
     try:
         main(argv)
     except UserError as e:  # raised in a DataLoader worker, it arrives wrapped: keep its own last line
-        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0 or e.local:
+            print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
     except (Stopped, KeyboardInterrupt) as e:  # where the run stopped, and how to continue it
         name, last = str(e) if isinstance(e, Stopped) else "SIGINT", os.path.join(RUN["output_dir"] or ".", "checkpoint-last.pth")
@@ -357,7 +362,9 @@ def load_teacher(name, weights):
         except RuntimeError as e:
             raise UserError(f"--teacher_weights {weights} does not fit --teacher {name} "
                             f"({str(e).splitlines()[-1].strip()[:150]}); pass the file of that architecture") from None
-    if weights == "none" and RUN["rank"] == 0:
+    if weights == "none" and RUN["rank"] == 0 and name == "tiny":  # the tests' and smoke runs' tower: random by design
+        print("teacher tiny: random weights (--teacher_weights none), the smoke runs' tower")
+    elif weights == "none" and RUN["rank"] == 0:
         print(f"WARNING: teacher {name} has RANDOM weights (--teacher_weights none): fine for tests and smoke runs, "
               f"meaningless for pre-training", file=sys.stderr)
     elif RUN["rank"] == 0:
@@ -481,13 +488,10 @@ def build_dataset(args, transform, split="train"):
                         f"; {layout}")
     root = os.path.join(args.data, split)
     if not os.path.isdir(root):
-        if split != "train" or os.path.isdir(os.path.join(args.data, "val")):
-            raise UserError(f"--data {args.data}: has " + (f"no '{split}' folder" if split != "train" else
-                            "a 'val' folder but no 'train' folder, so val would be trained on as a class") + f"; {layout}")
-        odd = [e.name for e in os.scandir(args.data) if e.is_dir() and e.name.lower() in ("train", "val")]
-        if odd:  # e.g. 'Val' (a case-sensitive 'val' test let it through)
-            raise UserError(f"--data {args.data}: has a '{odd[0]}' folder beside class folders, which would be trained "
-                            f"on as a class; name the splits 'train' and 'val' ({layout})")
+        odd = next((e.name for e in os.scandir(args.data) if e.is_dir() and e.name.lower() in ("train", "val")), None)
+        if split != "train" or odd:  # (any case: 'Val' beside class folders was a class)
+            raise UserError(f"--data {args.data}: has " + (f"no '{split}' folder" if split != "train" else f"a '{odd}' "
+                            f"folder but no 'train' folder, so {odd} would be trained on as a class") + f"; {layout}")
         root = args.data  # DIR/<class>/<image>: pre-training needs no val split
     try:
         return datasets.ImageFolder(root, transform=transform, loader=Image.open)  # the header read; the view decodes
@@ -587,8 +591,16 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like every other mistake (no usage block)
-        print(f"error: {message} (see --help)", file=sys.stderr)
+    def parse_args(self, args=None, namespace=None):
+        self.argv = sys.argv[1:] if args is None else [str(a) for a in args]
+        return super().parse_args(args, namespace)
+    def error(self, message):  # one line and exit 2, like every other mistake (no usage block); under torchrun once
+        flag = message.removeprefix("argument ").split(":")[0].split("/")[0]
+        if message.endswith("expected one argument") and flag in self.argv[:-1]:  # argparse took -1e-4 for a flag
+            value = self.argv[self.argv.index(flag) + 1]
+            message += f" (a value that starts with '-' is written {flag}={value})" if value.startswith("-") else ""
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 class Range:
@@ -644,8 +656,8 @@ def get_parser(description, pretrain=True, helps=None):
         a("--visualize", type=SIZE, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
           "--resume CKPT or auto: that model) and exit")
     a("--seed", type=Range(int, "[0, 2147483647]"), default=0, help="each process uses seed + rank")
-    a("--num_workers", type=SIZE, default=None, help="DataLoader workers per process (default: the machine's cores / "
-      "processes per node, at most 10)")
+    a("--num_workers", type=SIZE, default=None, help="DataLoader workers per process (default: the node's cores per "
+      "process, minus one, at least 1 and at most 10)")
     a("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="autocast on GPU (CPU runs fp32)")
     a("--compile", action="store_true", help="torch.compile the student (slow first steps)")
     a("--log_every", type=COUNT, default=20, help="steps between progress updates (the only syncs)")
@@ -712,12 +724,9 @@ def hold_output_dir(args, make=True):
                       f"{' '.join(sys.argv)}\n".encode(), 0)
     except UserError as e:
         return str(e)
-    except BlockingIOError:  # held: name the run that holds it (it writes its line just after taking the lock)
-        owner = ""
-        for _ in range(20):
-            owner = owner or open(path).read().strip() or time.sleep(0.05) or ""
-        return f"--output_dir {args.output_dir} is in use by a live run ({owner or 'starting'}); wait for it to end, " \
-               f"or pass another --output_dir"
+    except BlockingIOError:  # held: name the run that holds it (its line, written once it has the lock)
+        return f"--output_dir {args.output_dir} is in use by a live run ({open(path).read().strip() or 'starting'}); " \
+               f"wait for it to end, or pass another --output_dir"
     except OSError as e:  # a filesystem without flock (see README), or a folder that is not ours to write: no lock
         if make:
             print(f"warning: --output_dir {args.output_dir}: cannot be locked ({e.strerror}); a second run there would "
@@ -1030,11 +1039,12 @@ class Meter:
         if not math.isfinite(loss):
             last = os.path.join(self.args.output_dir, "checkpoint-last.pth")
             hint = f"resume with --resume {last}" if os.path.isfile(last) else "no checkpoint yet"
-            raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none")
+            raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none",
+                            local=not final)
         failed, seen = (self.loader.dataset.failed, self.seen) if failed is None else (failed, seen)
         if too_many_unreadable(failed, seen, final):
             raise UserError(f"--data {self.args.data}: {failed} of the {seen + failed} images looked at could not be read "
-                            "(over 1%); fix or remove the files named in the warnings above")
+                            "(over 1%); fix or remove the files named in the warnings above", local=not final)
         return loss
     def stats(self, epoch, lr):
         """The epoch's mean loss over all processes (one all-reduce, with each file's unreadable flags: a file that two
@@ -1045,7 +1055,8 @@ class Meter:
             dist.all_reduce(total)
         failed = int((total[3:] > 0).sum())
         loss = self.check((total[0] / total[1]).item(), self.start + self.count - 1, failed, int(total[2]), True)
-        return {"epoch": epoch, "train_loss": loss, "lr": lr, "unreadable_images": failed}
+        return {"epoch": epoch, "train_loss": loss, "lr": lr, "steps": int(total[1]) // self.args.world_size,
+                "images": int(total[2]), "unreadable_images": failed}  # steps per process, images of all
 
 # ---- Pictures: --visualize N ----------------------------------------------------------------------------------------
 def heat(values, size):
@@ -1067,8 +1078,11 @@ def spread_over_classes(dataset, n):
     return sorted(range(len(targets)), key=lambda i: (turn[i], i))[:n]
 
 def draw_text(draw, xy, text, fill="black"):
-    """PIL's default font draws a space as narrow as the gap between two letters: each word is drawn on its own."""
+    """PIL's default font draws a space as narrow as the gap between two letters: each word is drawn on its own; and it
+    has ASCII glyphs only (others are boxes): accents are dropped, other characters drawn as \\uXXXX."""
     x, y = xy
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    text = text.encode("ascii", "backslashreplace").decode()
     for word in text.split(" "):
         draw.text((x, y), word, fill=fill)
         x += draw.textlength(word) + 5
@@ -1092,6 +1106,8 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     for i in spread_over_classes(dataset, len(dataset)):
         if len(picked) < args.visualize and (item := samples[(0, i)])[1] != -1:
             picked.append((i, item[0]))
+    if not picked:
+        raise UserError(f"--data {args.data}: no image could be read to draw (see the files named above)")
     batch = to_device(torch.utils.data.default_collate([x for _, x in picked]), args.device)
     names = [f"{dataset.classes[dataset.targets[i]]}: {os.path.basename(dataset.samples[i][0])}"
              if hasattr(dataset, "samples") else f"generated image {i}" for i, _ in picked]
@@ -1104,12 +1120,13 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     hidden = F.interpolate(out["mask"].cpu().view(-1, 1, g, g).float(), size=(size, size), mode="nearest")  # [B, 1, H, W]
     patch_loss = out["patch_loss"].float().cpu().masked_fill(out["patch_loss"].cpu() == 0, float("nan"))
     titles = ["image", "visible patches"] + (["CLS attention"] if attn is not None else []) + ["per-patch loss"]
+    note = out.get("patch_loss_note")  # the method's words on what its loss map holds where (MR-MAE: L_R and L_M)
     to_pil = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
     rows = [[to_pil(images[i]), to_pil(images[i] * (1 - 0.75 * hidden[i]))] +
             ([heat(attn[i].cpu().view(g, g), size)] if attn is not None else []) + [heat(patch_loss[i].view(g, g), size)]
             for i in range(len(images))]
     step, row = size + VIS_GAP, VIS_CAPTION + size + VIS_GAP
-    sheet = Image.new("RGB", (len(titles) * step, VIS_TITLE + len(rows) * row + VIS_SCALE), "white")
+    sheet = Image.new("RGB", (len(titles) * step, VIS_TITLE + len(rows) * row + VIS_SCALE + 12 * bool(note)), "white")
     draw = ImageDraw.Draw(sheet)
     for c, title in enumerate(titles):
         draw_text(draw, (c * step + 2, 2), title)
@@ -1121,7 +1138,7 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     sheet.paste(Image.fromarray((colormap(torch.linspace(0, 1, width)) * 255).byte()[None].expand(10, -1, -1).numpy()), (2, y))
     sheet.paste(Image.new("RGB", (10, 10), (127, 127, 127)), (width + 12, y))
     for xy, text in (((2, y + 12), "low"), ((width - 22, y + 12), "high"), ((width + 26, y - 1), "not in the loss"),
-                     ((width + 12, y + 12), "maps: each image's min..max")):
+                     ((width + 12, y + 12), "maps: each image's min..max"), ((2, y + 24), note or "")):
         draw_text(draw, xy, text)
     if args.rank == 0:
         make_output_dir(args)
@@ -1129,4 +1146,5 @@ def visualize(args, dataset, model, teacher, forward_step, method):
         while os.path.exists(path := os.path.join(args.output_dir, f"visualize{f'-{k}' if k else ''}.png")):
             k += 1  # beside an earlier picture, never over it
         sheet.save(path)
-        print(f"wrote {path}: {len(rows)} images ({', '.join(names)}), columns " + " | ".join(titles))
+        print(f"wrote {path}: {len(rows)} images ({', '.join(names)}), columns " + " | ".join(titles)
+              + (f" ({note})" if note else ""))

@@ -29,7 +29,8 @@ lr = 1e-4 x 1024 / 256 = 4e-4:
   torchrun --nproc_per_node=8 finetune.py --data /imagenet --finetune out/milan/checkpoint-399.pth --blr 1e-4 --min_lr 0
 Linear probe (MILAN: batch 2048 x 8 = 16384, lr = 0.05 x 16384 / 256 = 3.2):
   torchrun --nproc_per_node=8 finetune.py --mode linprobe --data /imagenet --finetune CKPT --blr 0.05 --epochs 100
-Smoke run: python finetune.py --data fake --finetune OUT/checkpoint-last.pth --epochs 1 --batch_size 8 --output_dir FT
+Smoke run: python finetune.py --data fake --finetune OUT/checkpoint-last.pth --epochs 1 --warmup_epochs 0 --batch_size 8
+  --output_dir FT
 """
 import argparse
 import os
@@ -62,6 +63,8 @@ RECIPES = {  # per --mode, for every flag left unset; batch_size is per process 
 def get_args(argv=None):
     p = common.get_parser("Fine-tuning, linear probing, attentive probing, timm export of a pre-trained encoder",
                           pretrain=False, helps={
+        "--data": "ImageNet-style root: DIR/train/<class>/<image> and DIR/val/<class>/<image> (val scored every epoch), "
+                  "or 'fake' (generated images); required to train or --eval",
         "--betas": "AdamW betas (--mode finetune; the probes' LARS and SGD have none)",
         "--weight_decay": "weight decay: AdamW's (finetune), LARS's (linprobe) or SGD's (attnprobe); unset: the mode's"})
     p.set_defaults(**{k: None for k in RECIPES["finetune"]}, betas=(0.9, 0.999), crop_min=0.08)  # MAE / timm crop (0.08, 1)
@@ -422,16 +425,17 @@ def evaluate(model, loader, args):
             "val_unreadable": int(unreadable)}
 
 
-def with_classes(ds, classes, args):
+def with_classes(ds, classes, args, whose="train's"):
     """The val split with train's class indices (a val folder with fewer classes, or another order, gets train's
-    labels); a class that train lacks is refused. classes None: --data fake, or nothing to match."""
+    labels); a class that train lacks is refused. classes None: --data fake, or nothing to match. whose: the classes'
+    source, for the message (--eval: the checkpoint's)."""
     if classes is None or not hasattr(ds, "samples"):
         return ds
     index = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in ds.classes if c not in index]
     if unknown:
-        raise common.UserError(f"--data {args.data}: val has class folder(s) {', '.join(unknown[:3])} that train has "
-                               f"not; every val class must be one of train's {len(classes)}")
+        raise common.UserError(f"--data {args.data}: val has class folder(s) {', '.join(unknown[:3])} that are not "
+                               f"among {whose} {len(classes)} classes; every val class must be one of them")
     ds.samples = ds.imgs = [(path, index[ds.classes[t]]) for path, t in ds.samples]
     ds.targets, ds.classes, ds.class_to_idx = [t for _, t in ds.samples], list(classes), index
     return ds
@@ -479,16 +483,20 @@ def main(argv=None):
         args.mode, args.nb_classes = mode, src["args"]["nb_classes"]
     args.mode = args.mode or "finetune"
     if args.eval and src["method"] != "finetune" and not args.resume:
-        raise common.UserError(f"--eval: {args.finetune} holds no trained head (a {src['method'] or 'timm-format'} "
-                               f"encoder); train one first (--mode linprobe, attnprobe or finetune), then --eval its "
-                               f"checkpoint")
+        why = "is a timm-format file with a classifier head, but without the mode and classes that --eval needs; " \
+            "evaluate the finetune.py checkpoint it was exported from" if "head.weight" in src["state"] else \
+            f"holds no trained head (a {src['method'] or 'timm-format'} encoder); train one first (--mode linprobe, " \
+            f"attnprobe or finetune), then --eval its checkpoint"
+        raise common.UserError(f"--eval: {args.finetune} {why}")
     common.setup(args)
     if args.mode != "finetune" and not args.eval and args.batch_size < 2:
         raise common.UserError(f"--batch_size {args.batch_size}: --mode {args.mode} trains a BatchNorm, which needs "
                                f"at least 2 images per batch")
     train = None if args.eval else common.build_dataset(args, build_transform(args))
     args.classes = class_names(args, src, train)  # val labels take train's indices; saved with the checkpoint
-    val = with_classes(common.build_dataset(args, build_transform(args, train=False), split="val"), args.classes, args)
+    whose = "the checkpoint's" if train is None and src["args"].get("classes") else "train's"  # (--eval: its own)
+    val = with_classes(common.build_dataset(args, build_transform(args, train=False), split="val"), args.classes, args,
+                       whose)
     data_classes = num_classes(train or val)
     args.nb_classes = args.nb_classes or data_classes
     if data_classes > args.nb_classes:

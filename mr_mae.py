@@ -37,7 +37,8 @@ Paper run (Sec. 4.1: batch 1024 = 128 per GPU x accum 1 x 8 GPUs; lr = 1.5e-4 x 
 (add --arch convvit_base for the masked convolution stages of the 85.8% headline, Tables 3 and 5;
 DINO teacher: --teacher dino_vitb16 --teacher_weights /path/to/dino_vitbase16_pretrain.pth.)
 Smoke run, no downloads: python mr_mae.py --data fake --model vit_nano_patch16 --teacher tiny
-  --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT   (add --arch convvit_nano for the conv stages)
+  --teacher_weights none --epochs 1 --warmup_epochs 0 --batch_size 32 --output_dir OUT
+  (add --arch convvit_nano for the conv stages)
 """
 import argparse
 import math
@@ -324,7 +325,8 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     """One training forward on a batch of images (on the device). Returns the loss, the mask [B, N] (True = hidden),
     the teacher's [CLS] attention and, only when asked (per_patch: pictures, benchmarks), the per-patch loss [B, N]:
     ||D_j - I_j||^2 on masked patches and ||L(E_j) - F_j||^2 on visible ones, each divided by its own mean over the
-    batch (pixels and features have different units: on one scale the picture would only show the mask)."""
+    batch (pixels and features have different units: on one scale the picture would only show the mask), and then
+    patch_loss_note, which says so on the picture."""
     images, N = batch, teacher.grid ** 2
     n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
     # one teacher pass on the intact image: mimic targets F (Sec. 3.2) and [CLS] attention (Sec. 3.3)
@@ -341,7 +343,8 @@ def forward_step(model, teacher, batch, args, per_patch=False):
         l_m = mimic_loss(mimic.detach(), common.gather(tokens, ids_keep), True)  # [B, 49]
         patch_loss = torch.zeros(mask.shape, device=images.device)  # [B, N]
         patch_loss.scatter_(1, ids_mask, l_r / l_r.mean()).scatter_(1, ids_keep, l_m / l_m.mean())
-    return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
+    note = {"patch_loss_note": "loss map: L_R on the masked patches, L_M on the visible ones, each / its mean"}
+    return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn"), **(note if per_patch else {})}
 
 
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt):

@@ -696,9 +696,21 @@ def check_new(args):
             raise UserError(f"{flag} {path}: {problem}")
 
 
+def check_batches(args):
+    """The train split must hold a --probe_batch, and each pre-training row's accum_iter batches of --batch_size (MILAN
+    accumulates 2): else a script refuses, naming its own --batch_size or --accum_iter, after minutes of work."""
+    train = args.classes * args.train_per_class
+    accum = max(importlib.import_module(METHODS[m][0]).get_args(["--data", "x"]).accum_iter for m in args.methods)
+    for flag, batch, need in (("--probe_batch", args.probe_batch, 1), ("--batch_size", args.batch_size, accum)):
+        if train // batch < need:
+            raise UserError(f"{flag} {batch}: the {train} train images (--classes x --train_per_class) hold "
+                            f"{train // batch} batch(es) of it, the runs need {need}; lower {flag} or add images")
+
+
 def main(argv=None):
     args = get_args(argv)
     check_new(args)
+    check_batches(args)
     t_start = time.time()
     log = lambda s: print(f"[{time.time() - t_start:6.0f} s] {s}", flush=True)  # noqa: E731
     out = prepare_out(args.out)
