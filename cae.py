@@ -237,7 +237,7 @@ def build_tokenizer(args):
                                "https://cdn.openai.com/dall-e/encoder.pkl), or none (random), or use --target pixel")
     if args.dalle_weights == "none":
         if common.RUN["rank"] == 0 and args.teacher == "tiny":  # the smoke flags: the narrow random tokenizer
-            print("DALL-E tokenizer: random weights (--dalle_weights none), the smoke runs' narrow one")
+            print("DALL-E tokenizer: random weights (--dalle_weights none), the smoke runs' narrow one", file=sys.stderr)
         elif common.RUN["rank"] == 0:
             print("WARNING: DALL-E tokenizer has RANDOM weights (--dalle_weights none): fine for tests and smoke runs, "
                   "meaningless for pre-training", file=sys.stderr)

@@ -24,7 +24,8 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 class UserError(Exception):
     """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback. local: met by this rank
-    alone (its images, its loss), which then reports it; otherwise every rank meets it and rank 0 reports it."""
+    alone (its images, its loss), which then reports it; otherwise every rank meets it and each node's local rank 0
+    reports it (once in each node's log)."""
     def __init__(self, message, local=False):
         super().__init__(message)
         self.local = local
@@ -296,14 +297,14 @@ def on_signal(signum, frame):  # training finishes its update and saves (Checkpo
     RUN["stop"] = signal.Signals(signum).name
 
 def cli(main, argv=None):
-    """Every script's entry point: a UserError is one line (exit 2; under torchrun once); SIGTERM / Ctrl-C one line on
-    how to go on; any other error its traceback, then the process and its DataLoader workers end at once (exit 1; the
+    """Every script's entry point: a UserError is one line (exit 2; under torchrun once a node); SIGTERM / Ctrl-C one
+    line on how to go on; any other error its traceback, then the process and its DataLoader workers end at once (exit 1; the
     workers ignore SIGTERM, so the interpreter's exit would wait on them forever). argv given (a test): raised."""
     signal.signal(signal.SIGTERM, on_signal), signal.signal(signal.SIGINT, on_signal)
     try:
         main(argv)
     except UserError as e:  # raised in a DataLoader worker, it arrives wrapped: keep its own last line
-        if int(os.environ.get("RANK", 0)) == 0 or e.local:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 or e.local:
             print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
     except (Stopped, KeyboardInterrupt) as e:  # where the run stopped, and how to continue it
@@ -363,7 +364,7 @@ def load_teacher(name, weights):
             raise UserError(f"--teacher_weights {weights} does not fit --teacher {name} "
                             f"({str(e).splitlines()[-1].strip()[:150]}); pass the file of that architecture") from None
     if weights == "none" and RUN["rank"] == 0 and name == "tiny":  # the tests' and smoke runs' tower: random by design
-        print("teacher tiny: random weights (--teacher_weights none), the smoke runs' tower")
+        print("teacher tiny: random weights (--teacher_weights none), the smoke runs' tower", file=sys.stderr)
     elif weights == "none" and RUN["rank"] == 0:
         print(f"WARNING: teacher {name} has RANDOM weights (--teacher_weights none): fine for tests and smoke runs, "
               f"meaningless for pre-training", file=sys.stderr)
@@ -594,12 +595,12 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         self.argv = sys.argv[1:] if args is None else [str(a) for a in args]
         return super().parse_args(args, namespace)
-    def error(self, message):  # one line and exit 2, like every other mistake (no usage block); under torchrun once
+    def error(self, message):  # one line and exit 2, like every other mistake (no usage block); torchrun: once a node
         flag = message.removeprefix("argument ").split(":")[0].split("/")[0]
         if message.endswith("expected one argument") and flag in self.argv[:-1]:  # argparse took -1e-4 for a flag
             value = self.argv[self.argv.index(flag) + 1]
             message += f" (a value that starts with '-' is written {flag}={value})" if value.startswith("-") else ""
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 

@@ -70,8 +70,8 @@ def get_args(argv=None):
     p.set_defaults(**{k: None for k in RECIPES["finetune"]}, betas=(0.9, 0.999), crop_min=0.08)  # MAE / timm crop (0.08, 1)
     a = p.add_argument
     a("--mode", choices=list(RECIPES), help="end to end (MAE/BEiT), linear probe (MAE), or attentive probe (CAE Sec. "
-      "4.2); default: finetune, or with --eval that of the --finetune checkpoint; unset --batch_size/--blr/--epochs/--warmup_epochs/--weight_decay/"
-      "--min_lr/--drop_path take the mode's recipe: " +
+      "4.2); default: finetune, or with --eval that of the --finetune checkpoint; unset --batch_size/--blr/--epochs/"
+      "--warmup_epochs/--weight_decay/--min_lr/--drop_path take the mode's recipe: " +
       "; ".join(f"{m}: " + " ".join(f"{k}={v:g}" for k, v in r.items()) for m, r in RECIPES.items()))
     a("--finetune", required=True, metavar="CKPT", help="a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or "
       "mask_align.py (its encoder is loaded), a finetune.py checkpoint (encoder and head), or a timm ViT state dict")
@@ -87,6 +87,7 @@ def get_args(argv=None):
     a("--reprob", type=common.Range(float, "[0, 1]"), default=0.25, help="finetune: random erasing probability (MAE, CAE)")
     a("--export_timm", metavar="OUT.pth", help="write the --finetune encoder with timm's keys to OUT.pth and exit")
     args = p.parse_args(argv)
+    args.mode = args.mode or (None if args.eval else "finetune")  # --eval: the checkpoint's (main)
     for k, v in RECIPES[args.mode or "finetune"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     return args
@@ -477,9 +478,9 @@ def main(argv=None):
         return export_timm(args, src)
     if src["method"] == "finetune":  # a finetune.py checkpoint brings its head: its mode and classes
         mode = src["args"]["mode"]
-        if (args.mode or (mode if args.eval else "finetune")) != mode:
-            raise common.UserError(f"--mode {args.mode or 'finetune'}: --finetune {args.finetune} is a --mode {mode} "
-                                   f"checkpoint; pass --mode {mode} to train it further (--eval alone takes its mode)")
+        if args.mode not in (None, mode):  # (None: --eval without --mode)
+            raise common.UserError(f"--mode {args.mode}: --finetune {args.finetune} is a --mode {mode} checkpoint; pass "
+                                   f"--mode {mode} to train it further (--eval alone takes its mode)")
         args.mode, args.nb_classes = mode, src["args"]["nb_classes"]
     args.mode = args.mode or "finetune"
     if args.eval and src["method"] != "finetune" and not args.resume:

@@ -68,7 +68,8 @@ def test_a_mistake_is_one_line_that_names_its_fix(tmp_path):
 
 
 def test_under_torchrun_an_error_is_one_line(tmp_path):
-    """Every rank printed the error line (8 copies on a node of 8): at parse time, and after the process group."""
+    """Every rank printed the error line (8 copies on a node of 8): now each node's local rank 0 does (one line in each
+    node's log; tests/test_multinode.py has two nodes), at parse time and after the process group."""
     for flags in (["--blr", "-1e-4"], FAST + ["--accum_iter", "8", "--output_dir", tmp_path]):
         proc = run_script("milan.py", SMOKE + flags if flags[0] == "--blr" else flags, nproc=2, timeout=120)
         lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]

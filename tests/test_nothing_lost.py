@@ -272,7 +272,7 @@ def test_every_number_outside_its_domain_is_refused_at_parse_time(mistakes):
     for case, flag in cases.items():
         line = error_line(runs[case])
         assert f"argument {flag}" in line and "outside" in line, (case, line)
-        assert "random weights" not in runs[case][1]  # refused before anything was built (the teacher says so)
+        assert "random weights" not in runs[case][2]  # refused before anything was built (the teacher says so)
 
 
 def test_lr_below_min_lr_is_warned(capsys):
