@@ -648,7 +648,7 @@ def get_parser(description, pretrain=True, helps=None):
     a("--output_dir", default="./output", help="checkpoints and log.txt")
     a("--resume", default="", help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint-last.pth if any")
     a("--resume_changes", action="store_true", help="go on from --resume although flags that change what is trained "
-      "(sampler, ratios, losses, recipe, data) differ from its checkpoint's; every changed flag is named at the start")
+      "(sampler, ratios, losses, recipe) differ from its checkpoint's; every changed flag is named at the start")
     a("--save_freq", type=COUNT, default=20, help="keep checkpoint-<epoch>.pth every this many epochs")
     a("--save_every_minutes", type=NONNEG, default=30, help="also write checkpoint-last.pth within an epoch when this "
       "many minutes have passed since the last one (checked every --log_every updates; 0: off)")
