@@ -35,7 +35,8 @@ Paper ViT-B/16 run (App. A: batch 2048 = 256 x 8 GPUs, lr 1.5e-3 = blr 1.875e-4 
   torchrun --nproc_per_node=8 cae.py --data /imagenet --dalle_weights /path/to/encoder.pkl
 (800 / 1600 epochs: --epochs 800 --warmup_epochs 20 / --epochs 1600 --warmup_epochs 40; ViT-L: --model vit_large_patch16.)
 Smoke run, no downloads (a narrow random tokenizer; --target pixel: none at all): python cae.py --data fake
-  --model vit_nano_patch16 --teacher tiny --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT
+  --model vit_nano_patch16 --teacher tiny --teacher_weights none --epochs 1 --warmup_epochs 0 --batch_size 32
+  --output_dir OUT
 """
 import math
 import os
@@ -253,7 +254,9 @@ def build_tokenizer(args):
         raise common.UserError("--target dalle needs --dalle_weights /path/to/encoder.pkl (OpenAI's DALL-E encoder, "
                                "https://cdn.openai.com/dall-e/encoder.pkl), or none (random), or use --target pixel")
     if args.dalle_weights == "none":
-        if common.RUN["rank"] == 0:
+        if common.RUN["rank"] == 0 and args.teacher == "tiny":  # the smoke flags: the narrow random tokenizer
+            print("DALL-E tokenizer: random weights (--dalle_weights none), the smoke runs' narrow one", file=sys.stderr)
+        elif common.RUN["rank"] == 0:
             print("WARNING: DALL-E tokenizer has RANDOM weights (--dalle_weights none): fine for tests and smoke runs, "
                   "meaningless for pre-training", file=sys.stderr)
         return DalleEncoder(args.dalle_n_hid).to(args.device)

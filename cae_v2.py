@@ -39,7 +39,7 @@ defaults assume 8 GPUs: with fewer, raise --accum_iter to keep 2048):
 (ViT-T / ViT-S: --model vit_tiny_patch16 / vit_small_patch16; ViT-L: --model vit_large_patch16 --teacher ViT-L-14
 --teacher_weights /path/to/ViT-L-14.pt.)
 Smoke run, no downloads: python cae_v2.py --data fake --model vit_nano_patch16 --teacher tiny
-  --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT
+  --teacher_weights none --epochs 1 --warmup_epochs 0 --batch_size 32 --output_dir OUT
 """
 import argparse
 from collections import OrderedDict
@@ -95,6 +95,11 @@ def get_args(argv=None):
     args.drop_path = dpr if args.drop_path is None else args.drop_path
     args.regressor_depth = depth if args.regressor_depth is None else args.regressor_depth
     args.regressor_dim = args.regressor_dim or dim
+    # Sec. 3.1: ViT-T with 12 heads (VIT_CONFIGS: 3); in args, so the checkpoints tell finetune.py and the export
+    args.num_heads = 12 if args.model == "vit_tiny_patch16" else common.VIT_CONFIGS.get(args.model, (0, 0, 0, None))[3]
+    if args.regressor_depth and args.num_heads:  # the regressor has the encoder's heads
+        common.check_width(args.regressor_dim, args.num_heads, f"--regressor_dim {args.regressor_dim} with the "
+                           f"encoder's {args.num_heads} heads")
     if args.regressor_depth == 0 and not args.visible_align:
         raise common.UserError("--regressor_depth 0 --no-visible_align leaves no loss; drop one of the two")
     return args
@@ -252,8 +257,8 @@ def build_transform(args):
 
 def build_model(args):
     """-> (model, teacher): the trained student (F, H, head) and the frozen CLIP teacher."""
-    heads = {"num_heads": 12} if args.model == "vit_tiny_patch16" else {}  # Sec. 3.1: ViT-T with 12 heads
-    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=args.layer_scale, **heads)
+    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=args.layer_scale,
+                               num_heads=args.num_heads)  # 12 for ViT-T (Sec. 3.1)
     teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
     model = CAEv2(encoder, teacher.dim, args.regressor_dim, args.regressor_depth, args.drop_path, args.visible_align,
                   args.loss)

@@ -2,7 +2,8 @@
 MILAN Eq. 3's class-token attention, masking, pixel targets), then, behind one divider, the machinery. Whatever an
 ablation could change (sampler, decoder, loss, recipe) lives in the method file. Conventions: mask bool [B, N], True =
 hidden from the encoder; ids_keep sorted ascending; tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, atexit, json, logging, math, os, random, signal, socket, sys, time, warnings, zipfile
+import argparse, atexit, fcntl, json, logging, math, multiprocessing, os, random, signal, socket, sys, time
+import traceback, unicodedata, warnings, zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -22,7 +23,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 class UserError(Exception):
-    """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback."""
+    """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback. local: met by this rank
+    alone (its images, its loss), which then reports it; otherwise every rank meets it and each node's local rank 0
+    reports it (once in each node's log)."""
+    def __init__(self, message, local=False):
+        super().__init__(message)
+        self.local = local
 
 # ---- ViT with timm's parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) --------------
 def sincos_pos_embed(dim, grid):
@@ -212,12 +218,20 @@ class Teacher(nn.Module):
 # ---- Masking: bool mask [B, N], True = hidden from the encoder; pixel targets ---------------------------------
 def num_visible(num_patches, mask_ratio, allow_zero=False):
     """floor(N (1 - r)), the patches the encoder sees (49 of 196 at r = 0.75); allow_zero: r = 0 is valid (MaskAlign)."""
-    n = int(num_patches * (1 - mask_ratio) + 1e-6)  # + 1e-6 so that 196 * 0.25 cannot floor to 48
     low, most = (0 <= mask_ratio, num_patches) if allow_zero else (0 < mask_ratio, num_patches - 1)
-    if not (low and mask_ratio < 1) or not 0 < n <= most:
+    if most < 1:
+        raise UserError(f"--input_size: {num_patches} patch leaves none to mask; pass a larger --input_size")
+    n = int(num_patches * (1 - mask_ratio) + 1e-6) if low and mask_ratio < 1 else 0  # + 1e-6: 196 * 0.25 is 49, not 48
+    if not 0 < n <= most:  # (NaN fails both comparisons: n = 0)
         raise UserError(f"--mask_ratio {mask_ratio} must be in {'[' if allow_zero else '('}0, 1) and leave 1 to "
                         f"{most} of the {num_patches} patches visible")
     return n
+
+def check_width(width, heads, what):
+    """A transformer's width must split into its heads and into the 4 parts of the 2-D sin-cos position embedding."""
+    if width % heads or width % 4:
+        raise UserError(f"{what}: the width must be a multiple of 4 (2-D sin-cos positions) and of the heads; pass a "
+                        f"multiple of {math.lcm(heads, 4)}")
 
 def gather(x, ids):
     """The tokens of x [B, N, C] at ids [B, L] (e.g. ids_keep, ids_mask) -> [B, L, C]."""
@@ -272,7 +286,7 @@ def pixel_targets(images, patch=16, norm_pix=True):
     return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** 0.5 if norm_pix else x
 
 # ======== The machinery: entry point, teacher weights, data, command line, torchrun, optimiser, checkpoints, pictures ========
-RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None, "stop": None}  # where this process is
+RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None, "stop": None, "lock": None}  # where this process is
 
 class Stopped(Exception):
     """SIGTERM or Ctrl-C: the run stops (training: after the update in progress and a checkpoint)."""
@@ -283,12 +297,15 @@ def on_signal(signum, frame):  # training finishes its update and saves (Checkpo
     RUN["stop"] = signal.Signals(signum).name
 
 def cli(main, argv=None):
-    """Every script's entry point: a UserError is one line (exit 2); SIGTERM / Ctrl-C one line on how to go on."""
+    """Every script's entry point: a UserError is one line (exit 2; under torchrun once a node); SIGTERM / Ctrl-C one
+    line on how to go on; any other error its traceback, then the process and its DataLoader workers end at once (exit 1; the
+    workers ignore SIGTERM, so the interpreter's exit would wait on them forever). argv given (a test): raised."""
     signal.signal(signal.SIGTERM, on_signal), signal.signal(signal.SIGINT, on_signal)
     try:
         main(argv)
     except UserError as e:  # raised in a DataLoader worker, it arrives wrapped: keep its own last line
-        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 or e.local:
+            print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
     except (Stopped, KeyboardInterrupt) as e:  # where the run stopped, and how to continue it
         name, last = str(e) if isinstance(e, Stopped) else "SIGINT", os.path.join(RUN["output_dir"] or ".", "checkpoint-last.pth")
@@ -299,6 +316,16 @@ def cli(main, argv=None):
             where = " at epoch {}, step {}; ".format(*RUN["at"]) if RUN["at"] else "; "
             print(f"\n{'interrupted' if name == 'SIGINT' else 'stopped by ' + name}{where}{how}", file=sys.stderr)
         sys.exit(130 if name == "SIGINT" else 143)
+    except Exception:
+        if argv is not None:
+            raise
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):  # a signal now ends it (SIGCHLD: torch's handler
+            signal.signal(sig, signal.SIG_DFL)  # would raise again for the workers killed below)
+        traceback.print_exc()
+        sys.stdout.flush(), sys.stderr.flush()
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        os._exit(1)
 
 # ---- Teacher weights: open_clip names, OpenAI's TorchScript files, DINO, no network ------------------------------
 def load_teacher(name, weights):
@@ -336,7 +363,9 @@ def load_teacher(name, weights):
         except RuntimeError as e:
             raise UserError(f"--teacher_weights {weights} does not fit --teacher {name} "
                             f"({str(e).splitlines()[-1].strip()[:150]}); pass the file of that architecture") from None
-    if weights == "none" and RUN["rank"] == 0:
+    if weights == "none" and RUN["rank"] == 0 and name == "tiny":  # the tests' and smoke runs' tower: random by design
+        print("teacher tiny: random weights (--teacher_weights none), the smoke runs' tower", file=sys.stderr)
+    elif weights == "none" and RUN["rank"] == 0:
         print(f"WARNING: teacher {name} has RANDOM weights (--teacher_weights none): fine for tests and smoke runs, "
               f"meaningless for pre-training", file=sys.stderr)
     elif RUN["rank"] == 0:
@@ -391,8 +420,15 @@ def decode(img, box, size):
         s *= 2
     if s == 1 or img.format != "JPEG" or not img.draft("RGB", (img.width // s, img.height // s)):
         s = 1
-    img.load()  # decodes (an RGB image is then used as it is: convert would copy it)
-    return img if img.mode == "RGB" else img.convert("RGB"), (left / s, top / s, (left + w) / s, (top + h) / s), s
+    img.load()  # decodes
+    return to_rgb(img), (left / s, top / s, (left + w) / s, (top + h) / s), s
+
+def to_rgb(img):
+    """A decoded image as 8-bit RGB: RGB as it is (convert would copy it); 16-bit greyscale (PIL modes I;16*, I: PNG,
+    TIFF) scaled to 0..255 first, x / 257 rounded (the inverse of 8 -> 16 bit's 257 x; convert clips it at 255)."""
+    if img.mode.startswith("I"):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 def resize(img, box, s, size, resample=Image.BICUBIC):
     """decode()'s box resized to size x size: at full scale crop, resize (torchvision's resized_crop); else from the box."""
@@ -408,7 +444,7 @@ class View:
         self.size, self.scale, self.mask_fn, self.first = size, (crop_min, 1.0), mask_fn, first
     def __call__(self, img):
         if self.first is not None:  # on the whole image, fully decoded
-            img = self.first(img.convert("RGB"))
+            img = self.first(to_rgb(img))
         box = RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))  # (top, left, h, w), from the header only
         flip = bool(torch.rand(1) < 0.5)
         view = pil_to_tensor(resize(*decode(img, box, self.size), self.size))  # [3, size, size] uint8
@@ -453,9 +489,10 @@ def build_dataset(args, transform, split="train"):
                         f"; {layout}")
     root = os.path.join(args.data, split)
     if not os.path.isdir(root):
-        if split != "train" or os.path.isdir(os.path.join(args.data, "val")):
-            raise UserError(f"--data {args.data}: has " + (f"no '{split}' folder" if split != "train" else
-                            "a 'val' folder but no 'train' folder, so val would be trained on as a class") + f"; {layout}")
+        odd = next((e.name for e in os.scandir(args.data) if e.is_dir() and e.name.lower() in ("train", "val")), None)
+        if split != "train" or odd:  # (any case: 'Val' beside class folders was a class)
+            raise UserError(f"--data {args.data}: has " + (f"no '{split}' folder" if split != "train" else f"a '{odd}' "
+                            f"folder but no 'train' folder, so {odd} would be trained on as a class") + f"; {layout}")
         root = args.data  # DIR/<class>/<image>: pre-training needs no val split
     try:
         return datasets.ImageFolder(root, transform=transform, loader=Image.open)  # the header read; the view decodes
@@ -490,13 +527,17 @@ class SeededSampler(torch.utils.data.Sampler):
         return end - min(self.start * self.batch, end)
 
 class Samples(torch.utils.data.Dataset):
-    """dataset[(epoch, i)] with torch, numpy and python RNGs seeded by (seed, epoch, i). An unreadable image is named and
-    counted in .failed (shared by the workers); training takes the next image, evaluation a stand-in labelled -1."""
+    """dataset[(epoch, i)] with torch, numpy and python RNGs seeded by (seed, epoch, i). An unreadable file is named and
+    flagged in .bad (shared by the workers) once an epoch, however often it is met (as another bad file's stand-in too);
+    training takes the next image, evaluation a stand-in labelled -1."""
     def __init__(self, dataset, seed, train=True):
         self.dataset, self.seed, self.train = dataset, seed, train
-        self.failed = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.bad = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
     def __len__(self):
         return len(self.dataset)
+    @property
+    def failed(self):  # the distinct unreadable files met this epoch
+        return int(self.bad.sum())
     def __getitem__(self, key):
         epoch, i = key
         main = torch.utils.data.get_worker_info() is None  # num_workers 0: keep the training RNGs intact
@@ -507,10 +548,12 @@ class Samples(torch.utils.data.Dataset):
             for j in range(i, i + len(self)) if self.train else [i]:
                 try:
                     return self.dataset[j % len(self)]
-                except (OSError, SyntaxError) as e:  # PIL: unidentified, truncated or broken file
-                    self.failed += 1
-                    path = getattr(self.dataset, "samples", [[f"#{j}"]] * len(self))[j % len(self)][0]
-                    print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
+                except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: unidentified, truncated, broken
+                    # file, or over twice Image.MAX_IMAGE_PIXELS (a decompression bomb, not an OSError)
+                    if not self.bad[j % len(self)]:
+                        self.bad[j % len(self)] = True
+                        path = getattr(self.dataset, "samples", [[f"#{j}"]] * len(self))[j % len(self)][0]
+                        print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
             if self.train:
                 raise UserError("no image of --data could be read")
             return self.dataset.transform(Image.new("RGB", (64, 64))), -1  # a stand-in of the right shape
@@ -520,6 +563,8 @@ class Samples(torch.utils.data.Dataset):
 
 def ignore_signals(worker_id):  # DataLoader workers: Ctrl-C and SIGTERM are the main process's to handle
     signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if RUN["lock"] is not None:  # (its lock dies with the main process, not with a worker that outlives it)
+        os.close(RUN["lock"])
 
 def build_loader(dataset, args, train=True):
     if dist.is_initialized():  # every rank must split the same list of images, or the ranks' step counts differ
@@ -531,6 +576,11 @@ def build_loader(dataset, args, train=True):
     if train and len(dataset) // args.world_size < args.batch_size:
         raise UserError(f"--batch_size {args.batch_size} x {args.world_size} process(es) is larger than the dataset "
                         f"({len(dataset)} images); lower --batch_size")
+    steps = len(dataset) // args.world_size // args.batch_size
+    if train and steps < getattr(args, "accum_iter", 1):  # (the rest of an epoch's accumulation is dropped: announce)
+        raise UserError(f"--accum_iter {args.accum_iter} is more than the {steps} steps of an epoch ({len(dataset)} "
+                        f"images, batch {args.batch_size} x {args.world_size} process(es)): the weights would never be "
+                        f"updated; lower --accum_iter or --batch_size")
     # its own generator: making an iterator must not draw from the training RNG (exact resume)
     return DataLoader(Samples(dataset, args.seed, train), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
                       num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"), worker_init_fn=ignore_signals,
@@ -542,8 +592,16 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like every other mistake (no usage block)
-        print(f"error: {message} (see --help)", file=sys.stderr)
+    def parse_args(self, args=None, namespace=None):
+        self.argv = sys.argv[1:] if args is None else [str(a) for a in args]
+        return super().parse_args(args, namespace)
+    def error(self, message):  # one line and exit 2, like every other mistake (no usage block); torchrun: once a node
+        flag = message.removeprefix("argument ").split(":")[0].split("/")[0]
+        if message.endswith("expected one argument") and flag in self.argv[:-1]:  # argparse took -1e-4 for a flag
+            value = self.argv[self.argv.index(flag) + 1]
+            message += f" (a value that starts with '-' is written {flag}={value})" if value.startswith("-") else ""
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 class Range:
@@ -575,7 +633,7 @@ def get_parser(description, pretrain=True, helps=None):
     if pretrain:
         a("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny (a 2-block CLIP tower)")
         a("--teacher_weights", default="openai", help="'openai' (downloads), a local file, or 'none' (random)")
-        a("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
+        a("--mask_ratio", type=FRACTION, default=0.75, help="fraction of patches hidden from the encoder")
     a("--batch_size", type=COUNT, default=64, help="per process")
     a("--accum_iter", type=COUNT, default=1, help="gradient accumulation steps")
     a("--epochs", type=COUNT, default=400, help="training epochs")
@@ -589,6 +647,8 @@ def get_parser(description, pretrain=True, helps=None):
     a("--crop_min", type=Range(float, "(0, 1]"), default=0.2, help="RandomResizedCrop scale = (crop_min, 1)")
     a("--output_dir", default="./output", help="checkpoints and log.txt")
     a("--resume", default="", help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint-last.pth if any")
+    a("--resume_changes", action="store_true", help="go on from --resume although flags that change what is trained "
+      "(sampler, ratios, losses, recipe) differ from its checkpoint's; every changed flag is named at the start")
     a("--save_freq", type=COUNT, default=20, help="keep checkpoint-<epoch>.pth every this many epochs")
     a("--save_every_minutes", type=NONNEG, default=30, help="also write checkpoint-last.pth within an epoch when this "
       "many minutes have passed since the last one (checked every --log_every updates; 0: off)")
@@ -597,8 +657,8 @@ def get_parser(description, pretrain=True, helps=None):
         a("--visualize", type=SIZE, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
           "--resume CKPT or auto: that model) and exit")
     a("--seed", type=Range(int, "[0, 2147483647]"), default=0, help="each process uses seed + rank")
-    a("--num_workers", type=SIZE, default=None, help="DataLoader workers per process (default: the machine's cores / "
-      "processes per node, at most 10)")
+    a("--num_workers", type=SIZE, default=None, help="DataLoader workers per process (default: the node's cores per "
+      "process, minus one, at least 1 and at most 10)")
     a("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="autocast on GPU (CPU runs fp32)")
     a("--compile", action="store_true", help="torch.compile the student (slow first steps)")
     a("--log_every", type=COUNT, default=20, help="steps between progress updates (the only syncs)")
@@ -647,6 +707,36 @@ def make_output_dir(args):
         except OSError as e:
             raise UserError(f"--output_dir {args.output_dir}: not writable ({e.strerror})") from None
 
+def hold_output_dir(args, make=True):
+    """Rank 0: make --output_dir (make) and hold OUTPUT_DIR/.lock (flock) for the run's life, with its pid, host and
+    command in it -> a problem line, or None. The kernel drops the lock when the process ends, however it ends, so a
+    dead run never blocks its relaunch. make=False: only look for a live run's lock (nothing is written)."""
+    path, fd = os.path.join(args.output_dir, ".lock"), None
+    try:
+        if make:
+            make_output_dir(args)
+        if RUN["lock"] is None and (make or os.path.isfile(path)):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            RUN["lock"], fd = fd, None
+        if make and RUN["lock"] is not None:
+            os.ftruncate(RUN["lock"], 0)
+            os.pwrite(RUN["lock"], f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M')}: "
+                      f"{' '.join(sys.argv)}\n".encode(), 0)
+    except UserError as e:
+        return str(e)
+    except BlockingIOError:  # held: name the run that holds it (its line, written once it has the lock)
+        return f"--output_dir {args.output_dir} is in use by a live run ({open(path).read().strip() or 'starting'}); " \
+               f"wait for it to end, or pass another --output_dir"
+    except OSError as e:  # a filesystem without flock (see README), or a folder that is not ours to write: no lock
+        if make:
+            print(f"warning: --output_dir {args.output_dir}: cannot be locked ({e.strerror}); a second run there would "
+                  f"not be refused", file=sys.stderr)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return None
+
 def announce(args, name, dataset, steps, start_epoch=0, targets=None):
     """Rank 0: the run and its lr arithmetic in two lines (every flag is in each checkpoint's 'args'), warnings; for a
     finished run, that nothing is left to train. targets: what the student learns from, if not --teacher (CAE)."""
@@ -666,6 +756,9 @@ def announce(args, name, dataset, steps, start_epoch=0, targets=None):
         print(f"warning: --warmup_epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the lr "
               f"peaks at {lr_at(args.epochs, args) / max(args.lr, 1e-30):.0%} of {args.lr:.3g} at the very end; "
               f"pass a shorter --warmup_epochs (the papers use about 10% of the run)", file=sys.stderr)
+    if steps % args.accum_iter:
+        print(f"warning: the {steps} steps of an epoch are not a multiple of --accum_iter {args.accum_iter}: the last "
+              f"{steps % args.accum_iter} of every epoch add to no update (dropped, as in MAE)", file=sys.stderr)
     if args.lr < args.min_lr:
         print(f"warning: the lr {args.lr:.3g} (at this batch) is below --min_lr {args.min_lr:.3g}, so the cosine rises "
               f"to it instead of decaying; pass a lower --min_lr (e.g. lr / 100) or a larger batch", file=sys.stderr)
@@ -750,6 +843,21 @@ def load_model(model, ckpt, path, args):
         raise UserError(f"--resume {path} does not fit this model: it was written with " + (", ".join(diff[:4]) or
                         "other model flags") + "; pass the flags it was written with") from None
 
+RUN_MECHANICS = {"output_dir", "resume", "resume_changes", "data", "teacher_weights", "dalle_weights", "finetune", "eval",
+                 "export_timm", "epochs", "batch_size", "accum_iter", "world_size", "num_workers", "amp", "compile",
+                 "device", "rank", "log_every", "save_freq", "save_every_minutes", "save_every_steps", "visualize"}
+
+def flag_changes(old, args):
+    """A resume's flags against its checkpoint's args -> (every difference as '--flag OLD (now NEW)', those that change
+    what is trained: every flag but the run mechanics above (paths, length, workers, logging, saving, how the batch
+    is split), and the batch per update). Flags the checkpoint lacks (added since) are not compared."""
+    new = dict(vars(args), per_update=args.batch_size * args.accum_iter * args.world_size)
+    old = dict(old, per_update=old.get("batch_size", 0) * old.get("accum_iter", 1) * old.get("world_size", 1))
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    diff = {k: ("the batch per update " if k == "per_update" else f"--{k} ") + f"{old[k]} (now {v})"
+            for k, v in new.items() if k in old and plain(old[k]) != plain(v)}
+    return list(diff.values()), [d for k, d in diff.items() if k not in RUN_MECHANICS]
+
 def rng_state():
     """This process's training RNGs (torch CPU and CUDA, numpy, python), as weights_only types."""
     np_state = np.random.get_state()
@@ -803,6 +911,7 @@ class Checkpointer:
         self.args, self.method, self.model, self.optimizer = args, method, model, optimizer
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")  # loss scaling for fp16 only
         self.last, self.saved_at, self.progress = os.path.join(args.output_dir, "checkpoint-last.pth"), time.time(), None
+        self.extra = {}  # what a script keeps across a resume besides the model (finetune.py: its best top-1)
     def resume(self, fresh_ok=False):
         """Restore from --resume (auto: OUTPUT_DIR's checkpoint-last.pth, if any) -> (epoch, step) to go on at. An output
         dir holding another run's files (a checkpoint but the one resumed, a log.txt) is refused: nothing is ever
@@ -812,18 +921,27 @@ class Checkpointer:
             ckpt = load_checkpoint(path, self.method)
             load_model(self.model, ckpt, path, args)
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            changes, trained = flag_changes(ckpt.get("args", {}), args) if not fresh_ok else ([], [])
+            if trained and not args.resume_changes:  # the same on every rank
+                rest = [c for c in changes if c not in trained]
+                raise UserError(f"--resume {path}: {', '.join(trained)} change what is trained (the run would be neither "
+                                f"its checkpoint's nor a new one); pass its values, or --resume_changes to go on with them"
+                                + (f" (also changed: {', '.join(rest)})" if rest else ""))
         own = bool(path) and os.path.abspath(path) == os.path.abspath(self.last)
-        taken, other = run_of(args.output_dir) if not (fresh_ok or own) and args.rank == 0 else ([], None)
+        live = hold_output_dir(args, make=False) if not fresh_ok and args.rank == 0 else None  # a live run's, first
+        taken, other = run_of(args.output_dir) if not (fresh_ok or own or live) and args.rank == 0 else ([], None)
         hint = f"resume {path} into a fresh --output_dir" if path else "pass --resume auto to continue it, or a fresh " \
             "--output_dir to start a new one" if other == self.method else "pass a fresh --output_dir"
-        agree(f"--output_dir {args.output_dir} already holds a{' ' + other if other else ''} run ({', '.join(taken[:3])}"
-              f"{' ...' if len(taken) > 3 else ''}); {hint}: nothing there is overwritten" if taken else None)
-        if not fresh_ok:
-            make_output_dir(args)
+        agree(live or (f"--output_dir {args.output_dir} already holds a{' ' + other if other else ''} run ("
+                       f"{', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''}); {hint}: nothing there is overwritten"
+                       if taken else None))
+        if not fresh_ok:  # made and held by rank 0 (two runs that passed the check at once: the lock takes one)
+            agree(hold_output_dir(args) if args.rank == 0 else None)
         if not path:
             return 0, 0
         if ckpt.get("scaler"):  # empty when saved without fp16
             self.scaler.load_state_dict(ckpt["scaler"])
+        self.extra = ckpt.get("extra", {})
         epoch, step, old = ckpt["epoch"], ckpt.get("step", 0), ckpt.get("args", {})
         if step and (old.get("world_size"), old.get("batch_size")) != (args.world_size, args.batch_size):
             print(f"warning: {path} was written by {old.get('world_size')} process(es) x batch {old.get('batch_size')}; "
@@ -833,7 +951,7 @@ class Checkpointer:
             set_rng_state(ckpt["rng"][args.rank])
             self.progress = (ckpt.get("progress") or [None] * args.world_size)[args.rank] if step else None
         if args.rank == 0:
-            print(f"resumed from {path}: epoch {epoch}, step {step}")
+            print(f"resumed from {path}: epoch {epoch}, step {step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
         RUN["saved"] = (epoch, step)
         return epoch, step
     def save(self, epoch, step, keep=False, meter=None):
@@ -845,6 +963,7 @@ class Checkpointer:
             state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          epoch=epoch, step=step, rng=[r for r, _ in ranks], progress=[p for _, p in ranks],
                          args=dict(vars(self.args)), method=self.method)
+            state.update({"extra": self.extra} if self.extra else {})
             save_checkpoint(self.last, **state)
             if keep:
                 save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth"), **state)
@@ -882,9 +1001,11 @@ def log_epoch(args, stats):  # rank 0: one JSON line per epoch in OUTPUT_DIR/log
             f.write(json.dumps(stats) + "\n")
 
 def too_many_unreadable(failed, seen, final=False):
-    """Over 1% of the images unreadable? At the epoch's end (final): over 1% of them. Within it only beyond doubt
-    (above 1% of those seen by 3 standard deviations of a 1% rate, plus 2), whatever the batch size or order."""
-    return failed > 0.01 * seen + (0 if final else 3 * math.sqrt(0.0099 * seen) + 2)
+    """Over 1% of the files looked at unreadable (failed distinct bad files, seen images trained on)? At the epoch's end
+    (final): over 1% of them. Within it only beyond doubt (above 1% of those looked at by 3 standard deviations of a 1%
+    rate, plus 2), whatever the batch size or order."""
+    n = seen + failed
+    return failed > 0.01 * n + (0 if final else 3 * math.sqrt(0.0099 * n) + 2)
 
 class Meter:
     """The loader from the resume point as (step, batch), a tqdm bar of loss, lr and images/s (rank 0). The loss stays
@@ -893,7 +1014,7 @@ class Meter:
     def __init__(self, loader, epoch, args, ckpt=None):
         p = ckpt and ckpt.progress or {"loss_sum": 0.0, "steps": 0, "seen": 0, "unreadable": 0}
         self.sum, self.count, self.seen, self.images = p["loss_sum"], p["steps"], p["seen"], 0
-        loader.dataset.failed.fill_(p["unreadable"])  # counted per epoch
+        loader.dataset.bad.zero_()[p["unreadable"] if isinstance(p["unreadable"], list) else []] = True  # per epoch
         if ckpt:
             ckpt.progress = None  # for the resumed epoch only
         self.args, self.t0, self.epoch, self.loader, self.start, self.steps = \
@@ -912,26 +1033,31 @@ class Meter:
             loss = self.check(float(self.sum / self.count), step)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
     def progress(self):  # this epoch so far, for a mid-epoch checkpoint
-        return {"loss_sum": float(self.sum), "steps": self.count, "seen": self.seen, "unreadable": int(self.loader.dataset.failed)}
+        return {"loss_sum": float(self.sum), "steps": self.count, "seen": self.seen,
+                "unreadable": self.loader.dataset.bad.nonzero().flatten().tolist()}
     def check(self, loss, step, failed=None, seen=None, final=False):
         """A non-finite loss stops the run, naming the checkpoint to resume from; so do too many unreadable images."""
         if not math.isfinite(loss):
             last = os.path.join(self.args.output_dir, "checkpoint-last.pth")
             hint = f"resume with --resume {last}" if os.path.isfile(last) else "no checkpoint yet"
-            raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none")
-        failed, seen = (int(self.loader.dataset.failed), self.seen) if failed is None else (failed, seen)
+            raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none",
+                            local=not final)
+        failed, seen = (self.loader.dataset.failed, self.seen) if failed is None else (failed, seen)
         if too_many_unreadable(failed, seen, final):
-            raise UserError(f"--data {self.args.data}: {failed} of {seen} images could not be read (over 1%); fix or "
-                            "remove the files named in the warnings above")
+            raise UserError(f"--data {self.args.data}: {failed} of the {seen + failed} images looked at could not be read "
+                            "(over 1%); fix or remove the files named in the warnings above", local=not final)
         return loss
     def stats(self, epoch, lr):
-        """The epoch's mean loss over all processes (one all-reduce), checked before a checkpoint is written."""
-        total = torch.tensor([0.0, self.count, int(self.loader.dataset.failed), self.seen], device=self.args.device)
+        """The epoch's mean loss over all processes (one all-reduce, with each file's unreadable flags: a file that two
+        ranks met counts once), checked before a checkpoint is written."""
+        total = torch.cat([torch.tensor([0.0, self.count, self.seen]), self.loader.dataset.bad.float()]).to(self.args.device)
         total[0] = self.sum if torch.is_tensor(self.sum) else torch.tensor(self.sum)
         if dist.is_initialized():
             dist.all_reduce(total)
-        loss = self.check((total[0] / total[1]).item(), self.start + self.count - 1, int(total[2]), int(total[3]), True)
-        return {"epoch": epoch, "train_loss": loss, "lr": lr, "unreadable_images": int(total[2])}
+        failed = int((total[3:] > 0).sum())
+        loss = self.check((total[0] / total[1]).item(), self.start + self.count - 1, failed, int(total[2]), True)
+        return {"epoch": epoch, "train_loss": loss, "lr": lr, "steps": int(total[1]) // self.args.world_size,
+                "images": int(total[2]), "unreadable_images": failed}  # steps per process, images of all
 
 # ---- Pictures: --visualize N ----------------------------------------------------------------------------------------
 def heat(values, size):
@@ -953,8 +1079,11 @@ def spread_over_classes(dataset, n):
     return sorted(range(len(targets)), key=lambda i: (turn[i], i))[:n]
 
 def draw_text(draw, xy, text, fill="black"):
-    """PIL's default font draws a space as narrow as the gap between two letters: each word is drawn on its own."""
+    """PIL's default font draws a space as narrow as the gap between two letters: each word is drawn on its own; and it
+    has ASCII glyphs only (others are boxes): accents are dropped, other characters drawn as \\uXXXX."""
     x, y = xy
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    text = text.encode("ascii", "backslashreplace").decode()
     for word in text.split(" "):
         draw.text((x, y), word, fill=fill)
         x += draw.textlength(word) + 5
@@ -978,6 +1107,8 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     for i in spread_over_classes(dataset, len(dataset)):
         if len(picked) < args.visualize and (item := samples[(0, i)])[1] != -1:
             picked.append((i, item[0]))
+    if not picked:
+        raise UserError(f"--data {args.data}: no image could be read to draw (see the files named above)")
     batch = to_device(torch.utils.data.default_collate([x for _, x in picked]), args.device)
     names = [f"{dataset.classes[dataset.targets[i]]}: {os.path.basename(dataset.samples[i][0])}"
              if hasattr(dataset, "samples") else f"generated image {i}" for i, _ in picked]
@@ -990,12 +1121,13 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     hidden = F.interpolate(out["mask"].cpu().view(-1, 1, g, g).float(), size=(size, size), mode="nearest")  # [B, 1, H, W]
     patch_loss = out["patch_loss"].float().cpu().masked_fill(out["patch_loss"].cpu() == 0, float("nan"))
     titles = ["image", "visible patches"] + (["CLS attention"] if attn is not None else []) + ["per-patch loss"]
+    note = out.get("patch_loss_note")  # the method's words on what its loss map holds where (MR-MAE: L_R and L_M)
     to_pil = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
     rows = [[to_pil(images[i]), to_pil(images[i] * (1 - 0.75 * hidden[i]))] +
             ([heat(attn[i].cpu().view(g, g), size)] if attn is not None else []) + [heat(patch_loss[i].view(g, g), size)]
             for i in range(len(images))]
     step, row = size + VIS_GAP, VIS_CAPTION + size + VIS_GAP
-    sheet = Image.new("RGB", (len(titles) * step, VIS_TITLE + len(rows) * row + VIS_SCALE), "white")
+    sheet = Image.new("RGB", (len(titles) * step, VIS_TITLE + len(rows) * row + VIS_SCALE + 12 * bool(note)), "white")
     draw = ImageDraw.Draw(sheet)
     for c, title in enumerate(titles):
         draw_text(draw, (c * step + 2, 2), title)
@@ -1007,10 +1139,13 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     sheet.paste(Image.fromarray((colormap(torch.linspace(0, 1, width)) * 255).byte()[None].expand(10, -1, -1).numpy()), (2, y))
     sheet.paste(Image.new("RGB", (10, 10), (127, 127, 127)), (width + 12, y))
     for xy, text in (((2, y + 12), "low"), ((width - 22, y + 12), "high"), ((width + 26, y - 1), "not in the loss"),
-                     ((width + 12, y + 12), "maps: each image's min..max")):
+                     ((width + 12, y + 12), "maps: each image's min..max"), ((2, y + 24), note or "")):
         draw_text(draw, xy, text)
     if args.rank == 0:
         make_output_dir(args)
-        sheet.save(os.path.join(args.output_dir, "visualize.png"))
-        print(f"wrote {os.path.join(args.output_dir, 'visualize.png')}: {len(rows)} images ({', '.join(names)}), columns "
-              + " | ".join(titles))
+        k = 0
+        while os.path.exists(path := os.path.join(args.output_dir, f"visualize{f'-{k}' if k else ''}.png")):
+            k += 1  # beside an earlier picture, never over it
+        sheet.save(path)
+        print(f"wrote {path}: {len(rows)} images ({', '.join(names)}), columns " + " | ".join(titles)
+              + (f" ({note})" if note else ""))

@@ -29,7 +29,8 @@ lr = 1e-4 x 1024 / 256 = 4e-4:
   torchrun --nproc_per_node=8 finetune.py --data /imagenet --finetune out/milan/checkpoint-399.pth --blr 1e-4 --min_lr 0
 Linear probe (MILAN: batch 2048 x 8 = 16384, lr = 0.05 x 16384 / 256 = 3.2):
   torchrun --nproc_per_node=8 finetune.py --mode linprobe --data /imagenet --finetune CKPT --blr 0.05 --epochs 100
-Smoke run: python finetune.py --data fake --finetune OUT/checkpoint-last.pth --epochs 1 --batch_size 8 --output_dir FT
+Smoke run: python finetune.py --data fake --finetune OUT/checkpoint-last.pth --epochs 1 --warmup_epochs 0 --batch_size 8
+  --output_dir FT
 """
 import argparse
 import os
@@ -62,13 +63,15 @@ RECIPES = {  # per --mode, for every flag left unset; batch_size is per process 
 def get_args(argv=None):
     p = common.get_parser("Fine-tuning, linear probing, attentive probing, timm export of a pre-trained encoder",
                           pretrain=False, helps={
+        "--data": "ImageNet-style root: DIR/train/<class>/<image> and DIR/val/<class>/<image> (val scored every epoch), "
+                  "or 'fake' (generated images); required to train or --eval",
         "--betas": "AdamW betas (--mode finetune; the probes' LARS and SGD have none)",
         "--weight_decay": "weight decay: AdamW's (finetune), LARS's (linprobe) or SGD's (attnprobe); unset: the mode's"})
     p.set_defaults(**{k: None for k in RECIPES["finetune"]}, betas=(0.9, 0.999), crop_min=0.08)  # MAE / timm crop (0.08, 1)
     a = p.add_argument
-    a("--mode", choices=list(RECIPES), default="finetune", help="end to end (MAE/BEiT), linear probe (MAE), or "
-      "attentive probe (CAE Sec. 4.2); unset --batch_size/--blr/--epochs/--warmup_epochs/--weight_decay/"
-      "--min_lr/--drop_path take the mode's recipe: " +
+    a("--mode", choices=list(RECIPES), help="end to end (MAE/BEiT), linear probe (MAE), or attentive probe (CAE Sec. "
+      "4.2); default: finetune, or with --eval that of the --finetune checkpoint; unset --batch_size/--blr/--epochs/"
+      "--warmup_epochs/--weight_decay/--min_lr/--drop_path take the mode's recipe: " +
       "; ".join(f"{m}: " + " ".join(f"{k}={v:g}" for k, v in r.items()) for m, r in RECIPES.items()))
     a("--finetune", required=True, metavar="CKPT", help="a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or "
       "mask_align.py (its encoder is loaded), a finetune.py checkpoint (encoder and head), or a timm ViT state dict")
@@ -84,7 +87,8 @@ def get_args(argv=None):
     a("--reprob", type=common.Range(float, "[0, 1]"), default=0.25, help="finetune: random erasing probability (MAE, CAE)")
     a("--export_timm", metavar="OUT.pth", help="write the --finetune encoder with timm's keys to OUT.pth and exit")
     args = p.parse_args(argv)
-    for k, v in RECIPES[args.mode].items():
+    args.mode = args.mode or (None if args.eval else "finetune")  # --eval: the checkpoint's (main)
+    for k, v in RECIPES[args.mode or "finetune"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     return args
 
@@ -189,7 +193,8 @@ def infer_model(enc, flag_value):
 
 def new_encoder(args, src):
     """The encoder's architecture rebuilt from the file: mr_mae's ConvViT when its args say so, else common.ViT
-    with layer scale when the file has ls1.gamma (CAE, CAE v2), at --input_size, with --drop_path."""
+    with layer scale when the file has ls1.gamma (CAE, CAE v2) and the head count of its args (CAE v2's ViT-T: 12),
+    at --input_size, with --drop_path."""
     if args.arch != "vit":
         try:
             import mr_mae
@@ -198,7 +203,7 @@ def new_encoder(args, src):
         return mr_mae.build_encoder(argparse.Namespace(**dict(src["args"], drop_path=args.drop_path,
                                                                input_size=args.input_size)))
     ls = 0.1 if "blocks.0.ls1.gamma" in src["encoder"] else None  # value irrelevant: loaded from the file
-    heads = src["args"].get("num_heads") or common.VIT_CONFIGS[args.model][3]
+    heads = src["args"].get("num_heads") or common.VIT_CONFIGS[args.model][3]  # (timm files: the name's)
     return common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=ls, num_heads=heads)
 
 
@@ -265,7 +270,7 @@ def export_timm(args, src):
         common.save_checkpoint(out, **sd)
     except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
         raise common.UserError(f"--export_timm {out}: cannot be written ({type(e).__name__}); pass a writable path") from None
-    p, dim, depth, heads = common.VIT_CONFIGS[args.model]
+    (p, dim, depth, _), heads = common.VIT_CONFIGS[args.model], args.num_heads
     kw = f"num_classes={sd['head.weight'].shape[0]}, global_pool='avg'" if "head.weight" in sd else "num_classes=0"
     kw += ", init_values=0.1" if "blocks.0.ls1.gamma" in sd else ""
     print(f"wrote {len(sd)} tensors to {args.export_timm}; load with timm.models.vision_transformer.VisionTransformer("
@@ -333,8 +338,9 @@ def build_optimizer(model, args):
 
 # ---- Training ---------------------------------------------------------------------------------------
 def rgb(img):
-    """The dataset's images are opened, not decoded (common.build_dataset): greyscale, CMYK, palette, RGBA -> RGB."""
-    return img.convert("RGB")
+    """The dataset's images are opened, not decoded (common.build_dataset): greyscale (16-bit too), CMYK, palette, RGBA
+    -> 8-bit RGB."""
+    return common.to_rgb(img)
 
 
 def build_transform(args, train=True):
@@ -420,16 +426,17 @@ def evaluate(model, loader, args):
             "val_unreadable": int(unreadable)}
 
 
-def with_classes(ds, classes, args):
+def with_classes(ds, classes, args, whose="train's"):
     """The val split with train's class indices (a val folder with fewer classes, or another order, gets train's
-    labels); a class that train lacks is refused. classes None: --data fake, or nothing to match."""
+    labels); a class that train lacks is refused. classes None: --data fake, or nothing to match. whose: the classes'
+    source, for the message (--eval: the checkpoint's)."""
     if classes is None or not hasattr(ds, "samples"):
         return ds
     index = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in ds.classes if c not in index]
     if unknown:
-        raise common.UserError(f"--data {args.data}: val has class folder(s) {', '.join(unknown[:3])} that train has "
-                               f"not; every val class must be one of train's {len(classes)}")
+        raise common.UserError(f"--data {args.data}: val has class folder(s) {', '.join(unknown[:3])} that are not "
+                               f"among {whose} {len(classes)} classes; every val class must be one of them")
     ds.samples = ds.imgs = [(path, index[ds.classes[t]]) for path, t in ds.samples]
     ds.targets, ds.classes, ds.class_to_idx = [t for _, t in ds.samples], list(classes), index
     return ds
@@ -465,24 +472,32 @@ def main(argv=None):
         raise common.UserError(f"--model {args.model}: --finetune {args.finetune} holds a {own} encoder; pass "
                                f"--model {own} or leave --model out")
     args.model = own
+    if args.arch == "vit":  # the file's head count (CAE v2's ViT-T has 12), kept in this run's checkpoints too
+        args.num_heads = src["args"].get("num_heads") or common.VIT_CONFIGS[own][3]
     if args.export_timm:
         return export_timm(args, src)
     if src["method"] == "finetune":  # a finetune.py checkpoint brings its head: its mode and classes
-        if args.mode != src["args"]["mode"] and not args.eval:
-            raise common.UserError(f"--finetune {args.finetune} is a --mode {src['args']['mode']} checkpoint; pass "
-                                   f"--mode {src['args']['mode']} to train it further, or --eval")
-        args.mode, args.nb_classes = src["args"]["mode"], src["args"]["nb_classes"]
+        mode = src["args"]["mode"]
+        if args.mode not in (None, mode):  # (None: --eval without --mode)
+            raise common.UserError(f"--mode {args.mode}: --finetune {args.finetune} is a --mode {mode} checkpoint; pass "
+                                   f"--mode {mode} to train it further (--eval alone takes its mode)")
+        args.mode, args.nb_classes = mode, src["args"]["nb_classes"]
+    args.mode = args.mode or "finetune"
     if args.eval and src["method"] != "finetune" and not args.resume:
-        raise common.UserError(f"--eval: {args.finetune} holds no trained head (a {src['method'] or 'timm-format'} "
-                               f"encoder); train one first (--mode linprobe, attnprobe or finetune), then --eval its "
-                               f"checkpoint")
+        why = "is a timm-format file with a classifier head, but without the mode and classes that --eval needs; " \
+            "evaluate the finetune.py checkpoint it was exported from" if "head.weight" in src["state"] else \
+            f"holds no trained head (a {src['method'] or 'timm-format'} encoder); train one first (--mode linprobe, " \
+            f"attnprobe or finetune), then --eval its checkpoint"
+        raise common.UserError(f"--eval: {args.finetune} {why}")
     common.setup(args)
     if args.mode != "finetune" and not args.eval and args.batch_size < 2:
         raise common.UserError(f"--batch_size {args.batch_size}: --mode {args.mode} trains a BatchNorm, which needs "
                                f"at least 2 images per batch")
     train = None if args.eval else common.build_dataset(args, build_transform(args))
     args.classes = class_names(args, src, train)  # val labels take train's indices; saved with the checkpoint
-    val = with_classes(common.build_dataset(args, build_transform(args, train=False), split="val"), args.classes, args)
+    whose = "the checkpoint's" if train is None and src["args"].get("classes") else "train's"  # (--eval: its own)
+    val = with_classes(common.build_dataset(args, build_transform(args, train=False), split="val"), args.classes, args,
+                       whose)
     data_classes = num_classes(train or val)
     args.nb_classes = args.nb_classes or data_classes
     if data_classes > args.nb_classes:
@@ -503,14 +518,14 @@ def main(argv=None):
     trained = model if model.kind == "finetune" else model.head  # DDP around the trained modules only
     trained = DDP(trained) if args.world_size > 1 else trained
     trained = torch.compile(trained) if args.compile else trained
-    mix, best = build_mixup(args), 0.0
+    mix, best = build_mixup(args), ckpt.extra.get("best_acc1", 0.0)  # (over the epochs before a resume too)
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
         stats = train_one_epoch(model, trained, loader, optimizer, ckpt.scaler, mix, epoch, args, ckpt)
         stats.update(evaluate(model, val_loader, args))
+        best = ckpt.extra["best_acc1"] = max(best, stats["acc1"])
         ckpt.epoch_done(epoch)
         common.log_epoch(args, stats)
-        best = max(best, stats["acc1"])
         if args.rank == 0:
             print(f"epoch {epoch}: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['val_loss']:.4f} "
                   f"on {scored(stats)} (best top-1 {best:.2f}%)")

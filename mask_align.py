@@ -28,7 +28,7 @@ defaults assume 8 GPUs: with fewer, raise --accum_iter to keep the batch of 1024
   torchrun --nproc_per_node=8 mask_align.py --data /imagenet --teacher_weights /path/to/ViT-B-16.pt
 (ViT-L/16: --model vit_large_patch16, drop path 0.2 by default; Table 5's CLIP-L196 teacher: --teacher ViT-L-14.)
 Smoke run, no downloads: python mask_align.py --data fake --model vit_nano_patch16 --teacher tiny
-  --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT
+  --teacher_weights none --epochs 1 --warmup_epochs 0 --batch_size 32 --output_dir OUT
 """
 import argparse
 from contextlib import nullcontext

@@ -30,7 +30,7 @@ Paper ViT-B/16 run (App. A.1: batch 256 x accum 2 x 8 GPUs = 4096, lr = 1.5e-4 x
   torchrun --nproc_per_node=8 milan.py --data /imagenet --teacher_weights /path/to/ViT-B-16.pt
 (ViT-L/16: --model vit_large_patch16 --teacher ViT-L-14 --batch_size 128 --accum_iter 4.)
 Smoke run, no downloads: python milan.py --data fake --model vit_nano_patch16 --teacher tiny
-  --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT
+  --teacher_weights none --epochs 1 --warmup_epochs 0 --batch_size 32 --output_dir OUT
 """
 from contextlib import nullcontext
 
@@ -69,6 +69,8 @@ def get_args(argv=None):
     sizes = (64, 2, 2) if args.model == "vit_nano_patch16" else (512, 8, 16)  # width, depth, heads
     args.decoder_dim, args.decoder_depth, args.decoder_heads = (
         given or default for given, default in zip((args.decoder_dim, args.decoder_depth, args.decoder_heads), sizes))
+    common.check_width(args.decoder_dim, args.decoder_heads, f"--decoder_dim {args.decoder_dim}, --decoder_heads "
+                       f"{args.decoder_heads}")
     return args
 
 

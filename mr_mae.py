@@ -41,7 +41,8 @@ Paper run (Sec. 4.1: batch 1024 = 128 per GPU x accum 1 x 8 GPUs; lr = 1.5e-4 x 
 (add --arch convvit_base for the masked convolution stages of the 85.8% headline, Tables 3 and 5;
 DINO teacher: --teacher dino_vitb16 --teacher_weights /path/to/dino_vitbase16_pretrain.pth.)
 Smoke run, no downloads: python mr_mae.py --data fake --model vit_nano_patch16 --teacher tiny
-  --teacher_weights none --epochs 1 --batch_size 8 --output_dir OUT   (add --arch convvit_nano for the conv stages)
+  --teacher_weights none --epochs 1 --warmup_epochs 0 --batch_size 32 --output_dir OUT
+  (add --arch convvit_nano for the conv stages)
 """
 import argparse
 import math
@@ -90,6 +91,10 @@ def get_args(argv=None):
     sizes = (64, 2, 2) if nano else (512, 8, 16)  # width, depth, heads
     args.decoder_dim, args.decoder_depth, args.decoder_heads = (
         given or default for given, default in zip((args.decoder_dim, args.decoder_depth, args.decoder_heads), sizes))
+    common.check_width(args.decoder_dim, args.decoder_heads, f"--decoder_dim {args.decoder_dim}, --decoder_heads "
+                       f"{args.decoder_heads}")
+    if not any(args.loss_weights):
+        raise common.UserError("--loss_weights 0 0 leaves no loss to train; give L_R or L_M a weight (Table 3: 1 0, 0 1)")
     return args
 
 
@@ -342,8 +347,9 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     """One training forward on a batch of images (on the device). Returns the loss, the mask [B, N] (True = hidden),
     the teacher's [CLS] attention and, only when asked (per_patch: pictures, benchmarks), the per-patch loss [B, N]:
     ||D_j - I_j||^2 on masked patches and ||L(E_j) - F_j||^2 on visible ones, each divided by its own mean over the
-    batch (pixels and features have different units: on one scale the picture would only show the mask); row 5
-    (--high_level reconstruct): the two reconstruction terms of each masked patch, each so divided, summed."""
+    batch (pixels and features have different units: on one scale the picture would only show the mask), and then
+    patch_loss_note, which says so on the picture; row 5 (--high_level reconstruct): the two reconstruction terms of
+    each masked patch, each so divided, summed."""
     images, N = batch, teacher.grid ** 2
     n_keep = common.num_visible(N, args.mask_ratio)  # 49 of 196 at r = 0.75
     # one teacher pass on the intact image: mimic targets F (Sec. 3.2) and [CLS] attention (Sec. 3.3)
@@ -361,10 +367,13 @@ def forward_step(model, teacher, batch, args, per_patch=False):
         if args.high_level == "reconstruct":  # both terms on the masked patches
             l_f = reconstruction_loss(high.detach(), common.gather(tokens, ids_mask), True)  # [B, 147]
             patch_loss.scatter_(1, ids_mask, l_r / l_r.mean() + l_f / l_f.mean())
+            note = "loss map: L_R of the pixels + L_R of the features on the masked patches, each / its mean"
         else:
             l_m = mimic_loss(high.detach(), common.gather(tokens, ids_keep), True)  # [B, 49]
             patch_loss.scatter_(1, ids_mask, l_r / l_r.mean()).scatter_(1, ids_keep, l_m / l_m.mean())
-    return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn")}
+            note = "loss map: L_R on the masked patches, L_M on the visible ones, each / its mean"
+    notes = {"patch_loss_note": note} if per_patch else {}
+    return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn"), **notes}
 
 
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, ckpt):

@@ -140,7 +140,8 @@ def build(method, opts):
     module = importlib.import_module(METHODS[method][0])
     teacher = [] if METHODS[method][0] == "cae" else ["--teacher", opts.teacher, "--teacher_weights", opts.teacher_weights]
     argv = ["--data", "fake", "--model", opts.model, "--batch_size", str(opts.batch_size), "--fake_size",
-            str(opts.batch_size), "--num_workers", "0"] + teacher + METHODS[method][1]  # CAE: its DALL-E tokenizer
+            str(opts.batch_size), "--num_workers", "0", "--accum_iter", "1"] + teacher + METHODS[method][1]  # one step
+    # of one batch (its cost does not depend on accumulation, which an epoch of one step would not allow); CAE: DALL-E
     args = module.get_args(argv)
     args.rank, args.world_size, args.device, args.lr = 0, 1, opts.device, 1e-4
     args.amp = "bf16" if opts.device.startswith("cuda") else "none"
@@ -272,31 +273,36 @@ def device_name(device):
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class Help(argparse.RawDescriptionHelpFormatter, common.DefaultsHelpFormatter):
+    """This docstring as the description, and every flag's default in --help."""
+
+
+def main(argv=None):
+    p = common.Parser(description=__doc__, formatter_class=Help)  # a bad value: one error line (exit 2)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
-    p.add_argument("--model", default="vit_base_patch16")
-    p.add_argument("--teacher", default="ViT-B-16")
+    p.add_argument("--model", default="vit_base_patch16", help=", ".join(common.VIT_CONFIGS))
+    p.add_argument("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny")
     p.add_argument("--teacher_weights", default="none", help="weights do not change the cost; 'none' needs no file")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--steps", type=int, default=5, help="timed steps; images/s uses their median")
+    p.add_argument("--batch_size", type=common.COUNT, default=8, help="images per step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--warmup", type=common.SIZE, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=common.COUNT, default=5, help="timed steps; images/s uses their median")
     p.add_argument("--variant", default="", help="comma-separated 'before' variants (see above)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
-    p.add_argument("--peak_tflops", type=float, help="bf16 peak of the GPU, when its name is not known here")
+    p.add_argument("--peak_tflops", type=common.POS, help="bf16 peak of the GPU, when its name is not known here")
     p.add_argument("--profile", action="store_true", help="print the time shares per kind of kernel (CUDA) or op (CPU)")
     p.add_argument("--json", help="write the records (a JSON list) here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method in this process
-    opts = p.parse_args()
+    opts = p.parse_args(argv)
     opts.variant = [v for v in opts.variant.split(",") if v]
     if opts.one:
         print("RECORD " + json.dumps(measure(opts.one, opts)))
         return
+    unknown = [m for m in opts.methods.split(",") if m not in METHODS]
+    if unknown:
+        raise common.UserError(f"--methods: unknown method {unknown[0]}; choose from {', '.join(METHODS)}")
     records = []
     for method in opts.methods.split(","):
-        if method not in METHODS:
-            sys.exit(f"error: --methods: unknown method {method}; choose from {', '.join(METHODS)}")
         cmd = [sys.executable, os.path.abspath(__file__), "--one", method] + [a for a in sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RECORD ")]
@@ -322,4 +328,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

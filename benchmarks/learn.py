@@ -90,7 +90,7 @@ METHODS = {  # row -> (method file, flags beyond the shared ones)
     "milan": ("milan", []), "cae": ("cae", ["--target", "pixel"]), "cae_v2": ("cae_v2", []), "mr_mae": ("mr_mae", []),
     "mask_align": ("mask_align", []),
     "mae_pixel": ("mr_mae", ["--loss_weights", "1", "0", "--focus", "none", "--fusion_layers", "2"])}  # the control
-MARKER = ".made_by_learn_py"  # in --out: the folder is learn.py's own, so a new run may empty it
+MARKER = ".made_by_learn_py"  # in --out: the folder is learn.py's own; it lists the files learn.py wrote there
 CLASSES = ["disc", "stripes", "triangle", "checker", "ring", "dots", "square", "plus", "star", "crescent"]  # --classes N: first N
 
 
@@ -102,10 +102,11 @@ def get_args(argv=None):
     p = common.Parser(description=__doc__, formatter_class=Help)
     a, COUNT, POS = p.add_argument, common.COUNT, common.POS
     a("--out", default="learn_out", help="work folder (data, teacher, runs); a folder an earlier learn.py run made "
-      "(its marker file " + MARKER + ") is emptied first, any other non-empty folder is refused")
-    a("--json", help="write one record per row (method, probe_top1, finetune_top1, pretrain_s, probe_s, "
+      "(its marker file " + MARKER + ", which lists what it wrote) is emptied of those files first; a folder that "
+      "holds any other file is refused")
+    a("--json", help="write (a new file) one record per row (method, probe_top1, finetune_top1, pretrain_s, probe_s, "
       "final_pretrain_loss, colour_r2, teacher_r2) and, with --cae_fig4, one per Fig. 4 run")
-    a("--plot", help="write a PNG: pre-training loss per method over steps, probe top-1 as bars (with --cae_fig4 "
+    a("--plot", help="write (a new file) a PNG: pre-training loss per method over steps, probe top-1 as bars (with --cae_fig4 "
       "also the Fig. 4 picture, beside it as <name>_cae_fig4.png)")
     a("--seed", type=common.SIZE, default=0, help="data, teacher, students and probes")
     a("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="rows to pre-train; mae_pixel is "
@@ -417,10 +418,11 @@ def run(cmd, out_dir, log, label, env):
                     what = f"train loss {r['train_loss']:.4f}" + (f", val top-1 {r['acc1']:.1f}%" if "acc1" in r else "")
                     log(f"  {label} epoch {r['epoch'] + 1}: {what} ({time.time() - t0:.0f} s)")
                 time.sleep(0.5)
-        finally:  # interrupted (Ctrl-C): do not leave the script running
+        finally:  # interrupted (Ctrl-C): do not leave the script running; what it wrote is learn.py's
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
+            own(os.path.dirname(os.path.abspath(out_dir)), out_dir)
     if proc.returncode:
         tail = open(os.path.join(out_dir, "output.txt")).read()[-3000:]
         raise SystemExit(f"{label} failed (exit {proc.returncode}):\n{tail}")
@@ -603,8 +605,10 @@ def cae_fig4(args, data, log, env, cae_row=None):
     picture = os.path.join(out, "cae_fig4.png")
     fig4_picture([("with alignment\n(lambda = 2)", paths[2]), ("without alignment\n(lambda = 0)", paths[0])], args, data,
                  picture)
+    own(out, picture)
     if args.plot:
-        shutil.copyfile(picture, os.path.splitext(args.plot)[0] + "_cae_fig4.png")
+        with open(picture, "rb") as f, open(fig4_copy(args.plot), "xb") as copy:  # "x": never over a file
+            shutil.copyfileobj(f, copy)
     print("\n| CAE Fig. 4 (seeds) | recon MSE, all patches | recon MSE, masked patches | pretext MSE |\n|---|---|---|---|")
     for weight in (2, 0):
         rs = [r for r in records if r["align_weight"] == weight]
@@ -647,25 +651,81 @@ def plot(rows, curves, steps_per_epoch, path):
         d.rectangle([x1, y, x1 + bw, y + 26], outline=(220, 220, 220))
         d.rectangle([x1, y, x1 + bw * r["probe_top1"] / 100, y + 26], fill=colours.get(r["method"], "black"))
         d.text((x1 + bw + 6, y + 8), f"{r['probe_top1']:.1f}", fill="black", font=font)
-    im.save(path)
+    with open(path, "xb") as f:  # never over a file
+        im.save(f, format="PNG")
+
+
+def files_under(out, path):
+    """The files under path (a file or a folder), relative to out."""
+    if os.path.isfile(path):
+        return [os.path.relpath(path, out)]
+    return [os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(path) for f in fs]
+
+
+def own(out, *paths):
+    """Record in out's marker the files under paths as learn.py's: the only ones a later run may remove. A folder with
+    no marker is not learn.py's --out (ablate.py's runs call run() too): nothing is recorded."""
+    if os.path.isfile(os.path.join(out, MARKER)):
+        with open(os.path.join(out, MARKER), "a") as f:
+            f.writelines(name + "\n" for p in paths if os.path.exists(p) for name in files_under(out, p))
 
 
 def prepare_out(path):
-    """--out: learn.py's own folder (its marker file) is emptied; a non-empty folder it did not make is refused."""
+    """--out: a folder learn.py made (its marker file) is emptied of the files it recorded writing; a folder that
+    holds any other file is refused (nothing removed), as is a non-empty folder it did not make."""
     out = os.path.abspath(path)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {path} is a file; pass a folder")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
         raise UserError(f"--out {path} holds files learn.py did not write (it would empty the folder); pass a new or "
                         f"empty folder")
-    shutil.rmtree(out, ignore_errors=True)  # every run starts fresh: the scripts refuse an output dir in use
-    os.makedirs(out)
+    if os.path.isdir(out) and os.listdir(out):  # every run starts fresh (the scripts refuse a folder in use)
+        mine = set(open(os.path.join(out, MARKER)).read().splitlines())
+        files = [f for f in files_under(out, out) if f != MARKER]
+        other = sorted(f for f in files if f not in mine)
+        if other:
+            raise UserError(f"--out {path} holds files learn.py did not write ({', '.join(other[:3])}"
+                            f"{' ...' if len(other) > 3 else ''}): it removes only its own; move them, or pass another --out")
+        for f in files:
+            os.remove(os.path.join(out, f))
+        for d in sorted({os.path.dirname(f) for f in files} - {""}, key=len, reverse=True):  # deepest first
+            if os.path.isdir(os.path.join(out, d)) and not os.listdir(os.path.join(out, d)):
+                os.removedirs(os.path.join(out, d))  # and its parents as they empty (out keeps its marker)
+    os.makedirs(out, exist_ok=True)
     open(os.path.join(out, MARKER), "w").close()
     return out
 
 
+def fig4_copy(plot_path):
+    return os.path.splitext(plot_path)[0] + "_cae_fig4.png"
+
+
+def check_new(args):
+    """--json, --plot and the Fig. 4 picture beside --plot are new files: refused now, before the run, if one exists
+    (learn.py never overwrites a file) or its folder does not."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--plot", args.cae_fig4 and args.plot and
+                                                                       fig4_copy(args.plot))):
+        problem = "exists; pass a new file name (learn.py never overwrites a file)" if path and os.path.exists(path) \
+            else "its folder does not exist" if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))) else None
+        if problem:
+            raise UserError(f"{flag} {path}: {problem}")
+
+
+def check_batches(args):
+    """The train split must hold a --probe_batch, and each pre-training row's accum_iter batches of --batch_size (MILAN
+    accumulates 2): else a script refuses, naming its own --batch_size or --accum_iter, after minutes of work."""
+    train = args.classes * args.train_per_class
+    accum = max(importlib.import_module(METHODS[m][0]).get_args(["--data", "x"]).accum_iter for m in args.methods)
+    for flag, batch, need in (("--probe_batch", args.probe_batch, 1), ("--batch_size", args.batch_size, accum)):
+        if train // batch < need:
+            raise UserError(f"{flag} {batch}: the {train} train images (--classes x --train_per_class) hold "
+                            f"{train // batch} batch(es) of it, the runs need {need}; lower {flag} or add images")
+
+
 def main(argv=None):
     args = get_args(argv)
+    check_new(args)
+    check_batches(args)
     t_start = time.time()
     log = lambda s: print(f"[{time.time() - t_start:6.0f} s] {s}", flush=True)  # noqa: E731
     out = prepare_out(args.out)
@@ -673,6 +733,7 @@ def main(argv=None):
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     data = make_dataset(os.path.join(out, "data"), args.seed, args.classes, args.train_per_class,
                         args.val_per_class, args.image_size)
+    own(out, data)
     log(f"wrote {args.classes * (args.train_per_class + args.val_per_class)} JPEGs to {data}")
     rows, curves, runs, t0 = [], {}, {}, time.time()
     pixels = probe_features(args, data, lambda x: x.flatten(1), 3 * args.input_size ** 2)
@@ -681,6 +742,7 @@ def main(argv=None):
     log(f"pixels: linear probe top-1 {pixels:.1f}%")
     teacher_path, grid = os.path.join(out, "teacher.pth"), args.input_size // 16
     secs, loss = train_teacher(args, data, teacher_path, log)
+    own(out, teacher_path)
     teacher = common.Teacher("tiny", teacher_path, grid=grid)
     t0 = time.time()
     pooled = (lambda t: t[:, 0]) if args.probe_pool == "cls" else (lambda t: t[:, 1:].mean(1))  # as finetune.py --pool
@@ -696,6 +758,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the random student, as common.setup seeds before a method builds it
     random_path = os.path.join(out, "random_init.pth")
     torch.save(common.build_vit("vit_nano_patch16", args.input_size).state_dict(), random_path)
+    own(out, random_path)
     secs, top1 = linprobe(random_path, os.path.join(out, "probe_random_init"), args, data, log, "random_init probe", env)
     ft = finetune_top1(random_path, os.path.join(out, "finetune_random_init"), args, data, log, "random_init finetune", env)
     rows.append(dict(method="random_init", probe_top1=top1, finetune_top1=ft, pretrain_s=0.0, probe_s=secs,
@@ -724,11 +787,13 @@ def main(argv=None):
     fig4 = cae_fig4(args, data, log, env, runs.get("cae")) if args.cae_fig4 else []
     print(f"total {time.time() - t_start:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "x") as f:  # never over a file
             json.dump(rows + fig4, f, indent=1)
     if args.plot:
         steps = args.classes * args.train_per_class // args.batch_size
         plot(rows, curves, steps, args.plot)
+    own(out, *[p for p in (args.json, args.plot, args.cae_fig4 and args.plot and fig4_copy(args.plot))
+               if p and os.path.abspath(p).startswith(out + os.sep)])  # (inside --out: learn.py's too)
     return rows + fig4
 
 

@@ -163,17 +163,23 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=["500x375", "long_tail"], choices=["500x375", "long_tail"])
-    p.add_argument("--transforms", nargs="+", default=["milan", "cae"], choices=["milan", "cae"])
-    p.add_argument("--images", type=int, default=768, help="JPEGs per set")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=2, help="passes over the data; the last one is reported")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+class Help(argparse.RawDescriptionHelpFormatter, common.DefaultsHelpFormatter):
+    """This docstring as the description, and every flag's default in --help."""
+
+
+def main(argv=None):
+    p = common.Parser(description=__doc__, formatter_class=Help)  # a bad value: one error line (exit 2)
+    p.add_argument("--sizes", nargs="+", default=["500x375", "long_tail"], choices=["500x375", "long_tail"],
+                   help="JPEG sets (see above)")
+    p.add_argument("--transforms", nargs="+", default=["milan", "cae"], choices=["milan", "cae"],
+                   help="MILAN's crop + flip, CAE's two views + block mask")
+    p.add_argument("--images", type=common.COUNT, default=768, help="JPEGs per set")
+    p.add_argument("--batch_size", type=common.COUNT, default=64, help="images per batch")
+    p.add_argument("--workers", type=common.SIZE, default=2, help="DataLoader workers")
+    p.add_argument("--epochs", type=common.COUNT, default=2, help="passes over the data; the last one is reported")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where batches go")
     p.add_argument("--json", help="write the records (a JSON list) here")
-    opts = p.parse_args()
+    opts = p.parse_args(argv)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for sizes in opts.sizes:

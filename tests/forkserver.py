@@ -4,10 +4,12 @@ forks a fresh process per request. tests/forkclient.py is the client: `python te
 behaves as `python SCRIPT ARGS...` would (the same argv, environment, working directory, stdin/stdout/stderr,
 exit code or killing signal), and forwards SIGINT / SIGTERM / SIGHUP to the script. Run by tests/conftest.py:
 `python tests/forkserver.py SOCKET` prints "ready" once listening; it stops when its parent (pytest) is gone.
-The script's torch threads follow OMP_NUM_THREADS in its environment, as in a fresh interpreter. Each request
-gets a supervisor (a fork of the server) that forks the script's process (a new process group, as a shell job),
-tells the client its pid, waits for it and sends the exit status back; if the client disappears (killed, timed
-out) the supervisor SIGKILLs the script's process group."""
+The script's torch threads follow OMP_NUM_THREADS in its environment, as in a fresh interpreter; when it ends, its
+atexit handlers run as the interpreter's exit runs them (an uncaught exception kept in sys.last_value meanwhile).
+Each request gets a supervisor (a fork of the server) that forks the script's process (a new process group, as a
+shell job), tells the client its pid, waits for it and sends the exit status back; if the client disappears
+(killed, timed out) the supervisor SIGKILLs the script's process group."""
+import atexit
 import ctypes
 import json
 import os
@@ -77,8 +79,10 @@ def run_script(req, fds):
         os.kill(os.getpid(), signal.SIGINT)
     except BaseException:
         traceback.print_exc()
+        sys.last_type, sys.last_value, sys.last_traceback = sys.exc_info()  # as the interpreter keeps them, frames and all
         code = 1
-    try:
+    try:  # then the interpreter's exit: the atexit handlers (multiprocessing's joins its children, torch's, the script's)
+        atexit._run_exitfuncs()
         sys.stdout.flush(), sys.stderr.flush()
     finally:
         os._exit(code)

@@ -39,7 +39,7 @@ def test_each_arm_trains_a_smoke_epoch_at_the_runs_grid(tmp_path, capsys):
     """Every arm's method file and flags, on the smoke flags at learn.py's 112 px (7 x 7 patches): a finite loss."""
     arms = {(script, tuple(flags)) for spec in ablate.TABLES.values() for script, flags, _ in spec["arms"].values()}
     for i, (script, flags) in enumerate(sorted(arms)):
-        importlib.import_module(script).main(SMOKE + ["--fake_size", "8", "--input_size", "112", *flags,
+        importlib.import_module(script).main(SMOKE + ["--fake_size", "16", "--input_size", "112", *flags,
                                                       "--output_dir", str(tmp_path / str(i))])
         log = json.loads((tmp_path / str(i) / "log.txt").read_text())
         assert math.isfinite(log["train_loss"]) and log["train_loss"] > 0, (script, flags)

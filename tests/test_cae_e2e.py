@@ -55,7 +55,7 @@ def test_cae_pixel_target_trains_with_no_tokenizer_under_torchrun(runs):
 def test_cae_dalle_target_with_a_random_tokenizer(runs):
     ckpt, loss, proc = finished(runs, "dalle", "cae", steps=2)
     assert ckpt["model"]["decoder_pred.weight"].shape == (8192, 64)  # logits over the dVAE vocabulary
-    assert ckpt["args"]["dalle_weights"] == "none" and "RANDOM weights (--dalle_weights none)" in proc.stderr
+    assert ckpt["args"]["dalle_weights"] == "none" and "random weights (--dalle_weights none)" in proc.stderr
     assert ckpt["args"]["target"] == "dalle" and ckpt["args"]["dalle_n_hid"] == 16
     assert 8.0 < loss < 25.0  # cross-entropy starts near ln 8192 = 9.0, plus 2 x the alignment MSE
 

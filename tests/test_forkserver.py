@@ -10,8 +10,9 @@ import pytest
 
 from conftest import python
 
-SCRIPT = '''import os, signal, sys, time
+SCRIPT = '''import atexit, os, signal, sys, time
 what = sys.argv[1]
+atexit.register(lambda: print("atexit", type(getattr(sys, "last_value", None)).__name__, file=sys.stderr))
 print("argv", sys.argv[1:], "cwd", os.getcwd(), "path0", sys.path[0], "env", os.environ.get("PROBE"))
 print("stdin", sys.stdin.read().strip())
 sys.stdout.flush()
@@ -40,7 +41,7 @@ def test_client_acts_as_python(what, tmp_path):
                                    capture_output=True, text=True, timeout=60)
                     for cmd in ([sys.executable], python()))
     assert forked.returncode == real.returncode and forked.stdout == real.stdout, (real, forked)
-    assert forked.stderr.splitlines()[-1:] == real.stderr.splitlines()[-1:], (real.stderr, forked.stderr)
+    assert forked.stderr.splitlines()[-2:] == real.stderr.splitlines()[-2:], (real.stderr, forked.stderr)
     assert f"path0 {tmp_path}" in forked.stdout and "env x y" in forked.stdout and "stdin hello" in forked.stdout
 
 

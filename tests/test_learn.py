@@ -193,8 +193,48 @@ def test_out_folder_learn_py_did_not_make_is_refused(tmp_path):
         learn.prepare_out(str(tmp_path / "afile"))
     own = learn.prepare_out(str(tmp_path / "own"))
     open(os.path.join(own, "old_run.txt"), "w").close()
+    learn.own(own, os.path.join(own, "old_run.txt"))  # as learn.py records what it writes
     assert sorted(os.listdir(learn.prepare_out(own))) == [learn.MARKER]
     assert learn.prepare_out(str(tmp_path / "empty_dir_ok")).endswith("empty_dir_ok")
+
+
+def test_a_folder_learn_py_made_is_emptied_of_its_own_files_only(tmp_path):
+    """learn.py emptied a folder it had made before, whatever else was in it: a user's notes beside its runs, or results
+    inside a run's folder, were deleted. It removes only the files it recorded writing (its marker lists them); any
+    other file makes it refuse, naming it, with nothing removed."""
+    out = learn.prepare_out(str(tmp_path / "work"))
+    for name in ("teacher.pth", "milan/log.txt", "milan/checkpoint-last.pth", "data/train/a/00000.jpg"):
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        open(os.path.join(out, name), "w").write("learn.py's")
+    learn.own(out, os.path.join(out, "teacher.pth"), os.path.join(out, "milan"), os.path.join(out, "data"))
+    mine = {"notes.txt": "my notes", os.path.join("milan", "results.md"): "my results"}
+    for name, text in mine.items():
+        open(os.path.join(out, name), "w").write(text)
+    for name in list(mine):
+        before = sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs)
+        with pytest.raises(learn.UserError, match=os.path.basename(name)):
+            learn.prepare_out(out)
+        assert sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs) == before
+        assert open(os.path.join(out, name)).read() == mine[name]
+        os.remove(os.path.join(out, name))
+    assert sorted(os.listdir(learn.prepare_out(out))) == [learn.MARKER]  # now only its own: emptied
+
+
+def test_json_and_plot_never_overwrite_a_file(tmp_path, monkeypatch):
+    """--json and --plot (and the Fig. 4 picture written beside --plot) were overwritten at the end of the run: an
+    existing one is refused at the start, before --out is touched, as is a missing folder for them."""
+    monkeypatch.setattr(learn, "make_dataset", lambda *a: pytest.fail("the run started"))
+    (tmp_path / "old.json").write_text("my results")
+    (tmp_path / "old.png").write_text("my picture")
+    (tmp_path / "p_cae_fig4.png").write_text("my Fig. 4")
+    for flags, words in [(["--json", tmp_path / "old.json"], "--json"), (["--plot", tmp_path / "old.png"], "--plot"),
+                         (["--plot", tmp_path / "p.png", "--cae_fig4"], "p_cae_fig4.png"),
+                         (["--json", tmp_path / "nowhere" / "x.json"], "does not exist")]:
+        with pytest.raises(learn.UserError, match=words):
+            learn.main(["--out", str(tmp_path / "work")] + [str(f) for f in flags])
+        assert not (tmp_path / "work").exists()
+    assert [(tmp_path / f).read_text() for f in ("old.json", "old.png", "p_cae_fig4.png")] == \
+        ["my results", "my picture", "my Fig. 4"]
 
 
 def test_help_shows_defaults_and_the_control_row(capsys):

@@ -51,7 +51,7 @@ def test_resume_continues_at_the_saved_epoch_with_the_saved_optimizer(smoke_run,
 def test_torchrun_two_processes(tmp_path):
     proc = run_script("milan.py", SMOKE + ["--fake_size", "64", "--output_dir", tmp_path], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("RANDOM weights") == 1  # rank 0 warns, not every rank
+    assert proc.stderr.count("teacher tiny: random weights") == 1  # rank 0 says so, not every rank
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert ckpt["args"]["world_size"] == 2
     assert ckpt["optimizer"]["state"][0]["step"].item() == 2  # 64 images / 2 ranks / batch 8 / accum 2
