@@ -827,20 +827,13 @@ def load_checkpoint(path, method, flag="--resume"):
                         f"it with the script that wrote it")
     return ckpt
 
-RUN_FLAGS = {"data", "output_dir", "resume", "epochs", "warmup_epochs", "blr", "lr", "min_lr", "weight_decay", "betas",
-             "clip_grad", "crop_min", "batch_size", "accum_iter", "num_workers", "seed", "log_every", "save_freq",
-             "save_every_minutes", "save_every_steps", "amp", "compile", "device", "rank", "world_size", "visualize",
-             "fake_size", "teacher_weights", "dalle_weights", "classes"}  # flags that do not shape the model
-
 def load_model(model, ckpt, path, args):
     """The checkpoint's weights into model; a model built with other flags is one line naming the flags that differ."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:
-        old = ckpt.get("args", {})
-        diff = [f"--{k} {old[k]} (now {v})" for k, v in vars(args).items() if k in old and k not in RUN_FLAGS
-                and old[k] != v and not (isinstance(v, (list, tuple)) and list(v) == list(old[k] or []))]
-        raise UserError(f"--resume {path} does not fit this model: it was written with " + (", ".join(diff[:4]) or
+        differ = flag_changes(ckpt.get("args", {}), args)[1]  # the flags that shape a run (and so its model)
+        raise UserError(f"--resume {path} does not fit this model: it was written with " + (", ".join(differ[:4]) or
                         "other model flags") + "; pass the flags it was written with") from None
 
 RUN_MECHANICS = {"output_dir", "resume", "resume_changes", "data", "teacher_weights", "dalle_weights", "finetune", "eval",
