@@ -13,7 +13,8 @@ teacher_r2: how well they predict the teacher's tokens). An arm is a method file
 tuned: a claim that does not hold at this scale is a finding, not a reason to change an arm.
 
 Seeds vary the student (--seed of the pre-training: initialisation, masks, data order) and its probe; the dataset and
-the teacher stay those of --data_seed. Each finished run is kept in OUT/runs/<script>-<hash>-s<seed>/ with result.json
+the teacher stay those of --data_seed. The reference is learn.py's random_init row per seed: the randomly initialised
+student through the same probe, the level a student that learnt nothing reaches (a dashed line in the picture). Each finished run is kept in OUT/runs/<script>-<hash>-s<seed>/ with result.json
 (its record), so a table can be extended (more --seeds), resumed (runs with a result are not trained again) or re-run
 arm by arm (--rerun: trains again into OUT/reruns/ and says whether the record is reproduced). A run shared by two
 tables (the same method file and resolved flags: MaskAlign Table 4's 0.7 is Table 6's LN; CAE v2 Figure 3's 0.5 is
@@ -207,8 +208,8 @@ class Measure:
         self.colour = learn.val_patches(learn.patch_colour, la, data)
         self.teacher_tokens = learn.val_patches(lambda x: teacher(x)["tokens"], la, data)
 
-    def __call__(self, run_dir, seed, log, env):
-        la, ckpt = learn_args(self.args, seed), os.path.join(run_dir, "checkpoint-last.pth")
+    def __call__(self, ckpt, run_dir, seed, log, env):
+        la = learn_args(self.args, seed)
         probe_dir = os.path.join(run_dir, f"probe-{time.strftime('%Y%m%d-%H%M%S')}")  # a new one if one was cut short
         probe_s, top1 = learn.linprobe(ckpt, probe_dir, la, self.data, log, "probe", env)
         t = learn.val_patches(learn.student_encoder(ckpt, la), la, self.data)
@@ -223,11 +224,26 @@ def train_and_measure(script, flags, seed, run_dir, args, data, teacher, measure
     log(f"python {' '.join(cmd)}")
     secs, records = learn.run(cmd, run_dir, log, os.path.basename(run_dir), env)
     result = dict(script=script, flags=flags, seed=seed, command=cmd[:-2], pretrain_s=round(secs, 1),
-                  final_pretrain_loss=records[-1]["train_loss"], **measure(run_dir, seed, log, env))
+                  final_pretrain_loss=records[-1]["train_loss"], **measure(os.path.join(run_dir, "checkpoint-last.pth"), run_dir, seed, log, env))
     with open(os.path.join(run_dir, "result.json.tmp"), "w") as f:
         json.dump(result, f, indent=1)
     os.replace(os.path.join(run_dir, "result.json.tmp"), os.path.join(run_dir, "result.json"))
     return result
+
+
+def random_student(seed, out, args, measure, log, env):
+    """The reference: the randomly initialised student of this seed (as common.setup seeds before a method builds it)
+    through the same probe and R^2, as learn.py's random_init row -> its record, kept in OUT/runs/random_init-s<seed>/."""
+    run_dir = os.path.join(out, "runs", f"random_init-s{seed}")
+    if not os.path.isfile(os.path.join(run_dir, "result.json")):
+        os.makedirs(run_dir, exist_ok=True)
+        torch.manual_seed(seed)
+        path = os.path.join(run_dir, "random_init.pth")
+        torch.save(common.build_vit("vit_nano_patch16", args.input_size).state_dict(), path)
+        result = dict(seed=seed, **measure(path, run_dir, seed, log, env))
+        with open(os.path.join(run_dir, "result.json"), "x") as f:
+            json.dump(result, f, indent=1)
+    return json.load(open(os.path.join(run_dir, "result.json")))
 
 
 def claims(records):
@@ -248,8 +264,14 @@ def claims(records):
     return out
 
 
-def report(records, verdicts):
-    """Markdown tables: per table, arm / paper / ours mean +- sd / teacher R^2 / colour R^2; then the claims."""
+def report(records, verdicts, randoms):
+    """Markdown tables: per table, arm / paper / ours mean +- sd / teacher R^2 / colour R^2; then the claims. randoms:
+    the random-init student's records, the level a student that learnt nothing probes at."""
+    if randoms:
+        v = np.array([r["probe_top1"] for r in randoms])
+        print(f"reference: the random-init student probes at {v.mean():.1f} +- {v.std(ddof=1) if len(v) > 1 else 0:.1f}% "
+              f"(seeds {', '.join(str(r['seed']) for r in randoms)}), teacher R^2 "
+              f"{np.mean([r['teacher_r2'] for r in randoms]):.2f}, colour R^2 {np.mean([r['colour_r2'] for r in randoms]):.2f}")
     for t, spec in TABLES.items():
         rows = [r for r in records if r["table"] == t]
         if not rows:
@@ -268,8 +290,9 @@ def report(records, verdicts):
                   f"(se {c['se']:.1f}): {c['verdict']}")
 
 
-def plot(records, verdicts, path):
-    """Per table a panel: each arm's probe top-1 per seed (dots), mean (bar) +- sd, the paper's number under it."""
+def plot(records, verdicts, randoms, path):
+    """Per table a panel: each arm's probe top-1 per seed (dots), mean (bar) +- sd, the paper's number under it, and
+    a dashed line at the random-init student's mean."""
     tables = [t for t in TABLES if any(r["table"] == t for r in records)]
     cols, pw, ph = 2, 470, 250
     im = Image.new("RGB", (cols * pw + 20, math.ceil(len(tables) / cols) * (ph + 70) + 10), "white")
@@ -282,10 +305,10 @@ def plot(records, verdicts, path):
         common.draw_text(d, (x0, y0), f"{t}: probe top-1 (%), 0 - {top:.0f}")
         base, height, w = y0 + 20 + ph - 60, ph - 60, (pw - 30) / len(arms)
         d.line([(x0, base), (x0 + pw - 30, base)], fill=(150, 150, 150))
+        y = lambda val: base - height * val / top  # noqa: E731
         for i, a in enumerate(arms):
             v, cx = np.array(values[a]), x0 + w * (i + 0.5)
             m, sd = v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
-            y = lambda val: base - height * val / top  # noqa: E731
             d.rectangle([cx - w / 4, y(m), cx + w / 4, base], fill=(170, 190, 230))
             d.line([(cx, y(m + sd)), (cx, y(m - sd))], fill=(40, 40, 120), width=2)
             for val in v:
@@ -293,6 +316,11 @@ def plot(records, verdicts, path):
             common.draw_text(d, (cx - w / 2 + 2, base + 4), a[:14])
             common.draw_text(d, (cx - w / 2 + 2, base + 16), f"ours {m:.1f}")
             common.draw_text(d, (cx - w / 2 + 2, base + 28), f"paper {spec['arms'][a][2]}")
+        if randoms:
+            level = y(np.mean([r["probe_top1"] for r in randoms]))
+            for x in range(int(x0), int(x0 + pw - 30), 8):
+                d.line([(x, level), (x + 4, level)], fill=(90, 90, 90))
+            common.draw_text(d, (x0 + pw - 100, level - 12), "random init", fill=(90, 90, 90))
         for j, c in enumerate(c for c in verdicts if c["table"] == t):
             common.draw_text(d, (x0, base + 44 + 12 * j), f"{c['better']} > {c['worse']}: {c['verdict']} "
                                                            f"({c['mean_delta']:+.1f} +- {c['se']:.1f})")
@@ -331,14 +359,19 @@ def main(argv=None):
             result = json.load(open(kept)) if os.path.isfile(kept) else result
             records.append(dict(table=t, arm=arm, seed=seed, script=script, flags=flags, run=rid,
                                 **{k: result[k] for k in RESULT_KEYS + ("pretrain_s",)}))
+    randoms = []
+    for seed in args.seeds:
+        if not (args.report and not os.path.isfile(os.path.join(out, "runs", f"random_init-s{seed}", "result.json"))):
+            measure = measure or Measure(args, data, teacher)
+            randoms.append(random_student(seed, out, args, measure, log, env))
     verdicts = claims(records)
-    report(records, verdicts)
+    report(records, verdicts, randoms)
     if args.json:
         with open(args.json, "x") as f:
-            json.dump(dict(records=records, claims=verdicts, scale={k: getattr(args, k) for k in ("data_seed",) + SCALE}),
-                      f, indent=1)
+            json.dump(dict(records=records, claims=verdicts, random_init=randoms, scale={k: getattr(args, k) for k in
+                                                                                       ("data_seed",) + SCALE}), f, indent=1)
     if args.plot:
-        plot(records, verdicts, args.plot)
+        plot(records, verdicts, randoms, args.plot)
     if differ:
         raise SystemExit(f"{len(differ)} value(s) not reproduced (above)")
     return records, verdicts

@@ -74,6 +74,7 @@ def test_reduced_table_keeps_records_and_a_rerun_reproduces_them(tmp_path, capsy
         for r in out["records"]:  # each run's own record, kept beside its checkpoint
             kept = json.loads((tmp_path / "out" / "runs" / r["run"] / "result.json").read_text())
             assert all(kept[k] == r[k] for k in ablate.RESULT_KEYS) and 0 <= r["probe_top1"] <= 100
+        assert [r["seed"] for r in out["random_init"]] == [0] and 0 <= out["random_init"][0]["probe_top1"] <= 100
         assert (tmp_path / "a.png").stat().st_size > 0
         capsys.readouterr()
         assert run()[0] == records  # kept records: nothing is trained again
