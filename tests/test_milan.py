@@ -231,13 +231,13 @@ def test_each_arm_learns_on_one_batch(decoder, tiny_teacher):
     target = common.pixel_targets(x)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         loss, _ = model(x, ids_keep, ids_mask, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses  # measured: 1.06 -> 0.09 (both decoders)
+    assert losses[-1] < 0.5 * losses[0], losses  # measured: 1.06 -> 0.24 (both decoders)
 
 
 def test_mae_run_builds_no_teacher_and_samples_uniformly():
