@@ -26,10 +26,11 @@ reversed (mean_delta < -2 se), else unresolved. The papers' numbers are ImageNet
 linear probes, CAE's attentive probe, MR-MAE's and MaskAlign's fine-tuning; CAE v2 Figure 3: ViT-T's linear probe):
 only the direction and order compare with ours.
 
-Cost on the 2-core machine (idle; one pre-training of 992 steps 80-180 s, its probe and R^2 about 40 s): the dataset
-and teacher once, about 4 minutes; then per table and 3 seeds, milan_t5 about 30 minutes, cae_t2 35, cae_v2_t1 35,
-cae_v2_fig3 25 (its 0.5 arm is cae_v2_t1's), mr_mae_t3 40, mask_align_t4 25, mask_align_t6 15 (its LN arm is
-mask_align_t4's 0.7): under 4 hours for all. CAE Fig. 4 stays learn.py's (--cae_fig4); --list names it beside them.
+Cost on the 2-core machine (idle, measured: one arm and seed, i.e. 992 pre-training steps, the probe and R^2, takes
+64-74 s for MaskAlign, 74-79 s for MILAN, 77-108 s for CAE v2, 84-99 s for MR-MAE, 91-108 s for CAE): the dataset
+and teacher once, 3-4 minutes; then per table and 3 seeds, milan_t5 15 minutes, cae_t2 15, cae_v2_t1 19, cae_v2_fig3
+18, mr_mae_t3 22, mask_align_t4 14, mask_align_t6 10 (a run shared with a table already run is not trained again):
+all tables about 1 hour 45 minutes. CAE Fig. 4 stays learn.py's (--cae_fig4); --list names it beside them.
 """
 import argparse
 import hashlib

@@ -88,3 +88,33 @@ def test_reduced_table_keeps_records_and_a_rerun_reproduces_them(tmp_path, capsy
         run("--json", str(tmp_path / "a.json"))
     with pytest.raises(common.UserError, match="another scale"):
         run("--epochs", "2")
+
+
+def test_committed_full_run_has_three_seeds_of_every_arm_and_its_verdicts():
+    """benchmarks/ablations.json, the full run the benchmarks README reads: every arm of every table with its flags and
+    at least 3 seeds, one dataset and teacher (the scale) for all, and every claim's verdict recomputed here from the
+    records (Welch's standard error, 2 of them) as well as each arm's mean and sd in the README's tables."""
+    run = json.loads(open(os.path.join(ROOT, "benchmarks", "ablations.json")).read())
+    assert run["scale"]["data_seed"] == 0 and run["scale"]["epochs"] * run["scale"]["classes"] > 0
+    readme = open(os.path.join(ROOT, "benchmarks", "README.md")).read()
+    for t, spec in ablate.TABLES.items():
+        for arm, (script, flags, paper) in spec["arms"].items():
+            recs = [r for r in run["records"] if (r["table"], r["arm"]) == (t, arm)]
+            assert sorted(r["seed"] for r in recs)[:3] == [0, 1, 2], (t, arm)
+            assert all(r["script"] == script and r["flags"] == flags and RECORD <= set(r) for r in recs), (t, arm)
+            v = [r["probe_top1"] for r in recs]
+            m = sum(v) / len(v)
+            sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+            assert f"| {arm} | `{script}.py {' '.join(flags)}` | {paper} | {m:.1f} ± {sd:.1f} |" in readme, (t, arm)
+        for better, worse in spec["claims"]:
+            c = next(c for c in run["claims"] if (c["table"], c["better"], c["worse"]) == (t, better, worse))
+            a, b = ([r["probe_top1"] for r in run["records"] if (r["table"], r["arm"]) == (t, x)] for x in (better, worse))
+            var = [sum((x - sum(s) / len(s)) ** 2 for x in s) / (len(s) - 1) / len(s) for s in (a, b)]
+            delta, se = sum(a) / len(a) - sum(b) / len(b), math.sqrt(sum(var))
+            assert math.isclose(c["mean_delta"], delta, abs_tol=0.006) and math.isclose(c["se"], se, abs_tol=0.006)
+            verdict = "holds" if delta > 2 * se else "reversed" if delta < -2 * se else "unresolved"
+            paper = spec["arms"][better][2] - spec["arms"][worse][2]
+            assert c["verdict"] == verdict and math.isclose(c["paper_delta"], paper, abs_tol=0.006), (t, better, worse)
+            line = f"- {better} > {worse}: paper {paper:+.1f}, ours {delta:+.1f} (se {se:.1f}): **{verdict}**"
+            assert line in readme, line
+    assert len(run["random_init"]) >= 3
