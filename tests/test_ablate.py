@@ -36,8 +36,12 @@ def test_list_names_every_arm_and_cae_fig4(capsys):
 
 
 def test_each_arm_trains_a_smoke_epoch_at_the_runs_grid(tmp_path, capsys):
-    """Every arm's method file and flags, on the smoke flags at learn.py's 112 px (7 x 7 patches): a finite loss."""
-    arms = {(script, tuple(flags)) for spec in ablate.TABLES.values() for script, flags, _ in spec["arms"].values()}
+    """Every arm's method file and flags, on the smoke flags at learn.py's 112 px (7 x 7 patches): a finite loss. (An arm's
+    own run length, MaskAlign's equal-token protocol, is left out: one smoke epoch each.)"""
+    def smoke(flags):
+        return tuple(x for i, x in enumerate(flags) if "--epochs" not in flags[i - 1:i + 1] and
+                     "--warmup_epochs" not in flags[i - 1:i + 1])
+    arms = {(script, smoke(flags)) for spec in ablate.TABLES.values() for script, flags, _ in spec["arms"].values()}
     for i, (script, flags) in enumerate(sorted(arms)):
         importlib.import_module(script).main(SMOKE + ["--fake_size", "16", "--input_size", "112", *flags,
                                                       "--output_dir", str(tmp_path / str(i))])
