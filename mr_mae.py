@@ -6,7 +6,8 @@ pixels of the 75% masked patches (L_R, Eq. 1); a linear mimic head on the encode
 CLIP or DINO features of the same patches (L_M, Eq. 2); loss 0.5 L_R + 0.5 L_M (Sec. 4.1); the three tricks
 of Sec. 3.3: focused mimicking (visible patches chosen from the teacher's [CLS] attention), multi-layer
 fusion (visible tokens of several encoder blocks added before the mimic head and the decoder) and masked
-convolution stages (MCMAE's ConvViT encoder, `--arch convvit_base`); trained with the Sec. 4.1 recipe.
+convolution stages (MCMAE's ConvViT encoder, `--arch convvit_base`; Table 6's other sizes `--arch convvit_small`,
+`convvit_large`, `convvit_huge`); trained with the Sec. 4.1 recipe.
 Table 3 row 5, the design the title argues against ("semantic conflicts", Fig. 1b): --high_level reconstruct
 removes the mimic head and has the decoder reconstruct the teacher features of the masked patches too, through a
 second prediction head on its output, scored as Eq. 1 scores pixels (L_R on features; weights 0.5 / 0.5).
@@ -32,6 +33,7 @@ Alpha-VL/ConvMAE holds MCMAE v1 only); the paper is the only reference. Where it
   5x5 depthwise conv between 1x1 convs, mask before every depthwise conv, fixed sin-cos positions at 14x14)
   with a [CLS] token added at the transformer stage (ConvMAE-v2 has one, per the authors' issue #19);
   MCMAE's stage-1/2 side outputs added to the last block are left out. LayerNorm eps 1e-6 everywhere.
+- ConvViT-S/L/H (Table 6; MCMAE's code holds only B): the ConvMAE-v2 sizes, cited at CONVVIT_CONFIGS; all at patch 16.
 - the MAE decoder keeps the [CLS] token and uses fixed sin-cos positions (as MAE's released code).
 - Sec. 4.1's "maximum learning rate 1.5e-4" is read as MAE's base lr (peak 6e-4 at batch 1024); the literal
   reading is --lr 1.5e-4. min lr 0, betas (0.9, 0.95), crop scale (0.2, 1) + flip: MAE's (the paper names none).
@@ -66,8 +68,9 @@ def get_args(argv=None):
     # Betas (0.9, 0.95), min lr 0 and crop scale (0.2, 1) are MAE's (the paper follows "the practices in MAE").
     p.set_defaults(batch_size=128, accum_iter=1, blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, epochs=400,
                    warmup_epochs=80, min_lr=0.0, crop_min=0.2, mask_ratio=0.75, teacher="ViT-B-16")
-    p.add_argument("--arch", choices=["vit", "convvit_base", "convvit_nano"], default="vit", help="vit: plain ViT of --model; "
-                   "convvit_*: masked convolution stages + transformer (Sec. 3.3, MCMAE; --model is then ignored)")
+    p.add_argument("--arch", choices=["vit", *CONVVIT_CONFIGS], default="vit", help="vit: plain ViT of --model; "
+                   "convvit_*: masked convolution stages + transformer (Sec. 3.3, MCMAE; --model is then ignored); "
+                   "small, large, huge: Table 6")
     p.add_argument("--focus", choices=["attention", "topk", "none"], default="attention",
                    help="Sec. 3.3 focused mimicking: visible patches drawn in proportion to the teacher's [CLS] "
                    "attention, the most salient ones (topk), or uniform as in MAE (none; Table 3 ablation)")
@@ -116,8 +119,16 @@ def focused_sampling(cls_attn, n_keep, focus="attention"):
 
 
 # ---- Model: masked convolution stages (ConvViT, Sec. 3.3), multi-layer fusion, mimic head, MAE decoder -----
-CONVVIT_CONFIGS = {  # name: (stage widths, stage depths, transformer heads); nano is a test size
-    "convvit_nano": ((16, 32, 64), (2, 2, 2), 2), "convvit_base": ((256, 384, 768), (2, 2, 11), 12)}
+CONVVIT_CONFIGS = {  # name: (stage widths, stage depths, transformer heads, stage MLP ratios); nano is a test size.
+    # MR-MAE Table 6 defers to MCMAE (ConvMAE-v2 S/B/L/H). Base: Alpha-VL/ConvMAE models_convvit.py, the only size its
+    # code holds; S, L, H: the ConvMAE-v2 widths, depths and heads as public derivatives of that code build them to load
+    # the released v2 checkpoints, conv-stage MLP ratio 8 for L and H (Alpha-VL/ConvMAE issue #32: those checkpoints'
+    # MLP ratios differ from the MCMAE paper's table).
+    "convvit_nano": ((16, 32, 64), (2, 2, 2), 2, (4, 4, 4)),
+    "convvit_small": ((128, 256, 384), (2, 2, 11), 6, (4, 4, 4)),
+    "convvit_base": ((256, 384, 768), (2, 2, 11), 12, (4, 4, 4)),
+    "convvit_large": ((384, 768, 1024), (2, 2, 23), 16, (8, 8, 4)),
+    "convvit_huge": ((768, 1024, 1280), (2, 2, 31), 16, (8, 8, 4))}
 
 
 def channel_norm(norm, x):
@@ -170,7 +181,7 @@ class ConvViT(nn.Module):
     to the G x G patch grid (14x14), Linear, fixed sin-cos positions, then [CLS] + the visible tokens
     only through transformer blocks and the final norm. Stages 1-2 run densely with the mask multiplied
     in. forward(x, ids_keep [B, n] or None, return_hidden) -> [B, 1+n, D] (and per-block outputs)."""
-    def __init__(self, img_size=224, dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, mlp_ratio=4.0,
+    def __init__(self, img_size=224, dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, mlp_ratios=(4, 4, 4),
                  drop_path=0.0):
         super().__init__()
         self.patch_size, self.embed_dim, self.grid = 16, dims[2], img_size // 16
@@ -178,13 +189,13 @@ class ConvViT(nn.Module):
         n = sum(depths)
         dpr = [drop_path * i / max(n - 1, 1) for i in range(n)]  # stochastic depth grows over all n blocks
         self.patch_embed1 = ConvEmbed(3, dims[0], 4)
-        self.stage1 = nn.ModuleList(CBlock(dims[0], mlp_ratio, dpr[i]) for i in range(depths[0]))
+        self.stage1 = nn.ModuleList(CBlock(dims[0], mlp_ratios[0], dpr[i]) for i in range(depths[0]))
         self.patch_embed2 = ConvEmbed(dims[0], dims[1], 2)
-        self.stage2 = nn.ModuleList(CBlock(dims[1], mlp_ratio, dpr[depths[0] + i]) for i in range(depths[1]))
+        self.stage2 = nn.ModuleList(CBlock(dims[1], mlp_ratios[1], dpr[depths[0] + i]) for i in range(depths[1]))
         self.patch_embed3, self.patch_embed4 = ConvEmbed(dims[1], dims[2], 2), nn.Linear(dims[2], dims[2])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[2]))
         self.pos_embed = nn.Parameter(common.sincos_pos_embed(dims[2], self.grid)[None], requires_grad=False)
-        self.blocks = nn.ModuleList(common.Block(dims[2], num_heads, mlp_ratio, dpr[depths[0] + depths[1] + i])
+        self.blocks = nn.ModuleList(common.Block(dims[2], num_heads, mlp_ratios[2], dpr[depths[0] + depths[1] + i])
                                     for i in range(depths[2]))
         self.norm = nn.LayerNorm(dims[2], eps=1e-6)
         for m in self.modules():  # MAE init for the linears, N(0, 0.02) CLS
@@ -226,8 +237,8 @@ def build_encoder(args):
         raise common.UserError(f"--arch {arch}: unknown; choose vit or one of {', '.join(CONVVIT_CONFIGS)}")
     if args.input_size % 16:
         raise common.UserError(f"--input_size {args.input_size}: --arch {arch} needs a multiple of 16")
-    dims, depths, heads = CONVVIT_CONFIGS[arch]
-    return ConvViT(args.input_size, dims, depths, heads, drop_path=args.drop_path)
+    dims, depths, heads, mlp_ratios = CONVVIT_CONFIGS[arch]
+    return ConvViT(args.input_size, dims, depths, heads, mlp_ratios, drop_path=args.drop_path)
 
 
 # MR-MAE = encoder + multi-layer fusion + mimic head + MAE decoder (Sec. 3.2-3.3)
