@@ -11,6 +11,7 @@ convolution stages (MCMAE's ConvViT encoder, `--arch convvit_base`; Table 6's ot
 Table 3 row 5, the design the title argues against ("semantic conflicts", Fig. 1b): --high_level reconstruct
 removes the mimic head and has the decoder reconstruct the teacher features of the masked patches too, through a
 second prediction head on its output, scored as Eq. 1 scores pixels (L_R on features; weights 0.5 / 0.5).
+Table 4's "CLIP/DINO (Joint)": --teacher ViT-B-16,dino_vitb16 --teacher_weights WA,WB mimics both teachers in one run.
 
 Computed in common.py: the normalised pixels I of Eq. 1 (common.pixel_targets); the teacher features F of Eq. 2 and
 its [CLS] attention (common.Teacher); MAE's uniform masking for --focus none (common.random_masking).
@@ -25,7 +26,10 @@ Alpha-VL/ConvMAE holds MCMAE v1 only); the paper is the only reference. Where it
 - the mimic head is one Linear(D -> C) on the fused, normed visible tokens; the [CLS] token is not mimicked.
 - Table 3 row 5's feature head is one Linear(decoder width -> C) beside the pixel head, on the same decoder output.
 - targets are the teacher's output tokens (CLIP: ln_post then proj, 512-d for B/16; DINO: final norm, 768-d),
-  not normalised further; one teacher per run (Table 4's joint CLIP+DINO row is not implemented).
+  not normalised further.
+- Table 4 Joint (the paper names no rule): one Linear mimic head per teacher (D -> that teacher's C) on the same E_v;
+  L_M = the mean of the teachers' Eq. 2 terms (MAE-style mean; the total stays 0.5 L_R + 0.5 L_M); focused mimicking
+  from the first teacher's [CLS] attention; --high_level reconstruct takes one teacher.
 - Eq. 1 and Eq. 2 are taken as written: squared error summed over a patch's values, mean over patches, mean
   over the batch (MAE's released loss also averages over a patch's p*p*3 values: p*p*3 times smaller).
 - pixel targets are per-patch normalised (MAE's norm_pix_loss: (x - mean) / sqrt(var + 1e-6), unbiased var).
@@ -48,6 +52,7 @@ Smoke run, no downloads: python mr_mae.py --data fake --model vit_nano_patch16 -
 """
 import argparse
 import math
+import os
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -96,6 +101,13 @@ def get_args(argv=None):
         given or default for given, default in zip((args.decoder_dim, args.decoder_depth, args.decoder_heads), sizes))
     common.check_width(args.decoder_dim, args.decoder_heads, f"--decoder_dim {args.decoder_dim}, --decoder_heads "
                        f"{args.decoder_heads}")
+    names, weights = args.teacher.split(","), args.teacher_weights.split(",")  # Table 4 Joint: A,B and WA,WB
+    if len(weights) != len(names) and (len(names) > 1 or not os.path.isfile(args.teacher_weights)):  # (a file: any name)
+        raise common.UserError(f"--teacher {args.teacher} --teacher_weights {args.teacher_weights}: give one weight "
+                               f"per teacher, in order (--teacher ViT-B-16,dino_vitb16 --teacher_weights A.pt,B.pth)")
+    if len(names) > 1 and args.high_level == "reconstruct":
+        raise common.UserError(f"--high_level reconstruct --teacher {args.teacher}: Table 3 row 5 takes one teacher; "
+                               f"pass one")
     if not any(args.loss_weights):
         raise common.UserError("--loss_weights 0 0 leaves no loss to train; give L_R or L_M a weight (Table 3: 1 0, 0 1)")
     return args
@@ -247,17 +259,43 @@ def default_fusion_layers(depth):
     return sorted({math.ceil(depth / 3), math.ceil(2 * depth / 3), depth})
 
 
+class JointTeacher(nn.Module):
+    """Table 4 "CLIP/DINO (Joint)": the frozen teachers of one run (each a common.Teacher at the student's grid), called
+    as one. tokens: theirs side by side [B, 1+N, C_1 + C_2] (self.dims: each teacher's C); cls_attn: the first's."""
+    def __init__(self, names, weights, grid):
+        super().__init__()
+        self.towers = nn.ModuleList(common.Teacher(n, w, grid) for n, w in zip(names, weights))
+        self.grid, self.dims = grid, [t.dim for t in self.towers]
+        self.dim = sum(self.dims)  # C_1 + C_2
+
+    def train(self, mode=True):  # teachers stay in eval mode
+        return super().train(False)
+
+    def prepare(self, args):
+        for tower in self.towers:
+            tower.prepare(args)
+        return self
+
+    def forward(self, images, tokens=True, cls_attn=False):
+        outs = [t(images, tokens=True, cls_attn=cls_attn and i == 0) for i, t in enumerate(self.towers)]
+        return {"tokens": torch.cat([o["tokens"] for o in outs], -1), **{k: v for k, v in outs[0].items() if k != "tokens"}}
+
+
 class MRMAE(nn.Module):
     """MR-MAE Fig. 2: encoder on the visible patches -> E_v (fused blocks, final LN); E_v -> mimic head L
     (visible mimic, L_M) and E_v -> MAE decoder (masked reconstruct, L_R). high_level 'reconstruct' (Table 3 row 5,
-    Fig. 1b): no mimic head; a feature head on the decoder output reconstructs the teacher's masked features."""
+    Fig. 1b): no mimic head; a feature head on the decoder output reconstructs the teacher's masked features.
+    target_dim: the teacher's C, or a list of them (Table 4 Joint: one mimic head per teacher)."""
     def __init__(self, encoder, target_dim, fusion_layers, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                  loss_weights=(0.5, 0.5), high_level="mimic"):
         super().__init__()
         self.encoder, self.fusion_layers, D = encoder, list(fusion_layers), encoder.embed_dim
         self.loss_weights = tuple(loss_weights)  # (w_R, w_M): Sec. 4.1's 0.5 and 0.5; Table 3 rows 1 and 6 zero one
         self.high_level = high_level
-        if high_level == "mimic":
+        self.target_dims = list(target_dim) if isinstance(target_dim, (list, tuple)) else None  # None: one teacher
+        if high_level == "mimic" and self.target_dims:  # Table 4 Joint: L_t of each teacher t, on the same E_v
+            self.mimic_heads = nn.ModuleList(nn.Linear(D, c) for c in self.target_dims)
+        elif high_level == "mimic":
             self.mimic_head = nn.Linear(D, target_dim)  # L in Eq. 2
         else:  # row 5: the teacher features of the masked patches from the decoder's output
             self.decoder_feature_pred = nn.Linear(decoder_dim, target_dim)
@@ -267,8 +305,9 @@ class MRMAE(nn.Module):
         self.decoder_blocks = nn.ModuleList(common.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size ** 2 * 3)  # one p x p x 3 patch per token
-        head = self.mimic_head if high_level == "mimic" else self.decoder_feature_pred
-        for m in [head, self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+        heads = [self.decoder_feature_pred] if high_level != "mimic" else \
+            list(self.mimic_heads) if self.target_dims else [self.mimic_head]
+        for m in [*heads, self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(m, nn.Linear):  # MAE init
                 nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -281,7 +320,10 @@ class MRMAE(nn.Module):
         return self.encoder.norm(fused)
 
     def forward_mimic(self, latent):
-        """Sec. 3.2: the mimic head on the visible tokens, L(E_v): [B, 1+n, D] -> [B, n, C] ([CLS] dropped)."""
+        """Sec. 3.2: the mimic head on the visible tokens, L(E_v): [B, 1+n, D] -> [B, n, C] ([CLS] dropped);
+        Table 4 Joint: each teacher's head, side by side [B, n, C_1 + C_2]."""
+        if self.target_dims:
+            return torch.cat([head(latent[:, 1:]) for head in self.mimic_heads], -1)
         return self.mimic_head(latent[:, 1:])
 
     def forward_decoder(self, latent, ids_keep, ids_mask, features=False):
@@ -311,7 +353,7 @@ class MRMAE(nn.Module):
             loss_h = reconstruction_loss(high, common.gather(tokens, ids_mask))  # Eq. 1's form, on F_m
         else:
             pred, high = self.forward_decoder(latent, ids_keep, ids_mask), self.forward_mimic(latent)
-            loss_h = mimic_loss(high, common.gather(tokens, ids_keep))  # visible patches only
+            loss_h = joint_mimic_loss(high, common.gather(tokens, ids_keep), self.target_dims)  # visible patches only
         loss_r = reconstruction_loss(common.gather(pred, ids_mask), common.gather(pixels, ids_mask))  # masked patches only
         return w_r * loss_r + w_m * loss_h, pred, high
 
@@ -333,6 +375,15 @@ def mimic_loss(le_v, f_v, per_patch=False):
     return err if per_patch else err.mean()
 
 
+def joint_mimic_loss(le_v, f_v, dims=None, per_patch=False):
+    """Table 4 "CLIP/DINO (Joint)": L_M = (1/T) sum_t (1/l_v) ||L_t(E_v) - F_v^t||^2, the mean over the T teachers of
+    Eq. 2 on each teacher's slice of the last axis (dims: their C_t; None: one teacher, Eq. 2 itself)."""
+    if not dims:
+        return mimic_loss(le_v, f_v, per_patch)
+    terms = [mimic_loss(a, b, per_patch) for a, b in zip(le_v.split(dims, -1), f_v.split(dims, -1))]
+    return sum(terms) / len(terms)
+
+
 # ---- Training: forward_step, train_one_epoch, main ---------------------------------------------------------
 def build_transform(args):
     return common.pretrain_transform(args)  # RandomResizedCrop + flip (MAE)
@@ -348,8 +399,11 @@ def build_model(args):
         raise common.UserError(f"--fusion_layers {' '.join(map(str, layers))}: give block numbers from 1 to {depth} "
                                f"that include the last block {depth}")
     args.fusion_layers = layers
-    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
-    model = MRMAE(encoder, teacher.dim, layers, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.loss_weights,
+    names = args.teacher.split(",")  # Table 4 Joint: two teachers, one weight each
+    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid) if len(names) == 1 else \
+        JointTeacher(names, args.teacher_weights.split(","), encoder.grid)
+    teacher, dims = teacher.to(args.device), getattr(teacher, "dims", None) or teacher.dim  # C, or [C_1, C_2]
+    model = MRMAE(encoder, dims, layers, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.loss_weights,
                   args.high_level)
     return model.to(args.device), teacher
 
@@ -380,9 +434,10 @@ def forward_step(model, teacher, batch, args, per_patch=False):
             patch_loss.scatter_(1, ids_mask, l_r / l_r.mean() + l_f / l_f.mean())
             note = "loss map: L_R of the pixels + L_R of the features on the masked patches, each / its mean"
         else:
-            l_m = mimic_loss(high.detach(), common.gather(tokens, ids_keep), True)  # [B, 49]
-            patch_loss.scatter_(1, ids_mask, l_r / l_r.mean()).scatter_(1, ids_keep, l_m / l_m.mean())
-            note = "loss map: L_R on the masked patches, L_M on the visible ones, each / its mean"
+            l_m = joint_mimic_loss(high.detach(), common.gather(tokens, ids_keep), getattr(teacher, "dims", None), True)
+            patch_loss.scatter_(1, ids_mask, l_r / l_r.mean()).scatter_(1, ids_keep, l_m / l_m.mean())  # l_m [B, 49]
+            note = "loss map: L_R on the masked patches, L_M on the visible ones, each / its mean" + \
+                (" (L_M: the mean of the teachers' terms)" if hasattr(teacher, "dims") else "")
     notes = {"patch_loss_note": note} if per_patch else {}
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn"), **notes}
 
@@ -421,7 +476,10 @@ def main(argv=None):
     start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
     high = "mimicked at the visible patches (L_M)" if args.high_level == "mimic" else \
         "reconstructed at the masked patches by the decoder (Table 3 row 5)"
-    targets = f"pixels (L_R) and teacher {args.teacher} ({args.teacher_weights}) features {high}, weights " \
+    joint = "," in args.teacher  # Table 4 Joint: both teachers named in the start line
+    high += ", one head per teacher, L_M their mean (Table 4 Joint)" if joint else ""
+    who = f"teacher{'s' * joint} {args.teacher.replace(',', ', ')} ({args.teacher_weights.replace(',', ', ')})"
+    targets = f"pixels (L_R) and {who} features {high}, weights " \
         f"{args.loss_weights[0]:g} / {args.loss_weights[1]:g}; {args.focus} focus"
     common.announce(args, "mr_mae", dataset, loader.sampler.steps, start_epoch, targets)
     teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
