@@ -6,10 +6,12 @@ pixels of the 75% masked patches (L_R, Eq. 1); a linear mimic head on the encode
 CLIP or DINO features of the same patches (L_M, Eq. 2); loss 0.5 L_R + 0.5 L_M (Sec. 4.1); the three tricks
 of Sec. 3.3: focused mimicking (visible patches chosen from the teacher's [CLS] attention), multi-layer
 fusion (visible tokens of several encoder blocks added before the mimic head and the decoder) and masked
-convolution stages (MCMAE's ConvViT encoder, `--arch convvit_base`); trained with the Sec. 4.1 recipe.
+convolution stages (MCMAE's ConvViT encoder, `--arch convvit_base`; Table 6's other sizes `--arch convvit_small`,
+`convvit_large`, `convvit_huge`); trained with the Sec. 4.1 recipe.
 Table 3 row 5, the design the title argues against ("semantic conflicts", Fig. 1b): --high_level reconstruct
 removes the mimic head and has the decoder reconstruct the teacher features of the masked patches too, through a
 second prediction head on its output, scored as Eq. 1 scores pixels (L_R on features; weights 0.5 / 0.5).
+Table 4's "CLIP/DINO (Joint)": --teacher ViT-B-16,dino_vitb16 --teacher_weights WA,WB mimics both teachers in one run.
 
 Computed in common.py: the normalised pixels I of Eq. 1 (common.pixel_targets); the teacher features F of Eq. 2 and
 its [CLS] attention (common.Teacher); MAE's uniform masking for --focus none (common.random_masking).
@@ -24,7 +26,10 @@ Alpha-VL/ConvMAE holds MCMAE v1 only); the paper is the only reference. Where it
 - the mimic head is one Linear(D -> C) on the fused, normed visible tokens; the [CLS] token is not mimicked.
 - Table 3 row 5's feature head is one Linear(decoder width -> C) beside the pixel head, on the same decoder output.
 - targets are the teacher's output tokens (CLIP: ln_post then proj, 512-d for B/16; DINO: final norm, 768-d),
-  not normalised further; one teacher per run (Table 4's joint CLIP+DINO row is not implemented).
+  not normalised further.
+- Table 4 Joint (the paper names no rule): one Linear mimic head per teacher (D -> that teacher's C) on the same E_v;
+  L_M = the mean of the teachers' Eq. 2 terms (MAE-style mean; the total stays 0.5 L_R + 0.5 L_M); focused mimicking
+  from the first teacher's [CLS] attention; --high_level reconstruct takes one teacher.
 - Eq. 1 and Eq. 2 are taken as written: squared error summed over a patch's values, mean over patches, mean
   over the batch (MAE's released loss also averages over a patch's p*p*3 values: p*p*3 times smaller).
 - pixel targets are per-patch normalised (MAE's norm_pix_loss: (x - mean) / sqrt(var + 1e-6), unbiased var).
@@ -32,6 +37,7 @@ Alpha-VL/ConvMAE holds MCMAE v1 only); the paper is the only reference. Where it
   5x5 depthwise conv between 1x1 convs, mask before every depthwise conv, fixed sin-cos positions at 14x14)
   with a [CLS] token added at the transformer stage (ConvMAE-v2 has one, per the authors' issue #19);
   MCMAE's stage-1/2 side outputs added to the last block are left out. LayerNorm eps 1e-6 everywhere.
+- ConvViT-S/L/H (Table 6; MCMAE's code holds only B): the ConvMAE-v2 sizes, cited at CONVVIT_CONFIGS; all at patch 16.
 - the MAE decoder keeps the [CLS] token and uses fixed sin-cos positions (as MAE's released code).
 - Sec. 4.1's "maximum learning rate 1.5e-4" is read as MAE's base lr (peak 6e-4 at batch 1024); the literal
   reading is --lr 1.5e-4. min lr 0, betas (0.9, 0.95), crop scale (0.2, 1) + flip: MAE's (the paper names none).
@@ -46,6 +52,7 @@ Smoke run, no downloads: python mr_mae.py --data fake --model vit_nano_patch16 -
 """
 import argparse
 import math
+import os
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -66,8 +73,9 @@ def get_args(argv=None):
     # Betas (0.9, 0.95), min lr 0 and crop scale (0.2, 1) are MAE's (the paper follows "the practices in MAE").
     p.set_defaults(batch_size=128, accum_iter=1, blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, epochs=400,
                    warmup_epochs=80, min_lr=0.0, crop_min=0.2, mask_ratio=0.75, teacher="ViT-B-16")
-    p.add_argument("--arch", choices=["vit", "convvit_base", "convvit_nano"], default="vit", help="vit: plain ViT of --model; "
-                   "convvit_*: masked convolution stages + transformer (Sec. 3.3, MCMAE; --model is then ignored)")
+    p.add_argument("--arch", choices=["vit", *CONVVIT_CONFIGS], default="vit", help="vit: plain ViT of --model; "
+                   "convvit_*: masked convolution stages + transformer (Sec. 3.3, MCMAE; --model is then ignored); "
+                   "small, large, huge: Table 6")
     p.add_argument("--focus", choices=["attention", "topk", "none"], default="attention",
                    help="Sec. 3.3 focused mimicking: visible patches drawn in proportion to the teacher's [CLS] "
                    "attention, the most salient ones (topk), or uniform as in MAE (none; Table 3 ablation)")
@@ -93,6 +101,13 @@ def get_args(argv=None):
         given or default for given, default in zip((args.decoder_dim, args.decoder_depth, args.decoder_heads), sizes))
     common.check_width(args.decoder_dim, args.decoder_heads, f"--decoder_dim {args.decoder_dim}, --decoder_heads "
                        f"{args.decoder_heads}")
+    names, weights = args.teacher.split(","), args.teacher_weights.split(",")  # Table 4 Joint: A,B and WA,WB
+    if len(weights) != len(names) and (len(names) > 1 or not os.path.isfile(args.teacher_weights)):  # (a file: any name)
+        raise common.UserError(f"--teacher {args.teacher} --teacher_weights {args.teacher_weights}: give one weight "
+                               f"per teacher, in order (--teacher ViT-B-16,dino_vitb16 --teacher_weights A.pt,B.pth)")
+    if len(names) > 1 and args.high_level == "reconstruct":
+        raise common.UserError(f"--high_level reconstruct --teacher {args.teacher}: Table 3 row 5 takes one teacher; "
+                               f"pass one")
     if not any(args.loss_weights):
         raise common.UserError("--loss_weights 0 0 leaves no loss to train; give L_R or L_M a weight (Table 3: 1 0, 0 1)")
     return args
@@ -116,8 +131,16 @@ def focused_sampling(cls_attn, n_keep, focus="attention"):
 
 
 # ---- Model: masked convolution stages (ConvViT, Sec. 3.3), multi-layer fusion, mimic head, MAE decoder -----
-CONVVIT_CONFIGS = {  # name: (stage widths, stage depths, transformer heads); nano is a test size
-    "convvit_nano": ((16, 32, 64), (2, 2, 2), 2), "convvit_base": ((256, 384, 768), (2, 2, 11), 12)}
+CONVVIT_CONFIGS = {  # name: (stage widths, stage depths, transformer heads, stage MLP ratios); nano is a test size.
+    # MR-MAE Table 6 defers to MCMAE (ConvMAE-v2 S/B/L/H). Base: Alpha-VL/ConvMAE models_convvit.py, the only size its
+    # code holds; S, L, H: the ConvMAE-v2 widths, depths and heads as public derivatives of that code build them to load
+    # the released v2 checkpoints, conv-stage MLP ratio 8 for L and H (Alpha-VL/ConvMAE issue #32: those checkpoints'
+    # MLP ratios differ from the MCMAE paper's table).
+    "convvit_nano": ((16, 32, 64), (2, 2, 2), 2, (4, 4, 4)),
+    "convvit_small": ((128, 256, 384), (2, 2, 11), 6, (4, 4, 4)),
+    "convvit_base": ((256, 384, 768), (2, 2, 11), 12, (4, 4, 4)),
+    "convvit_large": ((384, 768, 1024), (2, 2, 23), 16, (8, 8, 4)),
+    "convvit_huge": ((768, 1024, 1280), (2, 2, 31), 16, (8, 8, 4))}
 
 
 def channel_norm(norm, x):
@@ -170,7 +193,7 @@ class ConvViT(nn.Module):
     to the G x G patch grid (14x14), Linear, fixed sin-cos positions, then [CLS] + the visible tokens
     only through transformer blocks and the final norm. Stages 1-2 run densely with the mask multiplied
     in. forward(x, ids_keep [B, n] or None, return_hidden) -> [B, 1+n, D] (and per-block outputs)."""
-    def __init__(self, img_size=224, dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, mlp_ratio=4.0,
+    def __init__(self, img_size=224, dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, mlp_ratios=(4, 4, 4),
                  drop_path=0.0):
         super().__init__()
         self.patch_size, self.embed_dim, self.grid = 16, dims[2], img_size // 16
@@ -178,13 +201,13 @@ class ConvViT(nn.Module):
         n = sum(depths)
         dpr = [drop_path * i / max(n - 1, 1) for i in range(n)]  # stochastic depth grows over all n blocks
         self.patch_embed1 = ConvEmbed(3, dims[0], 4)
-        self.stage1 = nn.ModuleList(CBlock(dims[0], mlp_ratio, dpr[i]) for i in range(depths[0]))
+        self.stage1 = nn.ModuleList(CBlock(dims[0], mlp_ratios[0], dpr[i]) for i in range(depths[0]))
         self.patch_embed2 = ConvEmbed(dims[0], dims[1], 2)
-        self.stage2 = nn.ModuleList(CBlock(dims[1], mlp_ratio, dpr[depths[0] + i]) for i in range(depths[1]))
+        self.stage2 = nn.ModuleList(CBlock(dims[1], mlp_ratios[1], dpr[depths[0] + i]) for i in range(depths[1]))
         self.patch_embed3, self.patch_embed4 = ConvEmbed(dims[1], dims[2], 2), nn.Linear(dims[2], dims[2])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[2]))
         self.pos_embed = nn.Parameter(common.sincos_pos_embed(dims[2], self.grid)[None], requires_grad=False)
-        self.blocks = nn.ModuleList(common.Block(dims[2], num_heads, mlp_ratio, dpr[depths[0] + depths[1] + i])
+        self.blocks = nn.ModuleList(common.Block(dims[2], num_heads, mlp_ratios[2], dpr[depths[0] + depths[1] + i])
                                     for i in range(depths[2]))
         self.norm = nn.LayerNorm(dims[2], eps=1e-6)
         for m in self.modules():  # MAE init for the linears, N(0, 0.02) CLS
@@ -226,8 +249,8 @@ def build_encoder(args):
         raise common.UserError(f"--arch {arch}: unknown; choose vit or one of {', '.join(CONVVIT_CONFIGS)}")
     if args.input_size % 16:
         raise common.UserError(f"--input_size {args.input_size}: --arch {arch} needs a multiple of 16")
-    dims, depths, heads = CONVVIT_CONFIGS[arch]
-    return ConvViT(args.input_size, dims, depths, heads, drop_path=args.drop_path)
+    dims, depths, heads, mlp_ratios = CONVVIT_CONFIGS[arch]
+    return ConvViT(args.input_size, dims, depths, heads, mlp_ratios, drop_path=args.drop_path)
 
 
 # MR-MAE = encoder + multi-layer fusion + mimic head + MAE decoder (Sec. 3.2-3.3)
@@ -236,17 +259,43 @@ def default_fusion_layers(depth):
     return sorted({math.ceil(depth / 3), math.ceil(2 * depth / 3), depth})
 
 
+class JointTeacher(nn.Module):
+    """Table 4 "CLIP/DINO (Joint)": the frozen teachers of one run (each a common.Teacher at the student's grid), called
+    as one. tokens: theirs side by side [B, 1+N, C_1 + C_2] (self.dims: each teacher's C); cls_attn: the first's."""
+    def __init__(self, names, weights, grid):
+        super().__init__()
+        self.towers = nn.ModuleList(common.Teacher(n, w, grid) for n, w in zip(names, weights))
+        self.grid, self.dims = grid, [t.dim for t in self.towers]
+        self.dim = sum(self.dims)  # C_1 + C_2
+
+    def train(self, mode=True):  # teachers stay in eval mode
+        return super().train(False)
+
+    def prepare(self, args):
+        for tower in self.towers:
+            tower.prepare(args)
+        return self
+
+    def forward(self, images, tokens=True, cls_attn=False):
+        outs = [t(images, tokens=True, cls_attn=cls_attn and i == 0) for i, t in enumerate(self.towers)]
+        return {"tokens": torch.cat([o["tokens"] for o in outs], -1), **{k: v for k, v in outs[0].items() if k != "tokens"}}
+
+
 class MRMAE(nn.Module):
     """MR-MAE Fig. 2: encoder on the visible patches -> E_v (fused blocks, final LN); E_v -> mimic head L
     (visible mimic, L_M) and E_v -> MAE decoder (masked reconstruct, L_R). high_level 'reconstruct' (Table 3 row 5,
-    Fig. 1b): no mimic head; a feature head on the decoder output reconstructs the teacher's masked features."""
+    Fig. 1b): no mimic head; a feature head on the decoder output reconstructs the teacher's masked features.
+    target_dim: the teacher's C, or a list of them (Table 4 Joint: one mimic head per teacher)."""
     def __init__(self, encoder, target_dim, fusion_layers, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                  loss_weights=(0.5, 0.5), high_level="mimic"):
         super().__init__()
         self.encoder, self.fusion_layers, D = encoder, list(fusion_layers), encoder.embed_dim
         self.loss_weights = tuple(loss_weights)  # (w_R, w_M): Sec. 4.1's 0.5 and 0.5; Table 3 rows 1 and 6 zero one
         self.high_level = high_level
-        if high_level == "mimic":
+        self.target_dims = list(target_dim) if isinstance(target_dim, (list, tuple)) else None  # None: one teacher
+        if high_level == "mimic" and self.target_dims:  # Table 4 Joint: L_t of each teacher t, on the same E_v
+            self.mimic_heads = nn.ModuleList(nn.Linear(D, c) for c in self.target_dims)
+        elif high_level == "mimic":
             self.mimic_head = nn.Linear(D, target_dim)  # L in Eq. 2
         else:  # row 5: the teacher features of the masked patches from the decoder's output
             self.decoder_feature_pred = nn.Linear(decoder_dim, target_dim)
@@ -256,8 +305,9 @@ class MRMAE(nn.Module):
         self.decoder_blocks = nn.ModuleList(common.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size ** 2 * 3)  # one p x p x 3 patch per token
-        head = self.mimic_head if high_level == "mimic" else self.decoder_feature_pred
-        for m in [head, self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+        heads = [self.decoder_feature_pred] if high_level != "mimic" else \
+            list(self.mimic_heads) if self.target_dims else [self.mimic_head]
+        for m in [*heads, self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(m, nn.Linear):  # MAE init
                 nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -270,7 +320,10 @@ class MRMAE(nn.Module):
         return self.encoder.norm(fused)
 
     def forward_mimic(self, latent):
-        """Sec. 3.2: the mimic head on the visible tokens, L(E_v): [B, 1+n, D] -> [B, n, C] ([CLS] dropped)."""
+        """Sec. 3.2: the mimic head on the visible tokens, L(E_v): [B, 1+n, D] -> [B, n, C] ([CLS] dropped);
+        Table 4 Joint: each teacher's head, side by side [B, n, C_1 + C_2]."""
+        if self.target_dims:
+            return torch.cat([head(latent[:, 1:]) for head in self.mimic_heads], -1)
         return self.mimic_head(latent[:, 1:])
 
     def forward_decoder(self, latent, ids_keep, ids_mask, features=False):
@@ -300,7 +353,7 @@ class MRMAE(nn.Module):
             loss_h = reconstruction_loss(high, common.gather(tokens, ids_mask))  # Eq. 1's form, on F_m
         else:
             pred, high = self.forward_decoder(latent, ids_keep, ids_mask), self.forward_mimic(latent)
-            loss_h = mimic_loss(high, common.gather(tokens, ids_keep))  # visible patches only
+            loss_h = joint_mimic_loss(high, common.gather(tokens, ids_keep), self.target_dims)  # visible patches only
         loss_r = reconstruction_loss(common.gather(pred, ids_mask), common.gather(pixels, ids_mask))  # masked patches only
         return w_r * loss_r + w_m * loss_h, pred, high
 
@@ -322,6 +375,15 @@ def mimic_loss(le_v, f_v, per_patch=False):
     return err if per_patch else err.mean()
 
 
+def joint_mimic_loss(le_v, f_v, dims=None, per_patch=False):
+    """Table 4 "CLIP/DINO (Joint)": L_M = (1/T) sum_t (1/l_v) ||L_t(E_v) - F_v^t||^2, the mean over the T teachers of
+    Eq. 2 on each teacher's slice of the last axis (dims: their C_t; None: one teacher, Eq. 2 itself)."""
+    if not dims:
+        return mimic_loss(le_v, f_v, per_patch)
+    terms = [mimic_loss(a, b, per_patch) for a, b in zip(le_v.split(dims, -1), f_v.split(dims, -1))]
+    return sum(terms) / len(terms)
+
+
 # ---- Training: forward_step, train_one_epoch, main ---------------------------------------------------------
 def build_transform(args):
     return common.pretrain_transform(args)  # RandomResizedCrop + flip (MAE)
@@ -337,8 +399,11 @@ def build_model(args):
         raise common.UserError(f"--fusion_layers {' '.join(map(str, layers))}: give block numbers from 1 to {depth} "
                                f"that include the last block {depth}")
     args.fusion_layers = layers
-    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
-    model = MRMAE(encoder, teacher.dim, layers, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.loss_weights,
+    names = args.teacher.split(",")  # Table 4 Joint: two teachers, one weight each
+    teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid) if len(names) == 1 else \
+        JointTeacher(names, args.teacher_weights.split(","), encoder.grid)
+    teacher, dims = teacher.to(args.device), getattr(teacher, "dims", None) or teacher.dim  # C, or [C_1, C_2]
+    model = MRMAE(encoder, dims, layers, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.loss_weights,
                   args.high_level)
     return model.to(args.device), teacher
 
@@ -369,9 +434,10 @@ def forward_step(model, teacher, batch, args, per_patch=False):
             patch_loss.scatter_(1, ids_mask, l_r / l_r.mean() + l_f / l_f.mean())
             note = "loss map: L_R of the pixels + L_R of the features on the masked patches, each / its mean"
         else:
-            l_m = mimic_loss(high.detach(), common.gather(tokens, ids_keep), True)  # [B, 49]
-            patch_loss.scatter_(1, ids_mask, l_r / l_r.mean()).scatter_(1, ids_keep, l_m / l_m.mean())
-            note = "loss map: L_R on the masked patches, L_M on the visible ones, each / its mean"
+            l_m = joint_mimic_loss(high.detach(), common.gather(tokens, ids_keep), getattr(teacher, "dims", None), True)
+            patch_loss.scatter_(1, ids_mask, l_r / l_r.mean()).scatter_(1, ids_keep, l_m / l_m.mean())  # l_m [B, 49]
+            note = "loss map: L_R on the masked patches, L_M on the visible ones, each / its mean" + \
+                (" (L_M: the mean of the teachers' terms)" if hasattr(teacher, "dims") else "")
     notes = {"patch_loss_note": note} if per_patch else {}
     return {"loss": loss, "mask": mask, "patch_loss": patch_loss, "cls_attn": out.get("cls_attn"), **notes}
 
@@ -410,7 +476,10 @@ def main(argv=None):
     start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
     high = "mimicked at the visible patches (L_M)" if args.high_level == "mimic" else \
         "reconstructed at the masked patches by the decoder (Table 3 row 5)"
-    targets = f"pixels (L_R) and teacher {args.teacher} ({args.teacher_weights}) features {high}, weights " \
+    joint = "," in args.teacher  # Table 4 Joint: both teachers named in the start line
+    high += ", one head per teacher, L_M their mean (Table 4 Joint)" if joint else ""
+    who = f"teacher{'s' * joint} {args.teacher.replace(',', ', ')} ({args.teacher_weights.replace(',', ', ')})"
+    targets = f"pixels (L_R) and {who} features {high}, weights " \
         f"{args.loss_weights[0]:g} / {args.loss_weights[1]:g}; {args.focus} focus"
     common.announce(args, "mr_mae", dataset, loader.sampler.steps, start_epoch, targets)
     teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype

@@ -138,7 +138,7 @@ def test_one_skeleton(method):
 def test_mr_mae_arch_choices_are_its_convvit_sizes():
     import mr_mae
     with pytest.raises(SystemExit):
-        mr_mae.get_args(["--data", "fake", "--arch", "convvit_huge"])
+        mr_mae.get_args(["--data", "fake", "--arch", "convvit_giant"])
     for arch in ["vit", *mr_mae.CONVVIT_CONFIGS]:
         assert mr_mae.get_args(["--data", "fake", "--arch", arch]).arch == arch
 
