@@ -286,12 +286,13 @@ def build_model(args, src):
 
 def export_timm(args, src):
     """Write the encoder with timm's keys: loads into timm.create_model('vit_base_patch16_224', num_classes=0)
-    (init_values=... for layer-scale encoders). A finetune-mode checkpoint also brings fc_norm and head: timm's
-    global_pool='avg' classifier. Probe heads have no timm counterpart and are left out."""
+    (init_values=... for layer-scale encoders; with relative position bias timm's Beit). A finetune-mode checkpoint
+    also brings fc_norm and head: global_pool='avg' classifier. Probe heads have no timm counterpart: left out."""
     if args.arch != "vit":
         raise common.UserError(f"--export_timm: {args.finetune} holds an mr_mae --arch {args.arch} encoder (conv stages), "
                                f"which timm's VisionTransformer cannot hold; fine-tune it with finetune.py instead")
-    args.rank = 0
+    args.rank, args.mode = 0, None  # (a pre-training file: the encoder as trained, no table unless --rel_pos_bias)
+    args.rel_pos_bias = rel_pos_bias(args, src)
     if src["method"] == "finetune":  # trained classifier: its head too when timm has one like it
         model = build_model(args, src)
         model = model if model.kind == "finetune" else model.encoder
@@ -299,6 +300,10 @@ def export_timm(args, src):
         model = new_encoder(args, src)
         load_encoder(model, src, args)
     sd = {k.removeprefix("encoder."): t.contiguous() for k, t in model.state_dict().items()}
+    if args.rel_pos_bias:  # Beit's names: gamma_1/2; q_bias, v_bias and no key bias: q . b_k is one constant added to
+        sd = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): t for k, t in sd.items()}
+        for k in [k for k in sd if k.endswith("qkv.bias")]:  # all of a query's logits, which the softmax takes out
+            sd[k[:-8] + "q_bias"], _, sd[k[:-8] + "v_bias"] = (t.clone() for t in sd.pop(k).chunk(3))  # -8: qkv.bias
     out, folder = args.export_timm, os.path.dirname(os.path.abspath(args.export_timm))
     problem = "is a folder; pass a file name in it" if os.path.isdir(out) else "exists; pass a new file name (an " \
         "export never overwrites a file)" if os.path.exists(out) else None if os.path.isdir(folder) else \
@@ -311,8 +316,10 @@ def export_timm(args, src):
         raise common.UserError(f"--export_timm {out}: cannot be written ({type(e).__name__}); pass a writable path") from None
     (p, dim, depth, _), heads = common.VIT_CONFIGS[args.model], args.num_heads
     kw = f"num_classes={sd['head.weight'].shape[0]}, global_pool='avg'" if "head.weight" in sd else "num_classes=0"
-    kw += ", init_values=0.1" if "blocks.0.ls1.gamma" in sd else ""
-    print(f"wrote {len(sd)} tensors to {args.export_timm}; load with timm.models.vision_transformer.VisionTransformer("
+    kw += ", init_values=0.1" if {"blocks.0.ls1.gamma", "blocks.0.gamma_1"} & set(sd) else ""
+    net, kw = ("beit.Beit", kw + ", use_rel_pos_bias=True" + ("" if "head.weight" in sd else ", global_pool=''")) \
+        if args.rel_pos_bias else ("vision_transformer.VisionTransformer", kw)  # (Beit's default 'avg': no final norm)
+    print(f"wrote {len(sd)} tensors to {args.export_timm}; load with timm.models.{net}("
           f"img_size={args.input_size}, patch_size={p}, embed_dim={dim}, depth={depth}, num_heads={heads}, {kw})"
           f".load_state_dict(torch.load('{args.export_timm}'))")
 

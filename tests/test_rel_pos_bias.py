@@ -175,3 +175,41 @@ def test_a_cae_checkpoint_fine_tunes_with_the_bias_and_eval_rebuilds_it(cae_fine
                                           "--output_dir", str(tmp_path / "eval2")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--no-rel_pos_bias" in err, err
+
+
+# ---- Export to timm's Beit -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["finetune", "attnprobe"])
+def test_export_of_a_model_with_the_bias_loads_into_timms_beit_with_the_same_outputs(mode, tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    args, model = built(save_pretrained(tmp_path / "ckpt.pth", "cae"), "--mode", mode)
+    model.eval()
+    assert model.encoder.blocks[0].attn.qkv.bias[64:128].abs().min() > 0  # a key bias, which Beit has not, is dropped
+    with torch.no_grad():
+        for blk in model.encoder.blocks:
+            blk.attn.relative_position_bias_table.normal_(0, 1.0)  # a trained-looking table
+        for p in model.head.parameters():
+            p.normal_()
+    common.save_checkpoint(str(tmp_path / "ft.pth"), model=model.state_dict(), method="finetune",
+                           args={"model": "vit_nano_patch16", "input_size": 224, "mode": mode, "nb_classes": 10,
+                                 "rel_pos_bias": True})
+    capsys.readouterr()
+    finetune.main(["--data", "fake", "--finetune", str(tmp_path / "ft.pth"), "--export_timm", str(tmp_path / "t.pth")])
+    printed = capsys.readouterr().out
+    load = re.search(r"load with (timm\.models\.beit\.Beit\(.*\)\.load_state_dict\(torch\.load\('.*'\)\))", printed)
+    net = eval(load.group(1).split(".load_state_dict")[0], {"timm": timm})  # the printed constructor, as a user runs it
+    assert net.load_state_dict(torch.load(tmp_path / "t.pth", weights_only=True), strict=True).missing_keys == []
+    x = images(2)
+    with torch.no_grad():
+        ours = model(x) if mode == "finetune" else model.encoder(x)  # the probe's head has no timm counterpart
+        theirs = net.eval()(x) if mode == "finetune" else net.eval().forward_features(x)
+    print(f"export --mode {mode}: max |timm Beit - ours| = {(theirs - ours).abs().max().item():.2e}")
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    if mode == "finetune":
+        return  # (its encoder has no final norm: a classifier, not an encoder to load alone)
+    # a caller that does not resolve the flag (benchmarks/learn.py) gets the file's tables too, not a model without them
+    ns = argparse.Namespace(arch="vit", model="vit_nano_patch16", input_size=224, drop_path=0.0, finetune="f", rank=1)
+    src = finetune.read_pretrained(str(tmp_path / "ft.pth"))
+    encoder = finetune.new_encoder(ns, src)
+    finetune.load_encoder(encoder, src, ns)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval()(x), model.encoder(x))
