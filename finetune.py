@@ -238,11 +238,10 @@ def rel_pos_bias(args, src):
     own = "blocks.0.attn.relative_position_bias_table" in src["encoder"]
     on = own if src["method"] == "finetune" or own else args.rel_pos_bias if args.rel_pos_bias is not None else \
         src["method"] in ("cae", "cae_v2") and args.mode in ("finetune", "attnprobe")
-    if args.rel_pos_bias not in (None, on) or on and args.arch != "vit":
-        what = f"an --arch {args.arch} encoder, which takes no" if args.arch != "vit" else \
-            f"a model with{'' if own else 'out'}"
-        raise common.UserError(f"--{'' if args.rel_pos_bias else 'no-'}rel_pos_bias: {args.finetune} holds {what} "
-                               f"relative position bias; leave the flag out")
+    if args.rel_pos_bias not in (None, on) or on and args.arch != "vit":  # a finetune.py model's own; a conv encoder
+        what = f"of --arch {args.arch}, which takes no" if args.arch != "vit" else "with" if own else "without"
+        raise common.UserError(f"--{'' if args.rel_pos_bias else 'no-'}rel_pos_bias: {args.finetune} holds a model "
+                               f"{what} relative position bias; leave the flag out")
     return on
 
 
@@ -327,7 +326,7 @@ def export_timm(args, src):
 # ---- Optimisers: layer-wise lr decay (finetune), LARS (linprobe), SGD (attnprobe) ------------------
 def layer_id(name, depth):
     """BEiT's layer ids (CAE App. A, MAE lr_decay): 0 for patch_embed, cls_token, pos_embed (and MR-MAE's conv
-    stages), i+1 for encoder.blocks.i, depth+1 for the rest (fc_norm, head)."""
+    stages), i+1 for encoder.blocks.i (its relative position bias too), depth+1 for the rest (fc_norm, head)."""
     if not name.startswith("encoder.") or name.startswith("encoder.norm."):
         return depth + 1
     parts = name.split(".")
@@ -336,7 +335,7 @@ def layer_id(name, depth):
 
 def param_groups_lrd(model, weight_decay, layer_decay):
     """AdamW groups with lr_scale = layer_decay^(L+1-layer_id) (common.set_lr applies it); no weight decay on
-    1-d tensors (biases, norms, layer scale), cls_token and pos_embed."""
+    1-d tensors (biases, norms, layer scale), cls_token and pos_embed; relative position bias: decayed, as released."""
     depth, groups = len(model.encoder.blocks), {}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -57,7 +57,7 @@ def test_a_zero_table_gives_the_block_without_bias():
     blk, biased = attn_pair()
     table = biased.attn.relative_position_bias_table
     assert table.shape == (27 * 27 + 3, 2) and torch.equal(table, torch.zeros_like(table))  # zero at start
-    assert biased.attn.qkv.weight is not blk.attn.qkv.weight and torch.equal(biased.attn.qkv.weight, blk.attn.qkv.weight)
+    assert biased.attn.qkv is not blk.attn.qkv and torch.equal(biased.attn.qkv.weight, blk.attn.qkv.weight)
     x = torch.randn(2, 197, 64, dtype=torch.float64)  # float64: another SDPA kernel's rounding stays far below 1e-12
     with torch.no_grad():
         torch.testing.assert_close(biased.double()(x), blk.double()(x), atol=1e-12, rtol=0)
@@ -114,8 +114,9 @@ def test_cae_files_get_the_bias_in_finetune_and_attnprobe_and_a_flag_turns_it_of
     assert all(p.requires_grad == (mode == "finetune") for p in tables)  # a probe's stays zero, as run_attentive.py's
     n_file = len(torch.load(path, weights_only=True)["model"])  # every encoder tensor of the file was loaded
     out = capsys.readouterr().out
-    assert f"loaded {n_file} encoder tensors" in out and out.endswith("ignored 0 other keys (decoder, teacher, head)" + (
-        "; 2 relative position bias tables start at zero\n" if expected else "\n")), out
+    tail = "; 2 relative position bias tables start at zero\n" if expected else "\n"
+    assert f"loaded {n_file} encoder tensors" in out, out  # (the zero tables are not counted as loaded, nor ignored)
+    assert out.endswith("ignored 0 other keys (decoder, teacher, head)" + tail), out
     for flag, on in (("--no-rel_pos_bias", False), ("--rel_pos_bias", True)):  # the flag wins either way
         args, model = built(path, "--mode", mode, flag)
         assert args.rel_pos_bias == on and any("relative_position_bias_table" in k for k in model.state_dict()) == on
@@ -139,7 +140,8 @@ def test_the_table_is_in_its_blocks_lr_group_and_decayed_as_released(tmp_path):
 def test_a_conv_encoder_is_refused_the_bias():
     src = {"encoder": {}, "method": "mr_mae", "args": {"arch": "convvit_nano"}}
     args = argparse.Namespace(rel_pos_bias=True, arch="convvit_nano", finetune="mr.pth", mode="finetune")
-    with pytest.raises(common.UserError, match="--rel_pos_bias: mr.pth holds an --arch convvit_nano encoder, which takes no relative position bias"):
+    why = "--rel_pos_bias: mr.pth holds a model of --arch convvit_nano, which takes no relative position bias; leave"
+    with pytest.raises(common.UserError, match=why):
         finetune.rel_pos_bias(args, src)
     args.rel_pos_bias = None
     assert finetune.rel_pos_bias(args, src) is False
@@ -152,7 +154,8 @@ def cae_finetuned(tmp_path_factory):
     out = tmp_path_factory.mktemp("cae")
     cae.main(SMOKE + ["--fake_size", "16", "--target", "pixel", "--output_dir", str(out)])
     ft = tmp_path_factory.mktemp("ft")
-    finetune.main(TINY + ["--finetune", str(out / "checkpoint-last.pth"), "--warmup_epochs", "0", "--output_dir", str(ft)])
+    finetune.main(TINY + ["--finetune", str(out / "checkpoint-last.pth"), "--warmup_epochs", "0",
+                          "--output_dir", str(ft)])
     return out / "checkpoint-last.pth", ft
 
 
