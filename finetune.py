@@ -11,7 +11,7 @@ or BEiT (Bao et al. 2022):
 - --mode attnprobe: frozen encoder, one cross-attention unit whose query is a learned extra class token
   over the patch tokens (no MLP, no skip connection), BatchNorm without affine + Linear, SGD (CAE App. A).
 - --probe_patches semantic: a probe's frozen encoder sees the top 50% of the patches by the --teacher's class-token
-  attention (MILAN Table 7 #6).
+  attention (MILAN Table 7 #6). --eval --ensemble: the mean of two models' softmax outputs (MR-MAE Table 4 "Sep.").
 Top-1 / top-5 on the validation split every epoch; --eval alone evaluates; --export_timm writes timm keys.
 --finetune takes a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or mask_align.py (its
 model.encoder), a finetune.py checkpoint (encoder and head), or a timm-format ViT state dict.
@@ -36,6 +36,7 @@ Smoke run: python finetune.py --data fake --finetune OUT/checkpoint-last.pth --e
   --output_dir FT
 """
 import argparse
+import math
 import os
 from contextlib import nullcontext
 
@@ -85,6 +86,8 @@ def get_args(argv=None):
       "class-token attention (MILAN Table 7 #6; unset --mode: linprobe); default: the --finetune checkpoint's, else all")
     a("--teacher", default=argparse.SUPPRESS, help="--probe_patches semantic's (default: the checkpoint's, else ViT-B-16)")
     a("--teacher_weights", default=argparse.SUPPRESS, help="its weights (default: the checkpoint's, else openai)")
+    a("--ensemble", metavar="CKPT2", help="evaluate the mean softmax of --finetune's and this finetune.py model (MR-MAE "
+      "Table 4 Sep.; implies --eval)")
     a("--nb_classes", type=common.COUNT, help="classes of the head (default: those of the training data; --data fake has 10)")
     a("--layer_decay", type=common.Range(float, "(0, 1]"), default=0.65, help="finetune: lr scale decay^(L+1-layer) (BEiT; MAE/MILAN/CAE ViT-B "
       "0.65, CAE v2 0.75, MR-MAE and MaskAlign 0.6)")
@@ -94,6 +97,7 @@ def get_args(argv=None):
     a("--reprob", type=common.Range(float, "[0, 1]"), default=0.25, help="finetune: random erasing probability (MAE, CAE)")
     a("--export_timm", metavar="OUT.pth", help="write the --finetune encoder with timm's keys to OUT.pth and exit")
     args = p.parse_args(argv)
+    args.eval = args.eval or args.ensemble is not None  # an ensemble of trained models is only evaluated
     args.mode = args.mode or (None if args.eval else "linprobe" if args.probe_patches == "semantic" else "finetune")
     for k, v in RECIPES[args.mode or "finetune"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
@@ -276,6 +280,19 @@ def semantic_teacher(args, src, given, encoder):
         else None
 
 
+def ensemble_member(args):
+    """MR-MAE Table 4 "CLIP/DINO (Sep.)": --ensemble's finetune.py model (its own encoder, head, probe patches) ->
+    (model, teacher) on the device; refused unless trained on --finetune's classes."""
+    src, path = read_pretrained(args.ensemble, "--ensemble"), args.ensemble
+    own = dict(src["args"], finetune=path, arch=src["args"].get("arch", "vit"))
+    if src["method"] != "finetune" or (own["nb_classes"], own.get("classes")) != (args.nb_classes, args.classes):
+        raise common.UserError(f"--ensemble {path}: is no finetune.py checkpoint (a trained head) of the {args.nb_classes} "
+                               f"classes of --finetune {args.finetune}; pass one")
+    margs = argparse.Namespace(**dict(vars(args), **{k: own[k] for k in ("finetune", "arch", "model", "mode")}))
+    model = build_model(margs, src).to(args.device)
+    return model, semantic_teacher(margs, src, {}, model.encoder)
+
+
 def export_timm(args, src):
     """Write the encoder with timm's keys: loads into timm.create_model('vit_base_patch16_224', num_classes=0)
     (init_values=... for layer-scale encoders). A finetune-mode checkpoint also brings fc_norm and head: timm's
@@ -435,18 +452,20 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args,
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, teacher=None):
-    """Top-1 / top-5 accuracy (%) and cross-entropy on the val split, summed over all processes."""
-    model.eval()
+def evaluate(model, loader, args, teacher=None, others=()):
+    """Top-1 / top-5 accuracy (%) and cross-entropy on the val split, summed over all processes. others: (model, teacher)
+    pairs to ensemble with it (MR-MAE Table 4 "Sep."): the mean of the models' softmax outputs is scored."""
+    models = [(m.eval(), t) for m, t in [(model, teacher), *others]]
     total = torch.zeros(5, device=args.device)  # loss sum, top-1 hits, top-5 hits, images scored, unreadable
     for images, labels in loader:
         images, labels = common.to_device(images, args.device), labels.to(args.device, non_blocking=True)
         read = labels >= 0  # an unreadable image comes as a stand-in labelled -1: not scored
         with common.autocast(args):
-            logits = model(images, semantic_ids(teacher, images)).float()[read]  # [b, K]
+            logp = torch.stack([m(images, semantic_ids(t, images)).float()[read].log_softmax(1) for m, t in models])
+        logp = logp.logsumexp(0) - math.log(len(models))  # [M, b, K] -> [b, K]: log of the mean softmax (M = 1: its own)
         labels = labels[read]
-        hits = logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]  # [b, 5]
-        total += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum().float(),
+        hits = logp.topk(min(5, logp.shape[1]), 1).indices == labels[:, None]  # [b, 5]
+        total += torch.stack([F.nll_loss(logp, labels, reduction="sum"), hits[:, 0].sum().float(),
                               hits.any(1).sum().float(), read.sum().float(), (~read).sum().float()])
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -540,10 +559,10 @@ def main(argv=None):
     start_epoch, start_step = ckpt.resume(fresh_ok=args.eval)  # --resume (auto: OUTPUT_DIR's); another run is refused
     val_loader = common.build_loader(val, args, train=False)
     if args.eval:
-        stats = evaluate(model, val_loader, args, teacher)
-        if args.rank == 0:
-            print(f"eval {args.resume or args.finetune}: top-1 {stats['acc1']:.2f}% top-5 "
-                  f"{stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {scored(stats)}")
+        stats = evaluate(model, val_loader, args, teacher, [ensemble_member(args)] if args.ensemble else [])
+        if args.rank == 0:  # MR-MAE Table 4 (Sep.): the ensemble's
+            print(f"eval {args.resume or args.finetune}{' + ' + args.ensemble if args.ensemble else ''}: top-1 "
+                  f"{stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {scored(stats)}")
         return stats
     loader = common.build_loader(train, args)
     common.announce(args, f"finetune.py --mode {args.mode}", train, loader.sampler.steps, start_epoch)
