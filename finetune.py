@@ -11,6 +11,8 @@ or BEiT (Bao et al. 2022):
 - --mode attnprobe: frozen encoder, one cross-attention unit whose query is a learned extra class token
   over the patch tokens (no MLP, no skip connection), BatchNorm without affine + Linear, SGD (CAE App. A).
 cae.py / cae_v2.py encoders get BEiT's relative position bias in finetune and attnprobe, as released (--rel_pos_bias).
+- --probe_patches semantic: a probe's frozen encoder sees the top 50% of the patches by the --teacher's class-token
+  attention (MILAN Table 7 #6). --eval --ensemble: the mean of two models' softmax outputs (MR-MAE Table 4 "Sep.").
 Top-1 / top-5 on the validation split every epoch; --eval alone evaluates; --export_timm writes timm keys.
 --finetune takes a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or mask_align.py (its
 model.encoder), a finetune.py checkpoint (encoder and head), or a timm-format ViT state dict.
@@ -23,6 +25,7 @@ MaskAlign reuse; Atten4Vis/CAE tools/run_attentive.py), one line each:
   released code also passes the encoder's CLS token; its released call crashes (TypeError) as well.
 - the attentive probe's BatchNorm uses running statistics at evaluation; CAE's released code uses batch ones.
 - fc_norm starts fresh (MAE); CAE's run_class_finetuning initialises it from the encoder's final norm.
+- semantic aware probing keeps 50% of the patches (MILAN Sec. 3.2); MILAN's released models_probe.py keeps 70%.
 
 Paper ViT-B runs (per-paper flags in README), e.g. MILAN App. A.1 fine-tuning, batch 128 x 8 GPUs = 1024,
 lr = 1e-4 x 1024 / 256 = 4e-4:
@@ -33,6 +36,7 @@ Smoke run: python finetune.py --data fake --finetune OUT/checkpoint-last.pth --e
   --output_dir FT
 """
 import argparse
+import math
 import os
 from contextlib import nullcontext
 
@@ -78,6 +82,12 @@ def get_args(argv=None):
     a("--eval", action="store_true", help="only report top-1/top-5 on the val split for --finetune (or --resume)")
     a("--pool", choices=["cls", "avg"], default="cls", help="linprobe: the CLS token after the final norm (MAE's "
       "protocol), or the mean of the patch tokens after it (global pooling, as BEiT's linear probe)")
+    a("--probe_patches", choices=["all", "semantic"], help="probes: every patch, or the top 50%% by the --teacher's "
+      "class-token attention (MILAN Table 7 #6; unset --mode: linprobe); default: the --finetune checkpoint's, else all")
+    a("--teacher", default=argparse.SUPPRESS, help="--probe_patches semantic's (default: the checkpoint's, else ViT-B-16)")
+    a("--teacher_weights", default=argparse.SUPPRESS, help="its weights (default: the checkpoint's, else openai)")
+    a("--ensemble", metavar="CKPT2", help="evaluate the mean softmax of --finetune's and this finetune.py model (MR-MAE "
+      "Table 4 Sep.; implies --eval)")
     a("--nb_classes", type=common.COUNT, help="classes of the head (default: those of the training data; --data fake has 10)")
     a("--layer_decay", type=common.Range(float, "(0, 1]"), default=0.65, help="finetune: lr scale decay^(L+1-layer) (BEiT; MAE/MILAN/CAE ViT-B "
       "0.65, CAE v2 0.75, MR-MAE and MaskAlign 0.6)")
@@ -89,7 +99,8 @@ def get_args(argv=None):
       "zero at start; default: on for cae.py / cae_v2.py files in finetune and attnprobe modes (as released), else off")
     a("--export_timm", metavar="OUT.pth", help="write the --finetune encoder with timm's keys to OUT.pth and exit")
     args = p.parse_args(argv)
-    args.mode = args.mode or (None if args.eval else "finetune")  # --eval: the checkpoint's (main)
+    args.eval = args.eval or args.ensemble is not None  # an ensemble of trained models is only evaluated
+    args.mode = args.mode or (None if args.eval else "linprobe" if args.probe_patches == "semantic" else "finetune")
     for k, v in RECIPES[args.mode or "finetune"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     return args
@@ -171,10 +182,16 @@ class Classifier(nn.Module):
             return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(1)
         return tokens[:, 1:]  # attnprobe: patches [B, N, D]
 
-    def forward(self, images):
+    def forward(self, images, ids_keep=None):
         with nullcontext() if self.kind == "finetune" else torch.no_grad():
-            tokens = self.encoder(images)  # [B, 1+N, D], all patches visible
+            tokens = self.encoder(images, ids_keep)  # [B, 1+N, D]; ids_keep [B, n]: those patches only, [B, 1+n, D]
         return self.head(self.select(tokens))  # [B, classes]
+
+
+def semantic_ids(teacher, images):
+    """MILAN Table 7 #6: the ids [B, N/2] (ascending) of "the top 50% important image patches"; None: every patch."""
+    attn = teacher(images, tokens=False, cls_attn=True)["cls_attn"] if teacher else None  # [B, N], MILAN Eq. 3
+    return None if attn is None else attn.topk(attn.shape[1] // 2, 1).indices.sort(1).values  # [B, N/2]: 98 of 196
 
 
 # ---- Loading a pre-trained encoder ----------------------------------------------------------------
@@ -281,6 +298,37 @@ def build_model(args, src):
         return model
     load_encoder(encoder, src, args)
     return Classifier(encoder, args.mode, args.nb_classes, args.pool)
+
+
+def semantic_teacher(args, src, given, encoder):
+    """--probe_patches semantic's frozen teacher on the device (outside DDP and the checkpoint), else None. The flags: as
+    given, else a finetune.py checkpoint's (--teacher_weights: where its weights are now), else the defaults."""
+    own = {"probe_patches": "all", **src["args"]} if src["method"] == "finetune" else {}
+    for k, default in (("probe_patches", "all"), ("teacher", "ViT-B-16"), ("teacher_weights", "openai")):
+        if k != "teacher_weights" and given.get(k) and own.get(k, given[k]) != given[k]:  # its head was trained on them
+            raise common.UserError(f"--{k} {given[k]}: --finetune {args.finetune} was trained with --{k} {own[k]}")
+        setattr(args, k, given.get(k) or own.get(k, default))
+    semantic = args.probe_patches == "semantic"
+    if semantic and args.mode == "finetune" or not semantic and {"teacher", "teacher_weights"} & set(given):
+        raise common.UserError("--probe_patches semantic feeds a frozen encoder; pass --mode linprobe or attnprobe" if
+                               semantic else "--teacher: only --probe_patches semantic uses a teacher; leave it out")
+    if not semantic:
+        del args.teacher, args.teacher_weights  # none announced, none in the checkpoint
+    return common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device).prepare(args) if semantic \
+        else None
+
+
+def ensemble_member(args):
+    """MR-MAE Table 4 "CLIP/DINO (Sep.)": --ensemble's finetune.py model (its own encoder, head, probe patches) ->
+    (model, teacher) on the device; refused unless trained on --finetune's classes."""
+    src, path = read_pretrained(args.ensemble, "--ensemble"), args.ensemble
+    own = dict(src["args"], finetune=path, arch=src["args"].get("arch", "vit"))
+    if src["method"] != "finetune" or (own["nb_classes"], own.get("classes")) != (args.nb_classes, args.classes):
+        raise common.UserError(f"--ensemble {path}: is no finetune.py checkpoint (a trained head) of the {args.nb_classes} "
+                               f"classes of --finetune {args.finetune}; pass one")
+    margs = argparse.Namespace(**dict(vars(args), **{k: own[k] for k in ("finetune", "arch", "model", "mode")}))
+    model = build_model(margs, src).to(args.device)
+    return model, semantic_teacher(margs, src, {}, model.encoder)
 
 
 def export_timm(args, src):
@@ -414,16 +462,16 @@ def build_mixup(args):
     return v2.RandomChoice(ops) if ops and args.mode == "finetune" else None
 
 
-def forward_logits(model, trained, images):
+def forward_logits(model, trained, images, teacher=None):
     """trained is what DDP wraps: the whole classifier when fine-tuning, the head only when probing."""
     if model.kind == "finetune":
         return trained(images)
     with torch.no_grad():
-        tokens = model.encoder(images)  # frozen encoder: no graph, [B, 1+N, D]
+        tokens = model.encoder(images, semantic_ids(teacher, images))  # frozen encoder: no graph, [B, 1+N, D] (or 1+N/2)
     return trained(model.select(tokens))
 
 
-def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args, ckpt):
+def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args, ckpt, teacher=None):
     model.train()  # the probes keep their encoder in eval mode
     optimizer.zero_grad(set_to_none=True)
     meter = common.Meter(loader, epoch, args, ckpt)  # a resumed epoch goes on from its checkpoint
@@ -438,7 +486,7 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args,
         update = (step + 1) % args.accum_iter == 0
         with trained.no_sync() if args.world_size > 1 and not update else nullcontext():
             with common.autocast(args):
-                logits = forward_logits(model, trained, images)
+                logits = forward_logits(model, trained, images, teacher)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)  # soft-target CE with smoothing
             scaler.scale(loss / args.accum_iter).backward()
         meter.update(step, loss, lr, len(images))
@@ -449,18 +497,20 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args,
 
 
 @torch.no_grad()
-def evaluate(model, loader, args):
-    """Top-1 / top-5 accuracy (%) and cross-entropy on the val split, summed over all processes."""
-    model.eval()
+def evaluate(model, loader, args, teacher=None, others=()):
+    """Top-1 / top-5 accuracy (%) and cross-entropy on the val split, summed over all processes. others: (model, teacher)
+    pairs to ensemble with it (MR-MAE Table 4 "Sep."): the mean of the models' softmax outputs is scored."""
+    models = [(m.eval(), t) for m, t in [(model, teacher), *others]]
     total = torch.zeros(5, device=args.device)  # loss sum, top-1 hits, top-5 hits, images scored, unreadable
     for images, labels in loader:
         images, labels = common.to_device(images, args.device), labels.to(args.device, non_blocking=True)
         read = labels >= 0  # an unreadable image comes as a stand-in labelled -1: not scored
         with common.autocast(args):
-            logits = model(images).float()[read]  # [b, K]
+            logp = torch.stack([m(images, semantic_ids(t, images)).float()[read].log_softmax(1) for m, t in models])
+        logp = logp.logsumexp(0) - math.log(len(models))  # [M, b, K] -> [b, K]: log of the mean softmax (M = 1: its own)
         labels = labels[read]
-        hits = logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]  # [b, 5]
-        total += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum().float(),
+        hits = logp.topk(min(5, logp.shape[1]), 1).indices == labels[:, None]  # [b, 5]
+        total += torch.stack([F.nll_loss(logp, labels, reduction="sum"), hits[:, 0].sum().float(),
                               hits.any(1).sum().float(), read.sum().float(), (~read).sum().float()])
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -549,15 +599,16 @@ def main(argv=None):
     if data_classes > args.nb_classes:
         raise common.UserError(f"--nb_classes {args.nb_classes}: the data has {data_classes} classes; pass at least that")
     model = build_model(args, src).to(args.device)
+    teacher = semantic_teacher(args, src, dict(vars(args)), model.encoder)  # MILAN Table 7 #6
     optimizer = build_optimizer(model, args)
     ckpt = common.Checkpointer(args, "finetune", model, optimizer)
     start_epoch, start_step = ckpt.resume(fresh_ok=args.eval)  # --resume (auto: OUTPUT_DIR's); another run is refused
     val_loader = common.build_loader(val, args, train=False)
     if args.eval:
-        stats = evaluate(model, val_loader, args)
-        if args.rank == 0:
-            print(f"eval {args.resume or args.finetune}: top-1 {stats['acc1']:.2f}% top-5 "
-                  f"{stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {scored(stats)}")
+        stats = evaluate(model, val_loader, args, teacher, [ensemble_member(args)] if args.ensemble else [])
+        if args.rank == 0:  # MR-MAE Table 4 (Sep.): the ensemble's
+            print(f"eval {args.resume or args.finetune}{' + ' + args.ensemble if args.ensemble else ''}: top-1 "
+                  f"{stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {scored(stats)}")
         return stats
     loader = common.build_loader(train, args)
     common.announce(args, f"finetune.py --mode {args.mode}", train, loader.sampler.steps, start_epoch)
@@ -567,8 +618,8 @@ def main(argv=None):
     mix, best = build_mixup(args), ckpt.extra.get("best_acc1", 0.0)  # (over the epochs before a resume too)
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
-        stats = train_one_epoch(model, trained, loader, optimizer, ckpt.scaler, mix, epoch, args, ckpt)
-        stats.update(evaluate(model, val_loader, args))
+        stats = train_one_epoch(model, trained, loader, optimizer, ckpt.scaler, mix, epoch, args, ckpt, teacher)
+        stats.update(evaluate(model, val_loader, args, teacher))
         best = ckpt.extra["best_acc1"] = max(best, stats["acc1"])
         ckpt.epoch_done(epoch)
         common.log_epoch(args, stats)
