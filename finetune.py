@@ -10,6 +10,9 @@ or BEiT (Bao et al. 2022):
   + Linear, LARS.
 - --mode attnprobe: frozen encoder, one cross-attention unit whose query is a learned extra class token
   over the patch tokens (no MLP, no skip connection), BatchNorm without affine + Linear, SGD (CAE App. A).
+cae.py / cae_v2.py encoders get BEiT's relative position bias in finetune and attnprobe, as released (--rel_pos_bias).
+- --probe_patches semantic: a probe's frozen encoder sees the top 50% of the patches by the --teacher's class-token
+  attention (MILAN Table 7 #6). --eval --ensemble: the mean of two models' softmax outputs (MR-MAE Table 4 "Sep.").
 Top-1 / top-5 on the validation split every epoch; --eval alone evaluates; --export_timm writes timm keys.
 --finetune takes a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or mask_align.py (its
 model.encoder), a finetune.py checkpoint (encoder and head), or a timm-format ViT state dict.
@@ -21,8 +24,8 @@ MaskAlign reuse; Atten4Vis/CAE tools/run_attentive.py), one line each:
 - the attentive probe attends over the patch tokens only (CAE App. A: "the patch representations"); the
   released code also passes the encoder's CLS token; its released call crashes (TypeError) as well.
 - the attentive probe's BatchNorm uses running statistics at evaluation; CAE's released code uses batch ones.
-- CAE and CAE v2 fine-tune with relative position bias added to the blocks; common.ViT has none.
 - fc_norm starts fresh (MAE); CAE's run_class_finetuning initialises it from the encoder's final norm.
+- semantic aware probing keeps 50% of the patches (MILAN Sec. 3.2); MILAN's released models_probe.py keeps 70%.
 
 Paper ViT-B runs (per-paper flags in README), e.g. MILAN App. A.1 fine-tuning, batch 128 x 8 GPUs = 1024,
 lr = 1e-4 x 1024 / 256 = 4e-4:
@@ -33,6 +36,7 @@ Smoke run: python finetune.py --data fake --finetune OUT/checkpoint-last.pth --e
   --output_dir FT
 """
 import argparse
+import math
 import os
 from contextlib import nullcontext
 
@@ -78,6 +82,12 @@ def get_args(argv=None):
     a("--eval", action="store_true", help="only report top-1/top-5 on the val split for --finetune (or --resume)")
     a("--pool", choices=["cls", "avg"], default="cls", help="linprobe: the CLS token after the final norm (MAE's "
       "protocol), or the mean of the patch tokens after it (global pooling, as BEiT's linear probe)")
+    a("--probe_patches", choices=["all", "semantic"], help="probes: every patch, or the top 50%% by the --teacher's "
+      "class-token attention (MILAN Table 7 #6; unset --mode: linprobe); default: the --finetune checkpoint's, else all")
+    a("--teacher", default=argparse.SUPPRESS, help="--probe_patches semantic's (default: the checkpoint's, else ViT-B-16)")
+    a("--teacher_weights", default=argparse.SUPPRESS, help="its weights (default: the checkpoint's, else openai)")
+    a("--ensemble", metavar="CKPT2", help="evaluate the mean softmax of --finetune's and this finetune.py model (MR-MAE "
+      "Table 4 Sep.; implies --eval)")
     a("--nb_classes", type=common.COUNT, help="classes of the head (default: those of the training data; --data fake has 10)")
     a("--layer_decay", type=common.Range(float, "(0, 1]"), default=0.65, help="finetune: lr scale decay^(L+1-layer) (BEiT; MAE/MILAN/CAE ViT-B "
       "0.65, CAE v2 0.75, MR-MAE and MaskAlign 0.6)")
@@ -85,9 +95,12 @@ def get_args(argv=None):
     a("--mixup", type=common.NONNEG, default=0.8, help="finetune: mixup alpha (0: off)")
     a("--cutmix", type=common.NONNEG, default=1.0, help="finetune: cutmix alpha (0: off)")
     a("--reprob", type=common.Range(float, "[0, 1]"), default=0.25, help="finetune: random erasing probability (MAE, CAE)")
+    a("--rel_pos_bias", action=argparse.BooleanOptionalAction, help="BEiT's relative position bias in every block, "
+      "zero at start; default: on for cae.py / cae_v2.py files in finetune and attnprobe modes (as released), else off")
     a("--export_timm", metavar="OUT.pth", help="write the --finetune encoder with timm's keys to OUT.pth and exit")
     args = p.parse_args(argv)
-    args.mode = args.mode or (None if args.eval else "finetune")  # --eval: the checkpoint's (main)
+    args.eval = args.eval or args.ensemble is not None  # an ensemble of trained models is only evaluated
+    args.mode = args.mode or (None if args.eval else "linprobe" if args.probe_patches == "semantic" else "finetune")
     for k, v in RECIPES[args.mode or "finetune"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     return args
@@ -113,6 +126,25 @@ class AttentivePool(nn.Module):
         k, v = self.kv(self.norm_kv(x)).view(B, N, 2, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, d_h]: softmax over the N patches
         return self.proj(out.reshape(B, D))  # concat heads, W_o; no "+ query" (no skip), no MLP
+
+
+class RelPosAttention(nn.Module):
+    """A block's attention (its qkv, proj) + BEiT's relative position bias (CAE App. A follows BEiT; released: on):
+    softmax(q k^T / sqrt(d) + B) v, B[h, q, k] = table[index[q, k], h]; the table starts at zero (pre-training)."""
+    qkv_heads = common.Attention.qkv_heads
+    def __init__(self, attn, grid):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj, n = attn.num_heads, attn.qkv, attn.proj, (2 * grid - 1) ** 2
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(n + 3, attn.num_heads))
+        y, x = (c.flatten() for c in torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"))  # [N] each
+        index = torch.empty(1 + grid * grid, 1 + grid * grid, dtype=torch.long)  # [1+N, 1+N]: query row, key column
+        index[1:, 1:] = (y[:, None] - y[None] + grid - 1) * (2 * grid - 1) + x[:, None] - x[None] + grid - 1  # dy, dx
+        index[0, 1:], index[1:, 0], index[0, 0] = n, n + 1, n + 2  # CLS -> patch, patch -> CLS, CLS -> CLS
+        self.register_buffer("relative_position_index", index, persistent=False)  # rebuilt, not saved (as timm)
+    def forward(self, x):
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # [H, 1+N, 1+N]
+        out = F.scaled_dot_product_attention(*self.qkv_heads(x), attn_mask=bias.to(x.dtype))  # [B, H, 1+N, C/H]
+        return self.proj(out.transpose(1, 2).flatten(2))  # [B, 1+N, C]
 
 
 class Classifier(nn.Module):
@@ -150,10 +182,16 @@ class Classifier(nn.Module):
             return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(1)
         return tokens[:, 1:]  # attnprobe: patches [B, N, D]
 
-    def forward(self, images):
+    def forward(self, images, ids_keep=None):
         with nullcontext() if self.kind == "finetune" else torch.no_grad():
-            tokens = self.encoder(images)  # [B, 1+N, D], all patches visible
+            tokens = self.encoder(images, ids_keep)  # [B, 1+N, D]; ids_keep [B, n]: those patches only, [B, 1+n, D]
         return self.head(self.select(tokens))  # [B, classes]
+
+
+def semantic_ids(teacher, images):
+    """MILAN Table 7 #6: the ids [B, N/2] (ascending) of "the top 50% important image patches"; None: every patch."""
+    attn = teacher(images, tokens=False, cls_attn=True)["cls_attn"] if teacher else None  # [B, N], MILAN Eq. 3
+    return None if attn is None else attn.topk(attn.shape[1] // 2, 1).indices.sort(1).values  # [B, N/2]: 98 of 196
 
 
 # ---- Loading a pre-trained encoder ----------------------------------------------------------------
@@ -194,7 +232,7 @@ def infer_model(enc, flag_value):
 def new_encoder(args, src):
     """The encoder's architecture rebuilt from the file: mr_mae's ConvViT when its args say so, else common.ViT
     with layer scale when the file has ls1.gamma (CAE, CAE v2) and the head count of its args (CAE v2's ViT-T: 12),
-    at --input_size, with --drop_path."""
+    at --input_size, with --drop_path, and relative position bias when args.rel_pos_bias (else: if the file has it)."""
     if args.arch != "vit":
         try:
             import mr_mae
@@ -204,7 +242,24 @@ def new_encoder(args, src):
                                                                input_size=args.input_size)))
     ls = 0.1 if "blocks.0.ls1.gamma" in src["encoder"] else None  # value irrelevant: loaded from the file
     heads = src["args"].get("num_heads") or common.VIT_CONFIGS[args.model][3]  # (timm files: the name's)
-    return common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=ls, num_heads=heads)
+    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=ls, num_heads=heads)
+    own = "blocks.0.attn.relative_position_bias_table" in src["encoder"]  # (a caller without the flag: the file's)
+    for blk in encoder.blocks if getattr(args, "rel_pos_bias", own) else []:
+        blk.attn = RelPosAttention(blk.attn, encoder.grid)  # same qkv / proj, plus the table
+    return encoder
+
+
+def rel_pos_bias(args, src):
+    """--rel_pos_bias resolved: a file with tables (a finetune.py checkpoint) keeps them; else the flag; else on for
+    cae / cae_v2 files in finetune and attnprobe, as released (run_linear.py is run with --disable_rel_pos_bias)."""
+    own = "blocks.0.attn.relative_position_bias_table" in src["encoder"]
+    on = own if src["method"] == "finetune" or own else args.rel_pos_bias if args.rel_pos_bias is not None else \
+        src["method"] in ("cae", "cae_v2") and args.mode in ("finetune", "attnprobe")
+    if args.rel_pos_bias not in (None, on) or on and args.arch != "vit":  # a finetune.py model's own; a conv encoder
+        what = f"of --arch {args.arch}, which takes no" if args.arch != "vit" else "with" if own else "without"
+        raise common.UserError(f"--{'' if args.rel_pos_bias else 'no-'}rel_pos_bias: {args.finetune} holds a model "
+                               f"{what} relative position bias; leave the flag out")
+    return on
 
 
 def load_encoder(encoder, src, args):
@@ -214,6 +269,7 @@ def load_encoder(encoder, src, args):
     if "pos_embed" in enc and enc["pos_embed"].shape != encoder.pos_embed.shape:
         enc["pos_embed"] = common.resize_pos(enc["pos_embed"][0], encoder.grid)[None]  # [1, 1+N, D]
     own = encoder.state_dict()
+    enc.update(fresh := {k: t for k, t in own.items() if k.endswith("relative_position_bias_table") and k not in enc})
     missing = [k for k in own if k not in enc]
     if missing:
         raise common.UserError(f"--finetune {args.finetune}: lacks encoder weights {', '.join(missing[:3])}"
@@ -223,11 +279,10 @@ def load_encoder(encoder, src, args):
     except RuntimeError as e:
         raise common.UserError(f"--finetune {args.finetune} does not fit --model {args.model} "
                                f"({str(e).splitlines()[-1].strip()[:150]})") from None
-    ignored = len(src["state"]) - len(own)
+    loaded, zero = len(own) - len(fresh), f"; {len(fresh)} relative position bias tables start at zero" if fresh else ""
     if args.rank == 0:
-        print(f"--finetune {args.finetune}: loaded {len(own)} encoder tensors from a {src['method'] or 'timm-format'} "
-              f"file; ignored {ignored} other keys (decoder, teacher, head)")
-    return len(own), ignored
+        print(f"--finetune {args.finetune}: loaded {loaded} encoder tensors from a {src['method'] or 'timm-format'} "
+              f"file; ignored {len(src['state']) - loaded} other keys (decoder, teacher, head){zero}")
 
 
 def build_model(args, src):
@@ -245,14 +300,46 @@ def build_model(args, src):
     return Classifier(encoder, args.mode, args.nb_classes, args.pool)
 
 
+def semantic_teacher(args, src, given, encoder):
+    """--probe_patches semantic's frozen teacher on the device (outside DDP and the checkpoint), else None. The flags: as
+    given, else a finetune.py checkpoint's (--teacher_weights: where its weights are now), else the defaults."""
+    own = {"probe_patches": "all", **src["args"]} if src["method"] == "finetune" else {}
+    for k, default in (("probe_patches", "all"), ("teacher", "ViT-B-16"), ("teacher_weights", "openai")):
+        if k != "teacher_weights" and given.get(k) and own.get(k, given[k]) != given[k]:  # its head was trained on them
+            raise common.UserError(f"--{k} {given[k]}: --finetune {args.finetune} was trained with --{k} {own[k]}")
+        setattr(args, k, given.get(k) or own.get(k, default))
+    semantic = args.probe_patches == "semantic"
+    if semantic and args.mode == "finetune" or not semantic and {"teacher", "teacher_weights"} & set(given):
+        raise common.UserError("--probe_patches semantic feeds a frozen encoder; pass --mode linprobe or attnprobe" if
+                               semantic else "--teacher: only --probe_patches semantic uses a teacher; leave it out")
+    if not semantic:
+        del args.teacher, args.teacher_weights  # none announced, none in the checkpoint
+    return common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device).prepare(args) if semantic \
+        else None
+
+
+def ensemble_member(args):
+    """MR-MAE Table 4 "CLIP/DINO (Sep.)": --ensemble's finetune.py model (its own encoder, head, probe patches) ->
+    (model, teacher) on the device; refused unless trained on --finetune's classes."""
+    src, path = read_pretrained(args.ensemble, "--ensemble"), args.ensemble
+    own = dict(src["args"], finetune=path, arch=src["args"].get("arch", "vit"))
+    if src["method"] != "finetune" or (own["nb_classes"], own.get("classes")) != (args.nb_classes, args.classes):
+        raise common.UserError(f"--ensemble {path}: is no finetune.py checkpoint (a trained head) of the {args.nb_classes} "
+                               f"classes of --finetune {args.finetune}; pass one")
+    margs = argparse.Namespace(**dict(vars(args), **{k: own[k] for k in ("finetune", "arch", "model", "mode")}))
+    model = build_model(margs, src).to(args.device)
+    return model, semantic_teacher(margs, src, {}, model.encoder)
+
+
 def export_timm(args, src):
     """Write the encoder with timm's keys: loads into timm.create_model('vit_base_patch16_224', num_classes=0)
-    (init_values=... for layer-scale encoders). A finetune-mode checkpoint also brings fc_norm and head: timm's
-    global_pool='avg' classifier. Probe heads have no timm counterpart and are left out."""
+    (init_values=... for layer-scale encoders; with relative position bias timm's Beit). A finetune-mode checkpoint
+    also brings fc_norm and head: global_pool='avg' classifier. Probe heads have no timm counterpart: left out."""
     if args.arch != "vit":
         raise common.UserError(f"--export_timm: {args.finetune} holds an mr_mae --arch {args.arch} encoder (conv stages), "
                                f"which timm's VisionTransformer cannot hold; fine-tune it with finetune.py instead")
-    args.rank = 0
+    args.rank, args.mode = 0, None  # (a pre-training file: the encoder as trained, no table unless --rel_pos_bias)
+    args.rel_pos_bias = rel_pos_bias(args, src)
     if src["method"] == "finetune":  # trained classifier: its head too when timm has one like it
         model = build_model(args, src)
         model = model if model.kind == "finetune" else model.encoder
@@ -260,6 +347,10 @@ def export_timm(args, src):
         model = new_encoder(args, src)
         load_encoder(model, src, args)
     sd = {k.removeprefix("encoder."): t.contiguous() for k, t in model.state_dict().items()}
+    if args.rel_pos_bias:  # Beit's names: gamma_1/2; q_bias, v_bias and no key bias: q . b_k is one constant added to
+        sd = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): t for k, t in sd.items()}
+        for k in [k for k in sd if k.endswith("qkv.bias")]:  # all of a query's logits, which the softmax takes out
+            sd[k[:-8] + "q_bias"], _, sd[k[:-8] + "v_bias"] = (t.clone() for t in sd.pop(k).chunk(3))  # -8: qkv.bias
     out, folder = args.export_timm, os.path.dirname(os.path.abspath(args.export_timm))
     problem = "is a folder; pass a file name in it" if os.path.isdir(out) else "exists; pass a new file name (an " \
         "export never overwrites a file)" if os.path.exists(out) else None if os.path.isdir(folder) else \
@@ -272,8 +363,10 @@ def export_timm(args, src):
         raise common.UserError(f"--export_timm {out}: cannot be written ({type(e).__name__}); pass a writable path") from None
     (p, dim, depth, _), heads = common.VIT_CONFIGS[args.model], args.num_heads
     kw = f"num_classes={sd['head.weight'].shape[0]}, global_pool='avg'" if "head.weight" in sd else "num_classes=0"
-    kw += ", init_values=0.1" if "blocks.0.ls1.gamma" in sd else ""
-    print(f"wrote {len(sd)} tensors to {args.export_timm}; load with timm.models.vision_transformer.VisionTransformer("
+    kw += ", init_values=0.1" if {"blocks.0.ls1.gamma", "blocks.0.gamma_1"} & set(sd) else ""
+    net, kw = ("beit.Beit", kw + ", use_rel_pos_bias=True" + ("" if "head.weight" in sd else ", global_pool=''")) \
+        if args.rel_pos_bias else ("vision_transformer.VisionTransformer", kw)  # (Beit's default 'avg': no final norm)
+    print(f"wrote {len(sd)} tensors to {args.export_timm}; load with timm.models.{net}("
           f"img_size={args.input_size}, patch_size={p}, embed_dim={dim}, depth={depth}, num_heads={heads}, {kw})"
           f".load_state_dict(torch.load('{args.export_timm}'))")
 
@@ -281,7 +374,7 @@ def export_timm(args, src):
 # ---- Optimisers: layer-wise lr decay (finetune), LARS (linprobe), SGD (attnprobe) ------------------
 def layer_id(name, depth):
     """BEiT's layer ids (CAE App. A, MAE lr_decay): 0 for patch_embed, cls_token, pos_embed (and MR-MAE's conv
-    stages), i+1 for encoder.blocks.i, depth+1 for the rest (fc_norm, head)."""
+    stages), i+1 for encoder.blocks.i (its relative position bias too), depth+1 for the rest (fc_norm, head)."""
     if not name.startswith("encoder.") or name.startswith("encoder.norm."):
         return depth + 1
     parts = name.split(".")
@@ -290,7 +383,7 @@ def layer_id(name, depth):
 
 def param_groups_lrd(model, weight_decay, layer_decay):
     """AdamW groups with lr_scale = layer_decay^(L+1-layer_id) (common.set_lr applies it); no weight decay on
-    1-d tensors (biases, norms, layer scale), cls_token and pos_embed."""
+    1-d tensors (biases, norms, layer scale), cls_token and pos_embed; relative position bias: decayed, as released."""
     depth, groups = len(model.encoder.blocks), {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -369,16 +462,16 @@ def build_mixup(args):
     return v2.RandomChoice(ops) if ops and args.mode == "finetune" else None
 
 
-def forward_logits(model, trained, images):
+def forward_logits(model, trained, images, teacher=None):
     """trained is what DDP wraps: the whole classifier when fine-tuning, the head only when probing."""
     if model.kind == "finetune":
         return trained(images)
     with torch.no_grad():
-        tokens = model.encoder(images)  # frozen encoder: no graph, [B, 1+N, D]
+        tokens = model.encoder(images, semantic_ids(teacher, images))  # frozen encoder: no graph, [B, 1+N, D] (or 1+N/2)
     return trained(model.select(tokens))
 
 
-def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args, ckpt):
+def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args, ckpt, teacher=None):
     model.train()  # the probes keep their encoder in eval mode
     optimizer.zero_grad(set_to_none=True)
     meter = common.Meter(loader, epoch, args, ckpt)  # a resumed epoch goes on from its checkpoint
@@ -393,7 +486,7 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args,
         update = (step + 1) % args.accum_iter == 0
         with trained.no_sync() if args.world_size > 1 and not update else nullcontext():
             with common.autocast(args):
-                logits = forward_logits(model, trained, images)
+                logits = forward_logits(model, trained, images, teacher)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)  # soft-target CE with smoothing
             scaler.scale(loss / args.accum_iter).backward()
         meter.update(step, loss, lr, len(images))
@@ -404,18 +497,20 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args,
 
 
 @torch.no_grad()
-def evaluate(model, loader, args):
-    """Top-1 / top-5 accuracy (%) and cross-entropy on the val split, summed over all processes."""
-    model.eval()
+def evaluate(model, loader, args, teacher=None, others=()):
+    """Top-1 / top-5 accuracy (%) and cross-entropy on the val split, summed over all processes. others: (model, teacher)
+    pairs to ensemble with it (MR-MAE Table 4 "Sep."): the mean of the models' softmax outputs is scored."""
+    models = [(m.eval(), t) for m, t in [(model, teacher), *others]]
     total = torch.zeros(5, device=args.device)  # loss sum, top-1 hits, top-5 hits, images scored, unreadable
     for images, labels in loader:
         images, labels = common.to_device(images, args.device), labels.to(args.device, non_blocking=True)
         read = labels >= 0  # an unreadable image comes as a stand-in labelled -1: not scored
         with common.autocast(args):
-            logits = model(images).float()[read]  # [b, K]
+            logp = torch.stack([m(images, semantic_ids(t, images)).float()[read].log_softmax(1) for m, t in models])
+        logp = logp.logsumexp(0) - math.log(len(models))  # [M, b, K] -> [b, K]: log of the mean softmax (M = 1: its own)
         labels = labels[read]
-        hits = logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]  # [b, 5]
-        total += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum().float(),
+        hits = logp.topk(min(5, logp.shape[1]), 1).indices == labels[:, None]  # [b, 5]
+        total += torch.stack([F.nll_loss(logp, labels, reduction="sum"), hits[:, 0].sum().float(),
                               hits.any(1).sum().float(), read.sum().float(), (~read).sum().float()])
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -483,6 +578,7 @@ def main(argv=None):
                                    f"--mode {mode} to train it further (--eval alone takes its mode)")
         args.mode, args.nb_classes = mode, src["args"]["nb_classes"]
     args.mode = args.mode or "finetune"
+    args.rel_pos_bias = rel_pos_bias(args, src)  # kept in this run's checkpoints' args
     if args.eval and src["method"] != "finetune" and not args.resume:
         why = "is a timm-format file with a classifier head, but without the mode and classes that --eval needs; " \
             "evaluate the finetune.py checkpoint it was exported from" if "head.weight" in src["state"] else \
@@ -503,15 +599,16 @@ def main(argv=None):
     if data_classes > args.nb_classes:
         raise common.UserError(f"--nb_classes {args.nb_classes}: the data has {data_classes} classes; pass at least that")
     model = build_model(args, src).to(args.device)
+    teacher = semantic_teacher(args, src, dict(vars(args)), model.encoder)  # MILAN Table 7 #6
     optimizer = build_optimizer(model, args)
     ckpt = common.Checkpointer(args, "finetune", model, optimizer)
     start_epoch, start_step = ckpt.resume(fresh_ok=args.eval)  # --resume (auto: OUTPUT_DIR's); another run is refused
     val_loader = common.build_loader(val, args, train=False)
     if args.eval:
-        stats = evaluate(model, val_loader, args)
-        if args.rank == 0:
-            print(f"eval {args.resume or args.finetune}: top-1 {stats['acc1']:.2f}% top-5 "
-                  f"{stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {scored(stats)}")
+        stats = evaluate(model, val_loader, args, teacher, [ensemble_member(args)] if args.ensemble else [])
+        if args.rank == 0:  # MR-MAE Table 4 (Sep.): the ensemble's
+            print(f"eval {args.resume or args.finetune}{' + ' + args.ensemble if args.ensemble else ''}: top-1 "
+                  f"{stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {scored(stats)}")
         return stats
     loader = common.build_loader(train, args)
     common.announce(args, f"finetune.py --mode {args.mode}", train, loader.sampler.steps, start_epoch)
@@ -521,8 +618,8 @@ def main(argv=None):
     mix, best = build_mixup(args), ckpt.extra.get("best_acc1", 0.0)  # (over the epochs before a resume too)
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
-        stats = train_one_epoch(model, trained, loader, optimizer, ckpt.scaler, mix, epoch, args, ckpt)
-        stats.update(evaluate(model, val_loader, args))
+        stats = train_one_epoch(model, trained, loader, optimizer, ckpt.scaler, mix, epoch, args, ckpt, teacher)
+        stats.update(evaluate(model, val_loader, args, teacher))
         best = ckpt.extra["best_acc1"] = max(best, stats["acc1"])
         ckpt.epoch_done(epoch)
         common.log_epoch(args, stats)
