@@ -65,11 +65,13 @@ TABLES = {  # name: the paper's table, its metric, arms {arm: (method file, flag
         claims=[("2_clip", "1_mae"), ("7_prompting", "2_clip"), ("8_milan", "7_prompting")],
         note="Table 7 probes the same arms linearly (milan_t7), where #7 is above #8 by 1.0"),
     "milan_t7": dict(
-        paper="MILAN", table="Table 7 #1, #2, #4, #5 (= Table 5 #1, #2, #7, #8: the same runs)", metric="linprobe",
+        paper="MILAN", table="Table 7 #1, #2, #4, #5, #6 (= Table 5 #1, #2, #7, #8: the same runs; #6: #5's, probed "
+              "on the top half of the patches by the teacher's [CLS] attention)", metric="linprobe",
         paper_metric="ViT-B ImageNet linear probe top-1, Table 7",
         arms={"1_mae": ("milan", PIXEL_MILAN, 62.0), "2_clip": ("milan", ["--decoder", "mae", "--mask_type", "random"], 67.1),
-              "7_prompting": ("milan", ["--mask_type", "random"], 79.9), "8_milan": ("milan", [], 78.9)},
-        claims=[("2_clip", "1_mae"), ("7_prompting", "2_clip"), ("7_prompting", "8_milan")],
+              "7_prompting": ("milan", ["--mask_type", "random"], 79.9), "8_milan": ("milan", [], 78.9),
+              "6_semantic_probe": ("milan", [], 80.0, "semantic_probe")},  # #5's runs, probed on the top half
+        claims=[("2_clip", "1_mae"), ("7_prompting", "2_clip"), ("7_prompting", "8_milan"), ("6_semantic_probe", "8_milan")],
         note="the paper: the encoder over-adapts to the sampled salient patches, so #8 probes below #7 (Table 5's "
              "fine-tuning has #8 above #7 by 0.3)"),
     "cae_t2": dict(
@@ -140,7 +142,8 @@ TABLES = {  # name: the paper's table, its metric, arms {arm: (method file, flag
 FIG4 = "cae_fig4  CAE Fig. 4 (alignment on / off, encoder-to-decoder reconstruction): benchmarks/learn.py --cae_fig4"
 MARKER = ".made_by_ablate_py"
 MEASURES = {  # a yardstick: finetune.py --mode and its extra flags (learn.evaluate's recipe) -> the record's column
-    "linprobe": ("linprobe", []), "attnprobe": ("attnprobe", []), "finetune": ("finetune", [])}
+    "linprobe": ("linprobe", []), "attnprobe": ("attnprobe", []), "finetune": ("finetune", []),
+    "semantic_probe": ("linprobe", ["--probe_patches", "semantic", "--teacher", "tiny", "--teacher_weights", "TEACHER"])}
 RUN_KEYS = ("teacher_r2", "colour_r2", "final_pretrain_loss")  # what a re-run must reproduce, beside every column
 SCALE = ("classes", "train_per_class", "val_per_class", "image_size", "input_size", "teacher_steps", "teacher_batch",
          "epochs", "batch_size", "probe_epochs", "probe_batch", "finetune_epochs", "threads")  # learn.py's flags passed on
@@ -265,10 +268,10 @@ def committed(args):
     old = json.load(open(args.records))
     if {k: old.get(k) for k in ("scale", "recipe")} != config(args):
         return {}
-    kept = {}
-    for r in old["records"] + [dict(r, script="random_init") for r in old.get("random_init", [])]:
-        rid = f"random_init-s{r['seed']}" if r["script"] == "random_init" else run_id(r["script"], r["flags"], r["seed"], args)
-        kept.setdefault(rid, {}).update({k: v for k, v in r.items() if k not in ("table", "arm", "run")})
+    kept = {f"random_init-s{r['seed']}": dict(r) for r in old.get("random_init", [])}
+    for r in old["records"]:
+        kept.setdefault(run_id(r["script"], r["flags"], r["seed"], args), {}).update(
+            {k: v for k, v in r.items() if k not in ("table", "arm", "run")})
     return kept
 
 
@@ -397,7 +400,7 @@ def report(records, verdicts, randoms):
                 on, lp = scores(rows, t, arm, column(arm_measure(t, arm))), scores(rows, t, arm, "probe_top1")
                 r2 = " | ".join(f"{np.mean([r[k] for r in rs]):.2f}" for k in ("teacher_r2", "colour_r2"))
                 print(f"| {arm} | `{script}.py {' '.join(flags)}` | {number} | {summary(on)} | "
-                      f"{summary(lp) if m != 'linprobe' else 'the same'} | {len(rs)} | {r2} |")
+                      f"{summary(lp) if arm_measure(t, arm) != 'linprobe' else 'the same'} | {len(rs)} | {r2} |")
         for c in (c for c in verdicts if c["table"] == t):
             print(claim_line(c))
 
@@ -413,7 +416,7 @@ def claim_line(c):
     return f"- {c['better']} > {c['worse']}: paper {c['paper_delta']:+.1f}, {c['metric']} {on}{lp}"
 
 
-COLOURS = {"holds": (40, 150, 60), "reversed": (200, 40, 40), "unresolved": (150, 150, 150), "pending": (210, 210, 210)}
+COLOURS = {"holds": (40, 150, 60), "reversed": (200, 40, 40), "unresolved": (150, 150, 150), "pending": (170, 170, 170)}
 
 
 def plot(records, verdicts, randoms, path):

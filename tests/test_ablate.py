@@ -59,7 +59,7 @@ def test_verdict_rule_on_each_yardstick():
     way by as much; else unresolved; pending below 2 seeds a side. On the table's yardstick (MaskAlign Table 6:
     fine-tuning, finetune_top1) and on the linear probe (probe_top1) beside it, and whether the two verdicts differ."""
     def claim(ft_a, ft_b, lp_a=(1.0, 2.0), lp_b=(1.0, 2.0)):
-        records = [dict(table="mask_align_t6", arm=arm, finetune_top1=f, probe_top1=p)
+        records = [dict(table="mask_align_t6", arm=arm, probe_top1=p, **({} if f is None else dict(finetune_top1=f)))
                    for arm, fs, ps in (("ln", ft_a, lp_a), ("bn", ft_b, lp_b)) for f, p in zip(fs, ps)]
         return next(c for c in ablate.claims(records) if (c["better"], c["worse"]) == ("ln", "bn"))
     c = claim([30.0, 32.0, 34.0], [20.0, 21.0, 22.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0])  # se sqrt(4/3 + 1/3)
@@ -69,7 +69,7 @@ def test_verdict_rule_on_each_yardstick():
     c = claim([30.0, 32.0, 34.0], [29.0, 31.0, 33.0])  # 1 < 2 x 1.63
     assert (c["verdict"], c["lp_verdict"], c["changed"]) == ("unresolved", "unresolved", False)
     assert claim([30.0, 30.0], [29.0, 29.0])["verdict"] == "holds"  # no spread: any difference is one
-    c = claim([30.0], [29.0, 28.0])  # one seed of ln: its yardstick's verdict waits; the probe's stands
+    c = claim([30.0, None], [29.0, 28.0])  # ln's second seed not fine-tuned yet: that verdict waits, the probe's stands
     assert (c["verdict"], c["mean_delta"], c["lp_verdict"], c["changed"]) == ("pending", None, "unresolved", None)
     assert ablate.unresolved_arms(ablate.claims([dict(table="mask_align_t6", arm=a, finetune_top1=v, probe_top1=v)
                                                 for a, v in (("ln", 1.0), ("ln", 3.0), ("bn", 2.0), ("bn", 2.5),
@@ -160,20 +160,23 @@ def test_committed_run_its_verdicts_on_both_yardsticks_and_the_readmes():
         return delta, se, "holds" if delta > 2 * se else "reversed" if delta < -2 * se else "unresolved"
     holds = total = 0
     for t, spec in ablate.TABLES.items():
-        key = {"linprobe": "probe_top1", "finetune": "finetune_top1", "attnprobe": "attnprobe_top1"}[spec["metric"]]
+        keys = {arm: {"linprobe": "probe_top1", "finetune": "finetune_top1", "attnprobe": "attnprobe_top1",
+                      "semantic_probe": "semantic_probe_top1"}[own[0] if own else spec["metric"]]
+                for arm, (_, _, _, *own) in spec["arms"].items()}  # each arm's paper's yardstick
         col = lambda arm, k: [r[k] for r in run["records"] if (r["table"], r["arm"]) == (t, arm) and k in r]  # noqa
         for arm, (script, flags, paper, *_) in spec["arms"].items():
             recs = [r for r in run["records"] if (r["table"], r["arm"]) == (t, arm)]
             assert sorted(r["seed"] for r in recs)[:3] == [0, 1, 2], (t, arm)
             assert all(r["script"] == script and r["flags"] == flags and RECORD <= set(r) for r in recs), (t, arm)
-            on, lp = col(arm, key), col(arm, "probe_top1")
+            on, lp = col(arm, keys[arm]), col(arm, "probe_top1")
             cell = lambda v: "pending" if not v else "{:.1f} ± {:.1f}".format(*stats(v)) if len(v) > 1 else \
                 f"{v[0]:.1f} ± 0.0"  # noqa: E731
-            other = "the same" if spec["metric"] == "linprobe" else cell(lp)
+            other = "the same" if keys[arm] == "probe_top1" else cell(lp)
             assert f"| {arm} | `{script}.py {' '.join(flags)}` | {paper} | {cell(on)} | {other} |" in readme, (t, arm)
         for better, worse in spec["claims"]:
             c = next(c for c in run["claims"] if (c["table"], c["better"], c["worse"]) == (t, better, worse))
-            on, lp = (welch(col(better, k), col(worse, k)) for k in (key, "probe_top1"))
+            on = welch(col(better, keys[better]), col(worse, keys[worse]))
+            lp = welch(col(better, "probe_top1"), col(worse, "probe_top1"))
             for got, want in (((c["mean_delta"], c["se"], c["verdict"]), on), ((c["lp_mean_delta"], c["lp_se"],
                                                                                  c["lp_verdict"]), lp)):
                 assert (got[2] == "pending") if want is None else (
