@@ -1,4 +1,4 @@
-"""Each paper's headline ablation claims, measured at laptop scale.
+"""Each paper's headline ablation claims, measured at laptop scale on the paper's own yardstick.
 
   python benchmarks/ablate.py --list
   python benchmarks/ablate.py --tables milan_t5 --out ablate_out --json milan_t5.json --plot milan_t5.png
@@ -7,33 +7,42 @@ The papers argue through their ablation tables. This runs their headline rows on
 says, per claim, whether it holds here. Everything but the arms is learn.py's, imported, not copied: its synthetic
 dataset (10 shape and texture classes as JPEGs), its teacher (the `tiny` CLIP tower trained supervised on that
 dataset, one teacher for every arm), its recipe rule (each method file's defaults, the same epochs and batch for all,
-each paper's warmup fraction and peak lr: learn.py --help), its linear probe (finetune.py --mode linprobe on the mean
-patch token) and its two R^2 columns (colour_r2: how much of the student's patch tokens is the patch's mean colour;
-teacher_r2: how well they predict the teacher's tokens). An arm is a method file and its flags, the row's own, never
-tuned: a claim that does not hold at this scale is a finding, not a reason to change an arm. One table leaves the
-recipe rule's length, as its paper does: mask_align_t4_tokens trains each mask ratio on as many aligned tokens
-(MaskAlign Sec. 4.3), beside mask_align_t4's equal steps.
+each paper's warmup fraction and peak lr: learn.py --help), its evaluations (learn.evaluate: finetune.py with one
+laptop recipe per protocol) and its two R^2 columns (colour_r2: how much of the student's patch tokens is the patch's
+mean colour; teacher_r2: how well they predict the teacher's tokens). An arm is a method file and its flags, the row's
+own, never tuned: a claim that does not hold at this scale is a finding, not a reason to change an arm or a recipe.
+One table leaves the recipe rule's length, as its paper does: mask_align_t4_tokens trains each mask ratio on as many
+aligned tokens (MaskAlign Sec. 4.3), beside mask_align_t4's equal steps.
 
-Seeds vary the student (--seed of the pre-training: initialisation, masks, data order) and its probe; the dataset and
-the teacher stay those of --data_seed. The reference is learn.py's random_init row per seed: the randomly initialised
-student through the same probe, the level a student that learnt nothing reaches (a dashed line in the picture). Each
-finished run is kept in OUT/runs/<script>-<hash>-s<seed>/ with result.json (its record), so a table can be extended
-(more --seeds), resumed (runs with a result are not trained again) or re-run arm by arm (--rerun: trains again into
-OUT/reruns/ and says whether the record is reproduced). A run shared by two tables (the same method file and resolved
-flags: MaskAlign Table 4's 0.7 is Table 6's LN; CAE v2 Figure 3's 0.5 is Table 1's No. 3 at the nano size) is trained
-once.
+Each table is scored on its paper's yardstick (metric): fine-tuning (MILAN Table 5, MR-MAE Table 3, MaskAlign Tables 4
+and 6), the attentive probe (CAE Table 2) or the linear probe (MILAN Table 7, CAE v2 Table 1 and Figure 3; MILAN Table
+7 #6 probes #5's runs on the top half of the patches by the teacher's [CLS] attention); every run is also linear-probed
+(probe_top1), a second column comparable across tables. The recipes (learn.py --help): finetune.py's defaults (its
+papers' optimiser, layer decay, drop path, augmentation, head) at the probe's batch and crop scale, --probe_epochs or
+--finetune_epochs, each protocol's paper warmup fraction and peak lr (fine-tuning 2e-3, attentive probe 0.4, linear
+probe 6.4), chosen before any arm was measured with them and the same for every arm and table.
 
-Per claim ("A above B by x points" in the paper), over the seeds: mean_delta = mean(A) - mean(B) of the probe top-1,
-se = sqrt(sd_A^2 / n_A + sd_B^2 / n_B) (sample sd), and the verdict: holds (mean_delta > 2 se, the paper's direction),
-reversed (mean_delta < -2 se), else unresolved. The papers' numbers are ImageNet scores of ViT-B (MILAN's and CAE v2's
-linear probes, CAE's attentive probe, MR-MAE's and MaskAlign's fine-tuning; CAE v2 Figure 3: ViT-T's linear probe):
-only the direction and order compare with ours.
+Seeds vary the student (--seed of the pre-training: initialisation, masks, data order) and its evaluations; the
+dataset and the teacher stay those of --data_seed; both arms of a claim still unresolved after --seeds also run
+--close_seeds. The reference is learn.py's random_init row per seed: the randomly initialised student through the same
+yardsticks (dashed lines in the picture). Each (arm, seed) record is complete in one go (pre-training, then every
+yardstick it needs and the R^2) and kept in OUT/runs/<script>-<hash>-s<seed>/result.json, so a table can be extended
+(more --seeds), resumed (a run with a record is not trained again, a cut run goes on from its checkpoint) or re-run
+arm by arm (--rerun: trains again into OUT/reruns/ and says whether the record is reproduced). Records of an earlier
+--json at the same scale and recipe (--records, by default the committed benchmarks/ablations.json) are reused, not
+retrained. A run shared by two tables (the same method file and resolved flags: MaskAlign Table 4's 0.7 is Table 6's
+LN; CAE v2 Figure 3's 0.5 is Table 1's No. 3 at the nano size; MILAN Tables 5 and 7) is trained once.
 
-Cost on the 2-core machine (idle, measured: one arm and seed, i.e. 992 pre-training steps, the probe and R^2, takes
-64-74 s for MaskAlign, 74-79 s for MILAN, 77-108 s for CAE v2, 84-99 s for MR-MAE, 91-108 s for CAE): the dataset and
-teacher once, 3-4 minutes; then per table and 3 seeds, milan_t5 15 minutes, cae_t2 15, cae_v2_t1 19, cae_v2_fig3 18,
-mr_mae_t3 22, mask_align_t4 14, mask_align_t6 10, mask_align_t4_tokens 12 (a run shared with a table already run is
-not trained again): all tables about 2 hours. CAE Fig. 4 stays learn.py's (--cae_fig4); --list names it beside them."""
+Per claim ("A above B by x points" in the paper), on each yardstick, over the seeds: mean_delta = mean(A) - mean(B),
+se = sqrt(sd_A^2 / n_A + sd_B^2 / n_B) (sample sd), and the verdict: holds (mean_delta > 2 se, the paper's
+direction), reversed (mean_delta < -2 se), unresolved, or pending (fewer than 2 seeds a side); the report says whether
+the paper's yardstick changed the linear probe's verdict. The papers' numbers are ImageNet scores of ViT-B on the same
+yardstick (CAE v2 Figure 3: ViT-T): only the direction and order compare with ours.
+
+Cost on the 2-core machine (idle, measured: one arm and seed, i.e. 992 pre-training steps, the linear probe and R^2,
+takes 64-108 s, by method; the fine-tuning and attentive probe columns add their runs, benchmarks/README.md): the
+dataset and teacher once, 3-4 minutes; all tables several hours. CAE Fig. 4 stays learn.py's (--cae_fig4); --list
+names it beside them."""
 import argparse
 import hashlib
 import importlib
@@ -481,13 +490,14 @@ def plot_claims(verdicts, path):
     common.draw_text(d, (m, 10), f"each claim: paper's difference (x, ImageNet points, +-{xs:.1f}) against ours on the "
                                  f"paper's yardstick (y, +-{ys:.1f}), bars 2 se")
     for i, (name, colour) in enumerate(COLOURS.items()):
-        n = sum(c["verdict"] == name for c in cs)
+        n = sum(c["verdict"] == name for c in verdicts)
         common.draw_text(d, (m + 150 * i, 26), f"{name}: {n}", fill=colour)
     for c in cs:
         cx, cy = X(c["paper_delta"]), Y(c["mean_delta"])
         d.line([(cx, Y(c["mean_delta"] - 2 * c["se"])), (cx, Y(c["mean_delta"] + 2 * c["se"]))], fill=COLOURS[c["verdict"]])
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=COLOURS[c["verdict"]])
-        common.draw_text(d, (cx + 6, cy - 6), f"{c['table']} {c['better']}>{c['worse']}"[:40], fill=(60, 60, 60))
+        label = f"{c['table']} {c['better']}>{c['worse']}"[:40]
+        common.draw_text(d, (cx + 6 if cx < W - 250 else cx - 6 - 6 * len(label), cy - 6), label, fill=(60, 60, 60))
     im.save(path)
 
 

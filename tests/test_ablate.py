@@ -128,14 +128,14 @@ def test_reduced_tables_on_each_yardstick_keep_complete_records_and_reproduce(tm
 
 def claim_line(c):
     """The README's line of a claim, written here from the records' numbers (not ablate.py's own formatting)."""
-    if c["metric"] == "linprobe":
-        return f"- {c['better']} > {c['worse']}: paper {c['paper']:+.1f}, linprobe ours {c['on'][0]:+.1f} " \
-               f"(se {c['on'][1]:.1f}): **{c['on'][2]}**"
     on = f"ours {c['on'][0]:+.1f} (se {c['on'][1]:.1f}): **{c['on'][2]}**" if c["on"] else "ours: **pending**"
-    lp = f"{c['lp'][0]:+.1f} (se {c['lp'][1]:.1f}): {c['lp'][2]}"
-    same = "" if not c["on"] else ", the yardstick changed the verdict" if c["on"][2] != c["lp"][2] else \
-        ", the same verdict"
-    return f"- {c['better']} > {c['worse']}: paper {c['paper']:+.1f}, {c['metric']} {on}; linear probe {lp}{same}"
+    head = f"- {c['better']} > {c['worse']}: paper {c['paper']:+.1f}, {c['metric']} {on}"
+    if c["metric"] == "linprobe":
+        return head
+    lp = f"{c['lp'][0]:+.1f} (se {c['lp'][1]:.1f}): {c['lp'][2]}" if c["lp"] else "pending"
+    same = "" if not (c["on"] and c["lp"]) else ", the yardstick changed the verdict" if c["on"][2] != c["lp"][2] \
+        else ", the same verdict"
+    return f"{head}; linear probe {lp}{same}"
 
 
 def test_committed_run_its_verdicts_on_both_yardsticks_and_the_readmes():
