@@ -291,10 +291,14 @@ RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None, "stop": None, "
 class Stopped(Exception):
     """SIGTERM or Ctrl-C: the run stops (training: after the update in progress and a checkpoint)."""
 
-def on_signal(signum, frame):  # training finishes its update and saves (Checkpointer.step_done); else, or twice: now
-    if RUN["at"] is None or RUN["stop"]:
+def on_signal(signum, frame):  # recorded: raised here, it could be lost (in an at-fork hook, logging); the run acts on
+    if RUN["stop"]:  # it where it looks (stop_if_asked; training: Checkpointer.step_done, after the update); twice: now
         raise Stopped(signal.Signals(signum).name)
     RUN["stop"] = signal.Signals(signum).name
+
+def stop_if_asked():  # before the first training step (start-up, --eval): a signal recorded so far stops the run here
+    if RUN["stop"] and RUN["at"] is None:
+        raise Stopped(RUN["stop"])
 
 def cli(main, argv=None):
     """Every script's entry point: a UserError is one line (exit 2; under torchrun once a node); SIGTERM / Ctrl-C one
@@ -1016,6 +1020,7 @@ class Meter:
                         initial=self.start, total=self.steps)
     def __iter__(self):
         for step, batch in enumerate(self.bar, self.start):
+            stop_if_asked()  # (a signal during start-up, or the workers' start: before the first step)
             RUN["at"] = (self.epoch, step)  # for the line SIGTERM or Ctrl-C prints
             yield step, batch
     def update(self, step, loss, lr, images):

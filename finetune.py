@@ -409,6 +409,7 @@ def evaluate(model, loader, args):
     model.eval()
     total = torch.zeros(5, device=args.device)  # loss sum, top-1 hits, top-5 hits, images scored, unreadable
     for images, labels in loader:
+        common.stop_if_asked()  # --eval: a SIGTERM or Ctrl-C (during training one waits for the epoch's checkpoint)
         images, labels = common.to_device(images, args.device), labels.to(args.device, non_blocking=True)
         read = labels >= 0  # an unreadable image comes as a stand-in labelled -1: not scored
         with common.autocast(args):
