@@ -323,12 +323,10 @@ def cli(main, argv=None):
     except Exception:
         if argv is not None:
             raise
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):  # a signal now ends it (SIGCHLD: torch's handler
-            signal.signal(sig, signal.SIG_DFL)  # would raise again for the workers killed below)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL), signal.signal(signal.SIGINT, signal.SIG_DFL)  # a signal: now
         traceback.print_exc()
         sys.stdout.flush(), sys.stderr.flush()
-        for worker in multiprocessing.active_children():
-            worker.kill()
+        kill_workers()
         os._exit(1)
 
 # ---- Teacher weights: open_clip names, OpenAI's TorchScript files, DINO, no network ------------------------------
@@ -565,6 +563,13 @@ class Samples(torch.utils.data.Dataset):
             if main:
                 torch.set_rng_state(saved[0]), np.random.set_state(saved[1]), random.setstate(saved[2])
 
+def kill_workers():
+    """At the interpreter's exit (and on cli's error path): kill the daemonic children (our DataLoader workers), before
+    multiprocessing's exit handler would SIGTERM them (they ignore it: ignore_signals) and wait on them forever."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # (torch's handler would raise for the workers killed here)
+    for child in multiprocessing.active_children():
+        child.kill() if child.daemon else None
+
 def ignore_signals(worker_id):  # DataLoader workers: Ctrl-C and SIGTERM are the main process's to handle
     signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if RUN["lock"] is not None:  # (its lock dies with the main process, not with a worker that outlives it)
@@ -586,6 +591,7 @@ def build_loader(dataset, args, train=True):
                         f"images, batch {args.batch_size} x {args.world_size} process(es)): the weights would never be "
                         f"updated; lower --accum_iter or --batch_size")
     # its own generator: making an iterator must not draw from the training RNG (exact resume)
+    atexit.unregister(kill_workers), atexit.register(kill_workers)  # registered last: run before multiprocessing's
     return DataLoader(Samples(dataset, args.seed, train), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
                       num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"), worker_init_fn=ignore_signals,
                       persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
@@ -1019,10 +1025,15 @@ class Meter:
         self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=args.rank != 0, dynamic_ncols=True, mininterval=1.0,
                         initial=self.start, total=self.steps)
     def __iter__(self):
-        for step, batch in enumerate(self.bar, self.start):
-            stop_if_asked()  # (a signal during start-up, or the workers' start: before the first step)
-            RUN["at"] = (self.epoch, step)  # for the line SIGTERM or Ctrl-C prints
-            yield step, batch
+        try:
+            for step, batch in enumerate(self.bar, self.start):
+                stop_if_asked()  # (a signal during start-up, or the workers' start: before the first step)
+                RUN["at"] = (self.epoch, step)  # for the line SIGTERM or Ctrl-C prints
+                yield step, batch
+        except BaseException:  # the loop left by an error or a stop: its workers end now (a notebook's kernel lives on)
+            it, self.loader._iterator = self.loader._iterator, None  # (persistent workers: torch has no public call)
+            getattr(it, "_shutdown_workers", lambda: None)()
+            raise
     def update(self, step, loss, lr, images):
         self.sum, self.count = self.sum + loss.detach().float(), self.count + 1
         self.images, self.seen = self.images + images, self.seen + images

@@ -79,3 +79,51 @@ def test_a_sigterm_inside_the_fork_stops_finetune_eval(tmp_path):
     assert runs["probe"][0] == 0, runs["probe"][2][-2000:]
     code, out, err = runs["eval"]
     assert code == 143 and err.strip().splitlines()[-1] == STOPPED and "top-1" not in out, (code, out, err[-2000:])
+
+
+USER_SCRIPT = f"""
+import multiprocessing, os, sys, time
+sys.path.insert(0, {ROOT!r})
+import common, milan
+step, updates = common.optimizer_step, [0]
+def failing_step(*a):
+    step(*a)
+    updates[0] += 1
+    if updates[0] == 2:
+        raise RuntimeError("an error in a step")
+def failing_log(*a):
+    raise RuntimeError(f"injected failure at {{time.time()}} in pid {{os.getpid()}}")
+common.optimizer_step = failing_step
+try:
+    milan.main(sys.argv[2:] + ["--output_dir", sys.argv[1] + "/a"])
+except RuntimeError as e:
+    kept = e  # as a notebook keeps the last error: its frames, and with them the DataLoader
+    t = time.time()
+    while multiprocessing.active_children() and time.time() - t < 5:
+        time.sleep(0.05)
+    print("workers left after the error:", len(multiprocessing.active_children()), flush=True)
+common.log_epoch = failing_log  # after the epoch, its loader's workers alive: an error the interpreter's exit meets
+milan.main(sys.argv[2:] + ["--output_dir", sys.argv[1] + "/b"])
+"""
+
+
+def test_an_error_in_main_called_from_a_users_script_ends_it_and_its_workers(tmp_path):
+    """milan.main(argv) from the user's own script (no common.cli) with a DataLoader worker: an error in a step leaves
+    no worker behind in the living process (a notebook's kernel), and an uncaught one ends the process (exit 1) and its
+    worker within 10 s. They waited forever: the workers ignore SIGTERM, and Python's exit joins them."""
+    (tmp_path / "user.py").write_text(USER_SCRIPT)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.run(python(tmp_path / "user.py", tmp_path, *FAST, "--accum_iter", "1", "--num_workers", "1"),
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=40)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"still running after 40 s: {e.stdout}{e.stderr}") from None
+    ended = time.time()
+    assert "workers left after the error: 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr[-2000:]
+    failed_at, pid = failure(proc.stderr)
+    assert ended - failed_at < 10, ended - failed_at
+    deadline = time.time() + 3
+    while group_alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert group_alive(pid) == []
