@@ -817,7 +817,8 @@ def save_checkpoint(path, **state):
     """Atomic (temp file + rename): a crash mid-write never damages the previous file, nor leaves a temp file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:  # (a file object: a failed write's OSError, e.g. a full disk, reaches the caller)
+            torch.save(state, f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -967,9 +968,15 @@ class Checkpointer:
                          epoch=epoch, step=step, rng=[r for r, _ in ranks], progress=[p for _, p in ranks],
                          args=dict(vars(self.args)), method=self.method)
             state.update({"extra": self.extra} if self.extra else {})
-            save_checkpoint(self.last, **state)
-            if keep:
-                save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth"), **state)
+            for path in [os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth")] * keep + [self.last]:
+                try:  # (the kept copy first: whichever write fails, the previous checkpoint-last.pth is whole)
+                    save_checkpoint(path, **state)
+                except (OSError, RuntimeError) as e:  # a full disk: torch's writer says "unexpected pos", the OSError
+                    if not isinstance(err := e if isinstance(e, OSError) else e.__context__, OSError):  # its context
+                        raise
+                    raise UserError(f"cannot write {path}: {err.strerror}; " + ("the previous checkpoint-last.pth (epoch "
+                                    "{}, step {}) is kept: make room on that device, then relaunch with --resume auto"
+                                    .format(*RUN["saved"]) if RUN["saved"] else "no checkpoint was written yet")) from None
         self.saved_at, RUN["saved"] = time.time(), (epoch, step)
     def due(self, step):
         """(save, stop) after `step` steps: --save_every_steps, --save_every_minutes (rank 0's clock) or a signal; with

@@ -127,3 +127,24 @@ def test_an_error_in_main_called_from_a_users_script_ends_it_and_its_workers(tmp
     while group_alive(pid) and time.time() < deadline:
         time.sleep(0.1)
     assert group_alive(pid) == []
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line(tmp_path):
+    """The second checkpoint (the epoch end, after the one at update 2) meets a full device: torch's writer said
+    'RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos ...' in a traceback. Now one line: no
+    space left, which file, that the previous checkpoint-last.pth is kept, and it is (update 2's, intact), no temp
+    file; also when the file that fails is the last epoch's kept copy (checkpoint-0.pth, written first)."""
+    (tmp_path / "wrap.py").write_text(WRAPPER)
+    cases = {"last": ("checkpoint-last.pth", ["--epochs", "2"]), "kept copy": ("checkpoint-0.pth", ["--epochs", "1"])}
+    runs = run_forked({name: ([tmp_path / "wrap.py", "milan.py"] + FAST + extra + [
+        "--accum_iter", "1", "--save_every_steps", "2", "--output_dir", tmp_path / name], {"FULL_AT_SAVE": "2"})
+        for name, (_, extra) in cases.items()})
+    for name, (failed, _) in cases.items():
+        code, _, err = runs[name]
+        lines = [x for x in err.splitlines() if x.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        assert f"cannot write {tmp_path / name / failed}: No space left on device" in lines[0], lines[0]
+        assert "the previous checkpoint-last.pth (epoch 0, step 2) is kept" in lines[0], lines[0]
+        ckpt = torch.load(tmp_path / name / "checkpoint-last.pth", weights_only=True)
+        assert (ckpt["epoch"], ckpt["step"]) == (0, 2) and sorted(os.listdir(tmp_path / name)) == [
+            ".lock", "checkpoint-last.pth"], os.listdir(tmp_path / name)
