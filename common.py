@@ -3,10 +3,17 @@ MILAN Eq. 3's class-token attention, masking, pixel targets), then, behind one d
 ablation could change (sampler, decoder, loss, recipe) lives in the method file. Conventions: mask bool [B, N], True =
 hidden from the encoder; ids_keep sorted ascending; tokens [CLS, patch_1 .. patch_N] in raster order."""
 import argparse, atexit, fcntl, json, logging, math, multiprocessing, os, random, signal, socket, sys, time
-import traceback, unicodedata, warnings, zipfile
+import threading, traceback, unicodedata, warnings, zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 
+def early_signal(signum, frame):  # `python milan.py` imports this file first: a Ctrl-C or SIGTERM during the slow
+    print(f"\n{'interrupted' if signum == signal.SIGINT else 'stopped by SIGTERM'}; no checkpoint was written, so a "
+          "relaunch starts from the beginning", file=sys.stderr)  # imports below is cli's line, not a traceback
+    os._exit(128 + signum)  # (nothing is open yet)
+EARLY = {s: signal.signal(s, early_signal) for s in (signal.SIGINT, signal.SIGTERM) if hasattr(sys.modules.get(
+    "__main__"), "__file__") and threading.current_thread() is threading.main_thread() and signal.getsignal(s) in (
+    signal.default_int_handler, signal.SIG_DFL)}  # a script's (not a notebook's) default handlers, until the imports end
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -18,6 +25,8 @@ from torchvision import datasets
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
+for sig, handler in EARLY.items():
+    signal.signal(sig, handler)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

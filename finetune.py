@@ -36,6 +36,7 @@ import argparse
 import os
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -43,8 +44,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
-
-import common
 
 
 # ---- Arguments: MAE's ViT-B protocols as defaults (each paper's flags in README) -----------------

@@ -148,3 +148,17 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line(tmp_path):
         ckpt = torch.load(tmp_path / name / "checkpoint-last.pth", weights_only=True)
         assert (ckpt["epoch"], ckpt["step"]) == (0, 2) and sorted(os.listdir(tmp_path / name)) == [
             ".lock", "checkpoint-last.pth"], os.listdir(tmp_path / name)
+
+
+def test_ctrl_c_during_the_imports_is_the_documented_line(tmp_path):
+    """Ctrl-C in the first second of `python milan.py` (a fresh interpreter, inside `import torch`) printed a
+    KeyboardInterrupt traceback from deep inside the imports: now the documented 'interrupted' line and exit 130."""
+    proc = subprocess.Popen([sys.executable, "milan.py"] + SMOKE + ["--output_dir", tmp_path / "out"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while time.time() < deadline and "libtorch" not in open(f"/proc/{proc.pid}/maps").read():  # torch is importing
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, (proc.returncode, err)
+    assert err.strip() == "interrupted; no checkpoint was written, so a relaunch starts from the beginning", err
