@@ -162,3 +162,20 @@ def test_ctrl_c_during_the_imports_is_the_documented_line(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, (proc.returncode, err)
     assert err.strip() == "interrupted; no checkpoint was written, so a relaunch starts from the beginning", err
+
+
+def test_the_readme_says_what_torchrun_adds_to_a_mistake(tmp_path):
+    """A mistake under torchrun: our one line, then torchrun's ChildFailedError report, and torchrun exits 1 (not our
+    2). The README said torchrun's traceback follows only Ctrl-C and SIGTERM: it says what follows a mistake, the
+    report's length (about, measured here) and torchrun's exit code."""
+    proc = run_script("milan.py", SMOKE + ["--mask_ratio", "1.5"], nproc=2, timeout=120)
+    err = proc.stderr.splitlines()
+    ours = [i for i, x in enumerate(err) if x.startswith("error:")]
+    assert len(ours) == 1 and "ChildFailedError" in proc.stderr, proc.stderr
+    added = len(err) - ours[0] - 1
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    said = re.search(r"a mistake's `error:` line[^.]*?`ChildFailedError` report of about (\d+) lines[^.]*? torchrun "
+                     r"exits (\d+)", readme)
+    assert said, "the README does not say what torchrun adds to a mistake's line"
+    assert abs(int(said.group(1)) - added) <= 10 and int(said.group(2)) == proc.returncode, (said.groups(), added,
+                                                                                             proc.returncode)
