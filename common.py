@@ -572,12 +572,10 @@ class Samples(torch.utils.data.Dataset):
             if main:
                 torch.set_rng_state(saved[0]), np.random.set_state(saved[1]), random.setstate(saved[2])
 
-def kill_workers():
-    """At the interpreter's exit (and on cli's error path): kill the daemonic children (our DataLoader workers), before
-    multiprocessing's exit handler would SIGTERM them (they ignore it: ignore_signals) and wait on them forever."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # (torch's handler would raise for the workers killed here)
-    for child in multiprocessing.active_children():
-        child.kill() if child.daemon else None
+def kill_workers():  # at exit (registered by build_loader) and on cli's error path: the daemonic children (our
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader workers) killed before multiprocessing's exit handler
+    for child in multiprocessing.active_children():  # SIGTERMs them (ignored: ignore_signals) and waits on them forever
+        child.kill() if child.daemon else None  # (SIGCHLD: torch's handler would raise for the workers killed here)
 
 def ignore_signals(worker_id):  # DataLoader workers: Ctrl-C and SIGTERM are the main process's to handle
     signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -983,9 +981,10 @@ class Checkpointer:
                 except (OSError, RuntimeError) as e:  # a full disk: torch's writer says "unexpected pos", the OSError
                     if not isinstance(err := e if isinstance(e, OSError) else e.__context__, OSError):  # its context
                         raise
-                    raise UserError(f"cannot write {path}: {err.strerror}; " + ("the previous checkpoint-last.pth (epoch "
-                                    "{}, step {}) is kept: make room on that device, then relaunch with --resume auto"
-                                    .format(*RUN["saved"]) if RUN["saved"] else "no checkpoint was written yet")) from None
+                    kept = "the previous checkpoint-last.pth (epoch {}, step {}) is kept".format(*RUN["saved"]) \
+                        if RUN["saved"] else "no checkpoint was written yet"
+                    raise UserError(f"cannot write {path}: {err.strerror}; {kept}: make room on that device, then "
+                                    f"relaunch with --resume auto") from None
         self.saved_at, RUN["saved"] = time.time(), (epoch, step)
     def due(self, step):
         """(save, stop) after `step` steps: --save_every_steps, --save_every_minutes (rank 0's clock) or a signal; with
