@@ -46,6 +46,7 @@ import types
 from collections import OrderedDict
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,8 +54,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2.functional import pil_to_tensor
-
-import common
 
 
 # ---- Arguments: App. A recipe as defaults ------------------------------------------------------------------

@@ -45,13 +45,12 @@ import argparse
 from collections import OrderedDict
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
-
-import common
 
 
 # ---- Arguments: Table 8 recipe as defaults -----------------------------------------------------------------

@@ -3,10 +3,17 @@ MILAN Eq. 3's class-token attention, masking, pixel targets), then, behind one d
 ablation could change (sampler, decoder, loss, recipe) lives in the method file. Conventions: mask bool [B, N], True =
 hidden from the encoder; ids_keep sorted ascending; tokens [CLS, patch_1 .. patch_N] in raster order."""
 import argparse, atexit, fcntl, json, logging, math, multiprocessing, os, random, signal, socket, sys, time
-import traceback, unicodedata, warnings, zipfile
+import threading, traceback, unicodedata, warnings, zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 
+def early_signal(signum, frame):  # `python milan.py` imports this file first: a Ctrl-C or SIGTERM during the slow
+    print(f"\n{'interrupted' if signum == signal.SIGINT else 'stopped by SIGTERM'}; no checkpoint was written, so a "
+          "relaunch starts from the beginning", file=sys.stderr)  # imports below is cli's line, not a traceback
+    os._exit(128 + signum)  # (nothing is open yet)
+EARLY = {s: signal.signal(s, early_signal) for s in (signal.SIGINT, signal.SIGTERM) if hasattr(sys.modules.get(
+    "__main__"), "__file__") and threading.current_thread() is threading.main_thread() and signal.getsignal(s) in (
+    signal.default_int_handler, signal.SIG_DFL)}  # a script's (not a notebook's) default handlers, until the imports end
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -18,6 +25,8 @@ from torchvision import datasets
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
+for sig, handler in EARLY.items():
+    signal.signal(sig, handler)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -291,10 +300,14 @@ RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None, "stop": None, "
 class Stopped(Exception):
     """SIGTERM or Ctrl-C: the run stops (training: after the update in progress and a checkpoint)."""
 
-def on_signal(signum, frame):  # training finishes its update and saves (Checkpointer.step_done); else, or twice: now
-    if RUN["at"] is None or RUN["stop"]:
+def on_signal(signum, frame):  # recorded: raised here, it could be lost (in an at-fork hook, logging); the run acts on
+    if RUN["stop"]:  # it where it looks (stop_if_asked; training: Checkpointer.step_done, after the update); twice: now
         raise Stopped(signal.Signals(signum).name)
     RUN["stop"] = signal.Signals(signum).name
+
+def stop_if_asked():  # before the first training step (start-up, --eval): a signal recorded so far stops the run here
+    if RUN["stop"] and RUN["at"] is None:
+        raise Stopped(RUN["stop"])
 
 def cli(main, argv=None):
     """Every script's entry point: a UserError is one line (exit 2; under torchrun once a node); SIGTERM / Ctrl-C one
@@ -319,12 +332,10 @@ def cli(main, argv=None):
     except Exception:
         if argv is not None:
             raise
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):  # a signal now ends it (SIGCHLD: torch's handler
-            signal.signal(sig, signal.SIG_DFL)  # would raise again for the workers killed below)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL), signal.signal(signal.SIGINT, signal.SIG_DFL)  # a signal: now
         traceback.print_exc()
         sys.stdout.flush(), sys.stderr.flush()
-        for worker in multiprocessing.active_children():
-            worker.kill()
+        kill_workers()
         os._exit(1)
 
 # ---- Teacher weights: open_clip names, OpenAI's TorchScript files, DINO, no network ------------------------------
@@ -561,6 +572,11 @@ class Samples(torch.utils.data.Dataset):
             if main:
                 torch.set_rng_state(saved[0]), np.random.set_state(saved[1]), random.setstate(saved[2])
 
+def kill_workers():  # at exit (registered by build_loader) and on cli's error path: the daemonic children (our
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader workers) killed before multiprocessing's exit handler
+    for child in multiprocessing.active_children():  # SIGTERMs them (ignored: ignore_signals) and waits on them forever
+        child.kill() if child.daemon else None  # (SIGCHLD: torch's handler would raise for the workers killed here)
+
 def ignore_signals(worker_id):  # DataLoader workers: Ctrl-C and SIGTERM are the main process's to handle
     signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if RUN["lock"] is not None:  # (its lock dies with the main process, not with a worker that outlives it)
@@ -582,6 +598,7 @@ def build_loader(dataset, args, train=True):
                         f"images, batch {args.batch_size} x {args.world_size} process(es)): the weights would never be "
                         f"updated; lower --accum_iter or --batch_size")
     # its own generator: making an iterator must not draw from the training RNG (exact resume)
+    atexit.unregister(kill_workers), atexit.register(kill_workers)  # registered last: run before multiprocessing's
     return DataLoader(Samples(dataset, args.seed, train), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
                       num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"), worker_init_fn=ignore_signals,
                       persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
@@ -807,7 +824,8 @@ def save_checkpoint(path, **state):
     """Atomic (temp file + rename): a crash mid-write never damages the previous file, nor leaves a temp file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:  # (a file object: a failed write's OSError, e.g. a full disk, reaches the caller)
+            torch.save(state, f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -957,9 +975,16 @@ class Checkpointer:
                          epoch=epoch, step=step, rng=[r for r, _ in ranks], progress=[p for _, p in ranks],
                          args=dict(vars(self.args)), method=self.method)
             state.update({"extra": self.extra} if self.extra else {})
-            save_checkpoint(self.last, **state)
-            if keep:
-                save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth"), **state)
+            for path in [os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth")] * keep + [self.last]:
+                try:  # (the kept copy first: whichever write fails, the previous checkpoint-last.pth is whole)
+                    save_checkpoint(path, **state)
+                except (OSError, RuntimeError) as e:  # a full disk: torch's writer says "unexpected pos", the OSError
+                    if not isinstance(err := e if isinstance(e, OSError) else e.__context__, OSError):  # its context
+                        raise
+                    kept = "the previous checkpoint-last.pth (epoch {}, step {}) is kept".format(*RUN["saved"]) \
+                        if RUN["saved"] else "no checkpoint was written yet"
+                    raise UserError(f"cannot write {path}: {err.strerror}; {kept}: make room on that device, then "
+                                    f"relaunch with --resume auto") from None
         self.saved_at, RUN["saved"] = time.time(), (epoch, step)
     def due(self, step):
         """(save, stop) after `step` steps: --save_every_steps, --save_every_minutes (rank 0's clock) or a signal; with
@@ -1015,9 +1040,15 @@ class Meter:
         self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=args.rank != 0, dynamic_ncols=True, mininterval=1.0,
                         initial=self.start, total=self.steps)
     def __iter__(self):
-        for step, batch in enumerate(self.bar, self.start):
-            RUN["at"] = (self.epoch, step)  # for the line SIGTERM or Ctrl-C prints
-            yield step, batch
+        try:
+            for step, batch in enumerate(self.bar, self.start):
+                stop_if_asked()  # (a signal during start-up, or the workers' start: before the first step)
+                RUN["at"] = (self.epoch, step)  # for the line SIGTERM or Ctrl-C prints
+                yield step, batch
+        except BaseException:  # the loop left by an error or a stop: its workers end now (a notebook's kernel lives on)
+            it, self.loader._iterator = self.loader._iterator, None  # (persistent workers: torch has no public call)
+            getattr(it, "_shutdown_workers", lambda: None)()
+            raise
     def update(self, step, loss, lr, images):
         self.sum, self.count = self.sum + loss.detach().float(), self.count + 1
         self.images, self.seen = self.images + images, self.seen + images

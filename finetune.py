@@ -40,6 +40,7 @@ import math
 import os
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -47,8 +48,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
-
-import common
 
 
 # ---- Arguments: MAE's ViT-B protocols as defaults (each paper's flags in README) -----------------
@@ -503,6 +502,7 @@ def evaluate(model, loader, args, teacher=None, others=()):
     models = [(m.eval(), t) for m, t in [(model, teacher), *others]]
     total = torch.zeros(5, device=args.device)  # loss sum, top-1 hits, top-5 hits, images scored, unreadable
     for images, labels in loader:
+        common.stop_if_asked()  # --eval: a SIGTERM or Ctrl-C (during training one waits for the epoch's checkpoint)
         images, labels = common.to_device(images, args.device), labels.to(args.device, non_blocking=True)
         read = labels >= 0  # an unreadable image comes as a stand-in labelled -1: not scored
         with common.autocast(args):

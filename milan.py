@@ -34,12 +34,11 @@ Smoke run, no downloads: python milan.py --data fake --model vit_nano_patch16 --
 """
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import common
 
 
 # ---- Arguments: App. A.1 recipe as defaults ----------------------------------------------------------------

@@ -56,11 +56,10 @@ import os
 from collections import OrderedDict
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import common
 
 
 # ---- Arguments: Sec. 4.1 recipe as defaults ----------------------------------------------------------------
