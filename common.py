@@ -480,8 +480,8 @@ class FakeImages(torch.utils.data.Dataset):
 def build_dataset(args, transform, split="train"):
     """DIR/<split> (train: DIR itself if it has no train or val folder) as an ImageFolder of opened, not decoded images,
     or FakeImages. Refused: DIR/val without DIR/train, and class folders beside DIR/val (val would be trained on)."""
-    if args.data == "fake":  # deterministic random images; 'val' uses other indices
-        n = args.fake_size if split == "train" else max(args.fake_size // 4, args.batch_size)
+    if args.data == "fake":  # deterministic random images; 'val': 64 others, the same whatever the batch or --fake_size
+        n = args.fake_size if split == "train" else 64
         return FakeImages(n, args.input_size, transform, 0 if split == "train" else 10 ** 6)
     layout = "pass an ImageNet-style folder (DIR/train/<class>/<image>, DIR/val/<class>/<image>) or --data fake"
     if not os.path.isdir(args.data):
@@ -494,8 +494,12 @@ def build_dataset(args, transform, split="train"):
             raise UserError(f"--data {args.data}: has " + (f"no '{split}' folder" if split != "train" else f"a '{odd}' "
                             f"folder but no 'train' folder, so {odd} would be trained on as a class") + f"; {layout}")
         root = args.data  # DIR/<class>/<image>: pre-training needs no val split
-    try:
-        return datasets.ImageFolder(root, transform=transform, loader=Image.open)  # the header read; the view decodes
+    met, again = {}, []  # each image file once, by (inode, device): one reached again through a link is passed over
+    def once(p):  # ImageFolder's is_valid_file (a broken link is kept: Samples names it unreadable)
+        key = os.stat(p)[1:3] if os.path.exists(p) else p
+        return p.lower().endswith(datasets.folder.IMG_EXTENSIONS) and (met.setdefault(key, p) == p or again.append(p))
+    try:  # the header read; the view decodes
+        dataset = datasets.ImageFolder(root, transform=transform, loader=Image.open, is_valid_file=once)
     except FileNotFoundError:
         names = datasets.folder.find_classes(root)[0] if any(e.is_dir() for e in os.scandir(root)) else []
         empty = [c for c in names if not any(datasets.folder.has_file_allowed_extension(f, datasets.folder.IMG_EXTENSIONS)
@@ -503,6 +507,11 @@ def build_dataset(args, transform, split="train"):
         what = f"class folder(s) {', '.join(empty[:3])} of {root} hold no image file" if names and len(empty) < len(names) \
             else f"no images under {root}; expected {root}/<class>/<image>.jpg"
         raise UserError(f"--data {args.data}: {what}") from None
+    loops = [os.path.join(t, d) for t, dirs, _ in (os.walk(root) if again else ()) for d in dirs  # (following no link)
+             if (os.path.realpath(t) + os.sep).startswith(os.path.realpath(os.path.join(t, d)) + os.sep)]
+    if loops:  # a folder linked inside itself: ImageFolder's walk went round it until the path grew too long
+        raise UserError(f"--data {args.data}: {loops[0]} links to a folder that holds it (a loop); remove the link")
+    return dataset
 
 class SeededSampler(torch.utils.data.Sampler):
     """Training: DistributedSampler's order (seeded by seed + epoch, split across ranks), whole batches only, able to
@@ -533,26 +542,21 @@ class Samples(torch.utils.data.Dataset):
     def __init__(self, dataset, seed, train=True):
         self.dataset, self.seed, self.train = dataset, seed, train
         self.bad = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
-    def __len__(self):
-        return len(self.dataset)
-    @property
-    def failed(self):  # the distinct unreadable files met this epoch
-        return int(self.bad.sum())
     def __getitem__(self, key):
-        epoch, i = key
+        (epoch, i), n = key, len(self.dataset)
         main = torch.utils.data.get_worker_info() is None  # num_workers 0: keep the training RNGs intact
         saved = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if main else None
         s = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, np.uint64)[0] >> 1)
         torch.default_generator.manual_seed(s), np.random.seed(s % 2 ** 32), random.seed(s)
         try:
-            for j in range(i, i + len(self)) if self.train else [i]:
+            for j in ((i + d) % n for d in range(n)) if self.train else [i]:  # training: the next readable image
                 try:
-                    return self.dataset[j % len(self)]
+                    return self.dataset[j]
                 except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: unidentified, truncated, broken
                     # file, or over twice Image.MAX_IMAGE_PIXELS (a decompression bomb, not an OSError)
-                    if not self.bad[j % len(self)]:
-                        self.bad[j % len(self)] = True
-                        path = getattr(self.dataset, "samples", [[f"#{j}"]] * len(self))[j % len(self)][0]
+                    if not self.bad[j]:
+                        self.bad[j] = True
+                        path = getattr(self.dataset, "samples", [[f"#{j}"]] * n)[j][0]
                         print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
             if self.train:
                 raise UserError("no image of --data could be read")
@@ -875,10 +879,8 @@ def agree(problem):
 
 def resume_path(args):
     """--resume ('auto': OUTPUT_DIR/checkpoint-last.pth if any, else ''), as rank 0 sees it, for every rank."""
-    path = args.resume
-    if path == "auto":
-        path = os.path.join(args.output_dir, "checkpoint-last.pth") if os.path.isfile(
-            os.path.join(args.output_dir, "checkpoint-last.pth")) else ""
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    path = (last if os.path.isfile(last) else "") if args.resume == "auto" else args.resume
     if dist.is_initialized():
         choice = [path]
         dist.broadcast_object_list(choice, 0)
@@ -1035,7 +1037,7 @@ class Meter:
             hint = f"resume with --resume {last}" if os.path.isfile(last) else "no checkpoint yet"
             raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none",
                             local=not final)
-        failed, seen = (self.loader.dataset.failed, self.seen) if failed is None else (failed, seen)
+        failed, seen = (int(self.loader.dataset.bad.sum()), self.seen) if failed is None else (failed, seen)  # distinct
         if too_many_unreadable(failed, seen, final):
             raise UserError(f"--data {self.args.data}: {failed} of the {seen + failed} images looked at could not be read "
                             "(over 1%); fix or remove the files named in the warnings above", local=not final)

@@ -40,6 +40,34 @@ def flag_help(text, flag):
     return " ".join(" ".join(options[start:end]).split())
 
 
+# ---- 3. A link to a parent folder, a file linked twice ----------------------------------------------------------
+def test_a_folder_linked_inside_itself_is_refused_and_a_file_reached_twice_is_one(tmp_path):
+    """20 images in x/ and y/ with x/dup.png -> y/000.png: 20 files, each once (it counted 21). y/up -> .. made the
+    walk go round the loop ~40 times ("820 images", 810 under y): refused, naming the link."""
+    data = tmp_path / "data"
+    tiny_pngs(data, 10, classes=("x", "y"))
+    os.symlink(data / "y" / "000.png", data / "x" / "dup.png")
+    args = argparse.Namespace(data=str(data))
+    ds = common.build_dataset(args, None)
+    real = [os.path.realpath(p) for p, _ in ds.samples]
+    assert len(ds) == 20 and len(set(real)) == 20, len(ds)
+    os.symlink("..", data / "y" / "up")
+    with pytest.raises(common.UserError, match=re.escape(os.path.join("y", "up"))):
+        common.build_dataset(args, None)
+
+
+# ---- 13. --data fake's val set --------------------------------------------------------------------------------
+def test_the_fake_val_set_is_the_same_whatever_the_batch_and_train_size():
+    """The val set's size was max(fake_size // 4, batch_size): training-time val (16 images) and --eval (128) scored
+    different sets of the same "val" (18.75% vs 8.59%)."""
+    sets = [common.build_dataset(argparse.Namespace(data="fake", fake_size=n, batch_size=b, input_size=32), lambda x: x,
+                                 split="val") for n, b in ((64, 8), (256, 128), (16, 1))]
+    assert len({len(s) for s in sets}) == 1 and len(sets[0]) > 0
+    for i in (0, len(sets[0]) - 1):
+        first = sets[0][i]
+        assert all(s[i][1] == first[1] and s[i][0].tobytes() == first[0].tobytes() for s in sets[1:])
+
+
 # ---- 16. bench.py's own default run -------------------------------------------------------------------------------
 def decoder_macs(kind, N=196, n=49, D=64, Dd=64, depth=2, C=32):
     """Multiply-adds of milan's decoder forward per image from its shapes, as (linear layers, attention): decoder_embed
