@@ -65,8 +65,8 @@ def get_args(argv=None):
     p = common.get_parser("CAE v2 pre-training (arXiv:2211.09799). Defaults: the Table 8 recipe (ViT-B/16, CLIP-B/16 "
                           "targets, 300 epochs; mask ratio, drop path and regressor by model size, Sec. 3.2, App. B.1) "
                           "for 8 GPUs: batch 256 per GPU x accum 1 x 8 = 2048; with fewer GPUs raise --accum_iter.", helps={
-        "--mask_ratio": "fraction of patches hidden from the encoder; default by model size: 0.15/0.25/0.5/0.6 for "
-                        "vit_tiny/small/base/large_patch16 (Sec. 3.2, Table 8), 0.5 otherwise",
+        "--mask_ratio": "fraction of patches hidden from the encoder, in (0, 1); default by model size: 0.15/0.25/0.5/"
+                        "0.6 for vit_tiny/small/base/large_patch16 (Sec. 3.2, Table 8), 0.5 otherwise",
         "--drop_path": "stochastic depth of the last block; default by model size: 0.1/0.1/0.1/0.2 for T/S/B/L "
                        "(Table 8), 0.1 otherwise"})
     # CAE v2 Table 8: AdamW (0.9, 0.98), batch 2048, peak lr 1.5e-3 (blr 1.875e-4 x 2048 / 256), min lr 1e-5,

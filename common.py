@@ -623,21 +623,21 @@ class Range:
 COUNT, SIZE, NONNEG, POS, FRACTION = (Range(int, "[1, inf)"), Range(int, "[0, inf)"), Range(float, "[0, inf)"),
                                       Range(float, "(0, inf)"), Range(float, "[0, 1)"))
 
-def get_parser(description, pretrain=True, helps=None):
-    """The shared flags (MAE's spelling), each with its domain; helps={flag: text}: a file's own help for one of them."""
+def get_parser(description, pretrain=True, helps=None, ratios="(0, 1)"):
+    """The shared flags (MAE's spelling), each with its domain (ratios: --mask_ratio's); helps={flag: the file's help}."""
     p, helps = Parser(description=description, formatter_class=DefaultsHelpFormatter), helps or {}
     a = lambda *names, **kw: p.add_argument(*names, **dict(kw, help=helps.get(names[0], kw.get("help"))))
     a("--data", "--data_path", dest="data", help="ImageFolder root (DIR/train/<class>/<image>, or DIR/<class>/...), "
       "or 'fake' (generated images); required to train")
     a("--fake_size", type=COUNT, default=256, help="number of images of --data fake")
-    a("--input_size", type=COUNT, default=224, help="image side in pixels")
+    a("--input_size", type=Range(int, "[1, 1024]"), default=224, help="image side in pixels (1024: 4096 patches)")
     a("--model", **dict(default="vit_base_patch16", help=", ".join(VIT_CONFIGS)) if pretrain else dict(
         default=argparse.SUPPRESS, help="default: the --finetune file's own (" + ", ".join(VIT_CONFIGS) + ")"))
     a("--drop_path", type=FRACTION, default=0.0, help="stochastic depth of the last block")
     if pretrain:
         a("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny (a 2-block CLIP tower)")
         a("--teacher_weights", default="openai", help="'openai' (downloads), a local file, or 'none' (random)")
-        a("--mask_ratio", type=FRACTION, default=0.75, help="fraction of patches hidden from the encoder")
+        a("--mask_ratio", type=Range(float, ratios), default=0.75, help=f"fraction of patches hidden, in {ratios}")
     a("--batch_size", type=COUNT, default=64, help="per process")
     a("--accum_iter", type=COUNT, default=1, help="gradient accumulation steps")
     a("--epochs", type=COUNT, default=400, help="training epochs")
@@ -658,8 +658,8 @@ def get_parser(description, pretrain=True, helps=None):
       "many minutes have passed since the last one (checked every --log_every updates; 0: off)")
     a("--save_every_steps", type=SIZE, default=0, help="also write checkpoint-last.pth every this many steps (0: off)")
     if pretrain:
-        a("--visualize", type=SIZE, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
-          "--resume CKPT or auto: that model) and exit")
+        a("--visualize", type=Range(int, "[0, 32]"), default=0, metavar="N", help="0: off (train); else write "
+          "OUTPUT_DIR/visualize.png for N images, a row each (with --resume CKPT or auto: that model), and exit")
     a("--seed", type=Range(int, "[0, 2147483647]"), default=0, help="each process uses seed + rank")
     a("--num_workers", type=SIZE, default=None, help="DataLoader workers per process (default: the node's cores per "
       "process, minus one, at least 1 and at most 10)")
@@ -852,7 +852,7 @@ def flag_changes(old, args):
     old = dict(old, per_update=old.get("batch_size", 0) * old.get("accum_iter", 1) * old.get("world_size", 1))
     plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     diff = {k: ("the batch per update " if k == "per_update" else f"--{k} ") + f"{old[k]} (now {v})"
-            for k, v in new.items() if k in old and plain(old[k]) != plain(v)}
+            for k, v in new.items() if k in old and plain(old[k]) != plain(v) and k not in ("resume", "resume_changes")}
     return list(diff.values()), [d for k, d in diff.items() if k not in RUN_MECHANICS]
 
 def rng_state():
@@ -919,9 +919,9 @@ class Checkpointer:
             changes, trained = flag_changes(ckpt.get("args", {}), args) if not fresh_ok else ([], [])
             if trained and not args.resume_changes:  # the same on every rank
                 rest = [c for c in changes if c not in trained]
-                raise UserError(f"--resume {path}: {', '.join(trained)} change what is trained (the run would be neither "
-                                f"its checkpoint's nor a new one); pass its values, or --resume_changes to go on with them"
-                                + (f" (also changed: {', '.join(rest)})" if rest else ""))
+                raise UserError(f"--resume {path}: {', '.join(trained)} change{'s' * (len(trained) == 1)} what is trained "
+                                f"(the run would be neither its checkpoint's nor a new one); pass its values, or "
+                                f"--resume_changes to go on with them" + (f" (also changed: {', '.join(rest)})" if rest else ""))
         own = bool(path) and os.path.abspath(path) == os.path.abspath(self.last)
         live = hold_output_dir(args, make=False) if not fresh_ok and args.rank == 0 else None  # a live run's, first
         taken, other = run_of(args.output_dir) if not (fresh_ok or own or live) and args.rank == 0 else ([], None)
@@ -1087,9 +1087,9 @@ VIS_TITLE, VIS_CAPTION, VIS_SCALE, VIS_GAP = 16, 14, 34, 4  # --visualize sheet:
 
 @torch.no_grad()
 def visualize(args, dataset, model, teacher, forward_step, method):
-    """OUTPUT_DIR/visualize.png: column titles; a row per image (N readable images taking the classes in turn, each
-    captioned with its class and file): the image, the visible patches (hidden ones dimmed), the teacher's CLS attention
-    (where the method uses it), the per-patch loss (MILAN Fig. 5); a colour scale. The model of --resume, if given."""
+    """OUTPUT_DIR/visualize.png, a row per image (N readable ones, the classes in turn, captioned with class and file):
+    the image, the visible patches (hidden ones dimmed), the teacher's CLS attention (where the method uses it), the
+    per-patch loss (MILAN Fig. 5); column titles, a colour scale. The model of --resume, if given."""
     path = resume_path(args)
     if args.resume == "auto" and not path:
         raise UserError(f"--resume auto: {args.output_dir} holds no checkpoint-last.pth to draw; pass --resume CKPT, "
@@ -1124,17 +1124,15 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     step, row = size + VIS_GAP, VIS_CAPTION + size + VIS_GAP
     sheet = Image.new("RGB", (len(titles) * step, VIS_TITLE + len(rows) * row + VIS_SCALE + 12 * bool(note)), "white")
     draw = ImageDraw.Draw(sheet)
-    for c, title in enumerate(titles):
-        draw_text(draw, (c * step + 2, 2), title)
     for r, cells in enumerate(rows):
-        draw_text(draw, (2, VIS_TITLE + r * row), names[r])
         for c, cell in enumerate(cells):
             sheet.paste(cell, (c * step, VIS_TITLE + r * row + VIS_CAPTION))
     y, width = VIS_TITLE + len(rows) * row, min(size, 160)  # the maps' colour scale, and the grey of "not in the loss"
     sheet.paste(Image.fromarray((colormap(torch.linspace(0, 1, width)) * 255).byte()[None].expand(10, -1, -1).numpy()), (2, y))
     sheet.paste(Image.new("RGB", (10, 10), (127, 127, 127)), (width + 12, y))
-    for xy, text in (((2, y + 12), "low"), ((width - 22, y + 12), "high"), ((width + 26, y - 1), "not in the loss"),
-                     ((width + 12, y + 12), "maps: each image's min..max"), ((2, y + 24), note or "")):
+    captions = [((c * step + 2, 2), t) for c, t in enumerate(titles)] + [((2, VIS_TITLE + r * row), n) for r, n in enumerate(names)]
+    for xy, text in captions + [((2, y + 12), "low"), ((width - 22, y + 12), "high"), ((width + 26, y - 1), "not in the loss"),
+                                ((width + 12, y + 12), "maps: each image's min..max"), ((2, y + 24), note or "")]:
         draw_text(draw, xy, text)
     if args.rank == 0:
         make_output_dir(args)
@@ -1142,5 +1140,6 @@ def visualize(args, dataset, model, teacher, forward_step, method):
         while os.path.exists(path := os.path.join(args.output_dir, f"visualize{f'-{k}' if k else ''}.png")):
             k += 1  # beside an earlier picture, never over it
         sheet.save(path)
-        print(f"wrote {path}: {len(rows)} images ({', '.join(names)}), columns " + " | ".join(titles)
+        asked = f", all the readable ones of the {args.visualize} asked" if len(rows) < args.visualize else ""
+        print(f"wrote {path}: {len(rows)} images{asked} ({', '.join(names)}), columns " + " | ".join(titles)
               + (f" ({note})" if note else ""))

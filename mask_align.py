@@ -49,7 +49,7 @@ def get_args(argv=None):
         "--drop_path": "stochastic depth of the last block (default: 0.1; 0.2 for vit_large_patch16, Sec. 4.1 + "
                        "released README)",
         "--mask_ratio": "fraction of patches hidden from the student, in [0, 1): Table 4 (0 = the student sees all "
-                        "196 patches, Table 4's first row)"})
+                        "196 patches, Table 4's first row)"}, ratios="[0, 1)")
     # MaskAlign Sec. 4.1: AdamW (0.9, 0.95), base lr 1.5e-4, wd 0.05, batch 1024 (released README: 128 per GPU x 8),
     # cosine with 10% warmup (20 of 200 epochs, README), min lr 1e-5 (README), drop path 0.1 (0.2 for ViT-L, README),
     # RandomResizedCrop + flip (MAE's crop scale (0.2, 1)); Table 4: mask ratio 0.7; CLIP ViT-B/16 teacher.

@@ -56,6 +56,61 @@ def test_a_folder_linked_inside_itself_is_refused_and_a_file_reached_twice_is_on
         common.build_dataset(args, None)
 
 
+# ---- 7. An image side that allocates gigabytes --------------------------------------------------------------------
+@pytest.mark.parametrize("size", ["4096", "100000"])
+def test_an_input_size_of_gigabytes_is_refused_at_parse_time(size, capsys):
+    for script in SCRIPTS:
+        args, said = parse(script, ["--data", "fake", "--input_size", size], capsys)
+        assert args is None and "--input_size" in said and size in said, (script, said)
+    args, said = parse("finetune.py", ["--data", "fake", "--finetune", "x.pth", "--input_size", size], capsys)
+    assert args is None and "--input_size" in said, said
+
+
+# ---- 10. --visualize: 0 is off; more images than there are ------------------------------------------------------
+def test_visualize_help_says_0_is_off_and_n_is_bounded_and_named(tmp_path, capsys):
+    """--visualize 0 trained a full run (the help did not say 0 is off); --visualize 100000 drew the 256 images there
+    were into a 64 MB picture without a word."""
+    _, text = parse("milan.py", ["--help"], capsys)
+    assert "0: off" in flag_help(text, "--visualize"), text
+    args, said = parse("milan.py", ["--data", "fake", "--visualize", "100000"], capsys)
+    assert args is None and "--visualize" in said and "100000" in said, said
+    code, out, err = run_forked({"v": ["milan.py"] + SMOKE + ["--fake_size", "8", "--visualize", "16",
+                                                              "--output_dir", tmp_path / "v"]})["v"]
+    assert code == 0, err[-2000:]
+    assert "8 images, all the readable ones of the 16 asked" in out, out
+    assert Image.open(tmp_path / "v" / "visualize.png").size[1] < 8 * 260
+
+
+# ---- 11. What a resume says --------------------------------------------------------------------------------------
+def test_a_resume_names_no_resume_flag_and_its_verb_agrees(tmp_path):
+    """Every --resume auto said "changed: --resume  (now auto)"; one changed flag "change what is trained"."""
+    out = tmp_path / "run"
+    first = run_forked({"first": ["milan.py"] + FAST + ["--output_dir", out]})["first"]
+    assert first[0] == 0, first[2][-2000:]
+    on = ["milan.py"] + FAST + ["--output_dir", out, "--resume", "auto", "--epochs", "2"]
+    runs = run_forked({"ratio": on + ["--mask_ratio", "0.5"], "more": on})
+    assert "--mask_ratio 0.75 (now 0.5) changes what is trained" in error_line(runs["ratio"])
+    code, stdout, err = runs["more"]
+    assert code == 0, err[-2000:]
+    said = [x for x in stdout.splitlines() if x.startswith("resumed from")][0]
+    assert said.endswith("changed: --epochs 1 (now 2)"), said
+
+
+# ---- 12. Each file's own mask-ratio range -------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_file_refuses_a_mask_ratio_outside_its_own_range_and_says_it(script, capsys):
+    """--mask_ratio 1 was refused as "outside [0, 1)", then --mask_ratio 0 by milan as "must be in (0, 1)"."""
+    own = "[0, 1)" if script == "mask_align.py" else "(0, 1)"
+    _, text = parse(script, ["--help"], capsys)
+    assert own in flag_help(text, "--mask_ratio"), text
+    for ratio in ("0", "1"):
+        args, said = parse(script, ["--data", "fake", "--mask_ratio", ratio], capsys)
+        if ratio == "0" and script == "mask_align.py":
+            assert args.mask_ratio == 0.0
+        else:
+            assert args is None and f"{ratio} is outside {own}" in said, said
+
+
 # ---- 13. --data fake's val set --------------------------------------------------------------------------------
 def test_the_fake_val_set_is_the_same_whatever_the_batch_and_train_size():
     """The val set's size was max(fake_size // 4, batch_size): training-time val (16 images) and --eval (128) scored
