@@ -56,6 +56,21 @@ def test_a_folder_linked_inside_itself_is_refused_and_a_file_reached_twice_is_on
         common.build_dataset(args, None)
 
 
+# ---- 5. --top_k above the teacher's depth -------------------------------------------------------------------------
+def test_mask_align_refuses_top_k_above_the_teachers_depth_and_names_the_k_it_uses(tmp_path):
+    """--top_k 99 aligned 2 levels with the tiny teacher while the checkpoint recorded 99."""
+    runs = run_forked({"99": ["mask_align.py"] + FAST + ["--top_k", "99", "--output_dir", tmp_path / "a"],
+                       "default": ["mask_align.py"] + FAST + ["--output_dir", tmp_path / "b"]})
+    line = error_line(runs["99"])
+    assert "--top_k 99" in line and "2 " in line and "tiny" in line, line
+    assert not (tmp_path / "a").exists()
+    code, out, err = runs["default"]
+    assert code == 0, err[-2000:]
+    start = [x for x in out.splitlines() if x.startswith("mask_align:")][0]
+    assert "last 2 levels" in start, start
+    assert torch.load(tmp_path / "b" / "checkpoint-last.pth", weights_only=True)["args"]["top_k"] == 2
+
+
 # ---- 7. An image side that allocates gigabytes --------------------------------------------------------------------
 @pytest.mark.parametrize("size", ["4096", "100000"])
 def test_an_input_size_of_gigabytes_is_refused_at_parse_time(size, capsys):
