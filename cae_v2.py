@@ -84,7 +84,8 @@ def get_args(argv=None):
     p.add_argument("--loss", choices=["cosine", "mse", "smooth_l1"], default="cosine", help="the distance of both l_v "
                    "and l_z: Eq. 2's cosine distance, or MSE / smooth-l1 (beta 1) to the per-token normalised latent "
                    "(Table 3)")
-    p.add_argument("--layer_scale", type=common.NONNEG, default=0.1, help="encoder layer scale init (released scripts, all sizes)")
+    p.add_argument("--layer_scale", type=common.NONNEG, default=0.1, help="encoder layer scale init, 0: no LayerScale "
+                   "(released scripts: 0.1, all sizes)")
     p.add_argument("--regressor_depth", type=common.SIZE, help="blocks of H; default: 1/1/4/4 for T/S/B/L (App. B.1), 1 "
                    "otherwise; 0: no regressor, l_v alone (Table 4's 0 layers = Table 2's l_v-only row, Sec. 3.2)")
     p.add_argument("--regressor_dim", type=common.COUNT, help="width of H; default: 96/384/768/1024 for T/S/B/L (App. B.1), "

@@ -56,6 +56,32 @@ def test_a_folder_linked_inside_itself_is_refused_and_a_file_reached_twice_is_on
         common.build_dataset(args, None)
 
 
+# ---- 4. A metric that cannot fail ---------------------------------------------------------------------------------
+def test_finetune_refuses_one_class_and_shows_top5_only_above_five_classes(tmp_path, capsys):
+    """A one-class folder reported top-1 100.00%, top-5 100.00%; with 2 to 5 classes top-5 is 100% by construction."""
+    import finetune
+    torch.save(common.build_vit("vit_nano_patch16").state_dict(), tmp_path / "random.pth")
+    tiny_pngs(tmp_path / "one" / "train", 4, classes=("a",))
+    tiny_pngs(tmp_path / "one" / "val", 2, classes=("a",))
+    tiny_pngs(tmp_path / "three" / "train", 4, classes=("a", "b", "c"))
+    tiny_pngs(tmp_path / "three" / "val", 2, classes=("a", "b", "c"), seed=1)
+    flags = ["--finetune", str(tmp_path / "random.pth"), "--mode", "linprobe", "--input_size", "32", "--batch_size", "4",
+             "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0"]
+    with pytest.raises(SystemExit) as e:
+        common.cli(finetune.main, flags + ["--data", str(tmp_path / "one"), "--output_dir", str(tmp_path / "o1")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --data") and "1 class" in err and "2" in err, err
+    assert not (tmp_path / "o1").exists()
+    finetune.main(flags + ["--data", str(tmp_path / "three"), "--output_dir", str(tmp_path / "o3")])
+    printed = capsys.readouterr().out
+    line = [x for x in printed.splitlines() if x.startswith("epoch 0:")][0]
+    assert "top-1" in line and "top-5" not in line, line
+    assert "acc5" not in json.loads((tmp_path / "o3" / "log.txt").read_text())
+    stats = finetune.main(flags + ["--data", str(tmp_path / "three"), "--eval", "--finetune",
+                                   str(tmp_path / "o3" / "checkpoint-last.pth")])
+    assert "acc5" not in stats and "top-5" not in capsys.readouterr().out
+
+
 # ---- 5. --top_k above the teacher's depth -------------------------------------------------------------------------
 def test_mask_align_refuses_top_k_above_the_teachers_depth_and_names_the_k_it_uses(tmp_path):
     """--top_k 99 aligned 2 levels with the tiny teacher while the checkpoint recorded 99."""
@@ -136,6 +162,28 @@ def test_the_fake_val_set_is_the_same_whatever_the_batch_and_train_size():
     for i in (0, len(sets[0]) - 1):
         first = sets[0][i]
         assert all(s[i][1] == first[1] and s[i][0].tobytes() == first[0].tobytes() for s in sets[1:])
+
+
+# ---- 14. Help texts and the timm hint -----------------------------------------------------------------------------
+def test_help_keeps_flags_whole_and_names_defaults_and_the_hint_its_layer_scale(tmp_path, capsys, monkeypatch):
+    """finetune.py --help broke --batch_size across two lines; --drop_path showed no default; cae.py's --layer_scale 0
+    (no LayerScale) was not said; the timm hint always said init_values=0.1."""
+    import finetune
+    for columns in ("80", "100", "120"):
+        monkeypatch.setenv("COLUMNS", columns)
+        _, text = parse("finetune.py", ["--help"], capsys)
+        assert not [x for x in text.splitlines() if x.rstrip().endswith("-")], text
+        drop = flag_help(text, "--drop_path")
+        assert all(f"{m} {r['drop_path']:g}" in drop for m, r in finetune.RECIPES.items()), drop
+        for script in ("cae.py", "cae_v2.py"):
+            _, text = parse(script, ["--help"], capsys)
+            assert "0: no LayerScale" in flag_help(text, "--layer_scale"), text
+    enc = common.build_vit("vit_nano_patch16", init_values=0.5)
+    torch.save({"model": {f"encoder.{k}": t for k, t in enc.state_dict().items()}, "method": "cae",
+                "args": {"model": "vit_nano_patch16", "layer_scale": 0.5}}, tmp_path / "cae.pth")
+    finetune.main(["--finetune", str(tmp_path / "cae.pth"), "--export_timm", str(tmp_path / "timm.pth")])
+    hint = capsys.readouterr().out
+    assert "init_values=0.5)" in hint, hint
 
 
 # ---- 16. bench.py's own default run -------------------------------------------------------------------------------
