@@ -142,7 +142,7 @@ class CrossAttention(nn.Module):
 class RegressorBlock(nn.Module):
     """One block of H (CAE Sec. 2.1, CAE v2 Sec. 2.2): X <- X + g1 * CA(q = LN_q(X + P_m), k = LN_k([Z_v; X] +
     [P_v; P_m]), v = LN_v([Z_v; X])), X <- LN2(X), X <- X + g2 * MLP(X). Positions in q and k only; Z_v is read
-    in every block, never written."""
+    in every block, never written. Uses common.LayerScale, common.Mlp, common.drop_path."""
     def __init__(self, dim, num_heads, drop_path=0.0, layer_scale=0.1, mlp_ratio=4.0):
         super().__init__()
         self.norm_q, self.norm_k, self.norm_v = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
@@ -159,7 +159,8 @@ class RegressorBlock(nn.Module):
 
 class LatentContextualRegressor(nn.Module):
     """CAE v2 Sec. 2.2: H predicts Z_m [B, M, R] from Z_v [B, n, R]; the queries start as one learned mask token
-    shared by all masked patches. No final LN (the shared head's LN follows, App. B.1; as released)."""
+    shared by all masked patches. No final LN (the shared head's LN follows, App. B.1; as released). Uses
+    common.sincos_pos_embed and common.gather."""
     def __init__(self, dim, depth, num_heads, grid, drop_path=0.0, layer_scale=0.1):
         super().__init__()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))

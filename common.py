@@ -2,9 +2,8 @@
 MILAN Eq. 3's class-token attention, masking, pixel targets), then, behind one divider, the machinery. Whatever an
 ablation could change (sampler, decoder, loss, recipe) lives in the method file. Conventions: mask bool [B, N], True =
 hidden from the encoder; ids_keep sorted ascending; tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, atexit, fcntl, json, logging, math, multiprocessing, os, random, signal, socket, sys, time
+import argparse, atexit, collections, fcntl, json, logging, math, multiprocessing, os, random, signal, socket, sys, time
 import traceback, unicodedata, warnings, zipfile
-from collections import OrderedDict
 from contextlib import nullcontext
 
 import numpy as np
@@ -59,8 +58,8 @@ class LayerScale(nn.Module):
     def forward(self, x):
         return x * self.gamma
 
-def Mlp(dim, hidden):
-    return nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
+def Mlp(dim, hidden):  # timm's Mlp, its parameter names
+    return nn.Sequential(collections.OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
 def drop_path(x, p, training):
     """Stochastic depth: zero a sample's residual branch with probability p, rescale the rest."""
@@ -424,14 +423,14 @@ def decode(img, box, size):
     return to_rgb(img), (left / s, top / s, (left + w) / s, (top + h) / s), s
 
 def to_rgb(img):
-    """A decoded image as 8-bit RGB: RGB as it is (convert would copy it); 16-bit greyscale (PIL modes I;16*, I: PNG,
+    """A decoded PIL Image in 8-bit RGB: RGB as it is (convert would copy it); 16-bit grey (PIL modes I;16*, I: PNG,
     TIFF) scaled to 0..255 first, x / 257 rounded (the inverse of 8 -> 16 bit's 257 x; convert clips it at 255)."""
     if img.mode.startswith("I"):
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     return img if img.mode == "RGB" else img.convert("RGB")
 
 def resize(img, box, s, size, resample=Image.BICUBIC):
-    """decode()'s box resized to size x size: at full scale crop, resize (torchvision's resized_crop); else from the box."""
+    """decode()'s box, size x size (PIL Image): at full scale crop + resize (torchvision's resized_crop), else from it."""
     if s == 1:
         return img.crop(tuple(int(v) for v in box)).resize((size, size), resample)
     return img.resize((size, size), resample, box=box)

@@ -186,6 +186,42 @@ def test_help_keeps_flags_whole_and_names_defaults_and_the_hint_its_layer_scale(
     assert "init_values=0.5)" in hint, hint
 
 
+# ---- 15. A class copied alone ---------------------------------------------------------------------------------
+def defined(tree):
+    return {n.name: n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+
+
+def test_a_class_names_the_common_pieces_it_needs():
+    """milan.PromptingBlock copied alone needs common.Mlp, which needs OrderedDict: a method file's class names each
+    common.X it uses in its docstring, and a common piece those use names the names it imports from elsewhere."""
+    common_defs = defined(ast.parse(open(os.path.join(ROOT, "common.py")).read()))
+    imported = {a.asname or a.name for n in ast.parse(open(os.path.join(ROOT, "common.py")).read()).body
+                if isinstance(n, ast.ImportFrom) for a in n.names}
+    missing, reached = [], set()
+    for script in SCRIPTS:
+        for name, node in defined(ast.parse(open(os.path.join(ROOT, script)).read())).items():
+            if not isinstance(node, ast.ClassDef):
+                continue
+            used = {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                    and n.value.id == "common" and n.attr in common_defs}
+            doc = ast.get_docstring(node) or ""
+            missing += [f"{script} {name}: common.{u}" for u in sorted(used) if f"common.{u}" not in doc]
+            reached |= used
+    todo = list(reached)
+    while todo:  # the common pieces those use in turn
+        node = common_defs[todo.pop()]
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and n.id in common_defs and n.id not in reached:
+                reached.add(n.id), todo.append(n.id)
+    for name in sorted(reached):
+        node = common_defs[name]
+        outside = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in imported}
+        doc = ast.get_docstring(node) or ""
+        missing += [f"common.{name}: {o}" for o in sorted(outside) if o not in doc]
+    assert not missing, missing
+    assert "PromptingBlock" in open(os.path.join(ROOT, "milan.py")).read()  # (the issue's example is still there)
+
+
 # ---- 16. bench.py's own default run -------------------------------------------------------------------------------
 def decoder_macs(kind, N=196, n=49, D=64, Dd=64, depth=2, C=32):
     """Multiply-adds of milan's decoder forward per image from its shapes, as (linear layers, attention): decoder_embed
