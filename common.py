@@ -3,7 +3,7 @@ MILAN Eq. 3's class-token attention, masking, pixel targets), then, behind one d
 ablation could change (sampler, decoder, loss, recipe) lives in the method file. Conventions: mask bool [B, N], True =
 hidden from the encoder; ids_keep sorted ascending; tokens [CLS, patch_1 .. patch_N] in raster order."""
 import argparse, atexit, collections, fcntl, json, logging, math, multiprocessing, os, random, signal, socket, sys, time
-import threading, traceback, unicodedata, warnings, zipfile
+import textwrap, threading, traceback, unicodedata, warnings, zipfile
 from contextlib import nullcontext
 
 def early_signal(signum, frame):  # `python milan.py` imports this file first: a Ctrl-C or SIGTERM during the slow
@@ -610,6 +610,8 @@ def build_loader(dataset, args, train=True):
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # a None default: the help says what it resolves to
         return action.help if action.default is None else super()._get_help_string(action)
+    def _split_lines(self, text, width):  # a flag or a name (--batch_size, MR-MAE) is never broken at its hyphen
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
