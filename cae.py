@@ -46,6 +46,7 @@ import types
 from collections import OrderedDict
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,8 +54,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2.functional import pil_to_tensor
-
-import common
 
 
 # ---- Arguments: App. A recipe as defaults ------------------------------------------------------------------
@@ -82,8 +81,8 @@ def get_args(argv=None):
     p.add_argument("--dalle_n_hid", type=common.COUNT, help="width of a random tokenizer (--dalle_weights none); default: "
                    "OpenAI's 256, or 16 with --teacher tiny (smoke runs); a weights file sets its own")
     p.add_argument("--align_weight", type=common.NONNEG, default=2.0, help="lambda of Eq. 1 (2 in the paper)")
-    p.add_argument("--layer_scale", type=common.NONNEG, help="encoder layer scale init; default: 0.1, 1e-5 for ViT-L/H "
-                   "(released scripts; the paper follows BEiT)")
+    p.add_argument("--layer_scale", type=common.NONNEG, help="encoder layer scale init, 0: no LayerScale; default: 0.1, "
+                   "1e-5 for ViT-L/H (released scripts; the paper follows BEiT)")
     p.add_argument("--regressor_depth", type=common.COUNT, default=4, help="cross-attention blocks of H (Sec. 4.1)")
     p.add_argument("--decoder_depth", type=common.SIZE, default=4, help="self-attention blocks of G (Sec. 4.1)")
     args = p.parse_args(argv)
@@ -121,7 +120,8 @@ class TwoViews:
     """The data pipeline of the DALL-E target (BEiT's, as released): one flip and one random crop of the image, seen
     twice: at 224 px (bicubic) by the encoder, at 112 px (LANCZOS) by the tokenizer, whose stride 8 gives one token
     per 16 px patch. Made in a DataLoader worker: image -> (view, token_view, mask), both views uint8 [3, size, size]
-    (common.to_device normalises the encoder's on the device, map_pixels maps the tokenizer's)."""
+    (common.to_device normalises the encoder's on the device, map_pixels maps the tokenizer's). Uses common.decode and
+    common.resize."""
     def __init__(self, args, mask_fn):
         self.size, self.scale, self.mask_fn = args.input_size, (args.crop_min, 1.0), mask_fn
         self.token_size = args.input_size // common.VIT_CONFIGS[args.model][0] * 8  # 112 for 224 / 16
@@ -284,7 +284,8 @@ class CrossAttention(nn.Module):
 class RegressorBlock(nn.Module):
     """One cross-attention block of H (CAE Sec. 2.1, as released):
     X <- X + g1 * CA(q = LN_q(X + P_m), k = LN_k([Z_v; X] + [P_v; P_m]), v = LN_v([Z_v; X])), X <- LN2(X),
-    X <- X + g2 * MLP(X). Positions enter the queries and keys only; Z_v is read, never written."""
+    X <- X + g2 * MLP(X). Positions enter the queries and keys only; Z_v is read, never written. Uses common.LayerScale,
+    common.Mlp, common.drop_path."""
     def __init__(self, dim, num_heads, drop_path=0.0, layer_scale=0.1, mlp_ratio=4.0):
         super().__init__()
         self.norm_q, self.norm_k, self.norm_v = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
@@ -303,7 +304,7 @@ class RegressorBlock(nn.Module):
 class LatentContextualRegressor(nn.Module):
     """CAE Sec. 2.1: H predicts Z_m [B, M, D] from Z_v [B, n, D]. Queries start as one learned mask token shared by
     all masked patches; each block lets them attend to [Z_v; queries] with fixed sin-cos positions in q and k;
-    a final LN closes it."""
+    a final LN closes it. Uses common.sincos_pos_embed and common.gather."""
     def __init__(self, dim, depth, num_heads, grid, drop_path=0.0, layer_scale=0.1):
         super().__init__()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -330,6 +331,7 @@ class LatentContextualRegressor(nn.Module):
 
 
 class CAE(nn.Module):
+    """CAE Fig. 2: encoder, regressor H, alignment, decoder G (common.Block) and the target heads."""
     def __init__(self, encoder, num_targets, regressor_depth=4, decoder_depth=4, drop_path=0.1, align_weight=2.0,
                  target="dalle"):
         super().__init__()

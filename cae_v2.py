@@ -45,13 +45,12 @@ import argparse
 from collections import OrderedDict
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
-
-import common
 
 
 # ---- Arguments: Table 8 recipe as defaults -----------------------------------------------------------------
@@ -65,8 +64,8 @@ def get_args(argv=None):
     p = common.get_parser("CAE v2 pre-training (arXiv:2211.09799). Defaults: the Table 8 recipe (ViT-B/16, CLIP-B/16 "
                           "targets, 300 epochs; mask ratio, drop path and regressor by model size, Sec. 3.2, App. B.1) "
                           "for 8 GPUs: batch 256 per GPU x accum 1 x 8 = 2048; with fewer GPUs raise --accum_iter.", helps={
-        "--mask_ratio": "fraction of patches hidden from the encoder; default by model size: 0.15/0.25/0.5/0.6 for "
-                        "vit_tiny/small/base/large_patch16 (Sec. 3.2, Table 8), 0.5 otherwise",
+        "--mask_ratio": "fraction of patches hidden from the encoder, in (0, 1); default by model size: 0.15/0.25/0.5/"
+                        "0.6 for vit_tiny/small/base/large_patch16 (Sec. 3.2, Table 8), 0.5 otherwise",
         "--drop_path": "stochastic depth of the last block; default by model size: 0.1/0.1/0.1/0.2 for T/S/B/L "
                        "(Table 8), 0.1 otherwise"})
     # CAE v2 Table 8: AdamW (0.9, 0.98), batch 2048, peak lr 1.5e-3 (blr 1.875e-4 x 2048 / 256), min lr 1e-5,
@@ -84,7 +83,8 @@ def get_args(argv=None):
     p.add_argument("--loss", choices=["cosine", "mse", "smooth_l1"], default="cosine", help="the distance of both l_v "
                    "and l_z: Eq. 2's cosine distance, or MSE / smooth-l1 (beta 1) to the per-token normalised latent "
                    "(Table 3)")
-    p.add_argument("--layer_scale", type=common.NONNEG, default=0.1, help="encoder layer scale init (released scripts, all sizes)")
+    p.add_argument("--layer_scale", type=common.NONNEG, default=0.1, help="encoder layer scale init, 0: no LayerScale "
+                   "(released scripts: 0.1, all sizes)")
     p.add_argument("--regressor_depth", type=common.SIZE, help="blocks of H; default: 1/1/4/4 for T/S/B/L (App. B.1), 1 "
                    "otherwise; 0: no regressor, l_v alone (Table 4's 0 layers = Table 2's l_v-only row, Sec. 3.2)")
     p.add_argument("--regressor_dim", type=common.COUNT, help="width of H; default: 96/384/768/1024 for T/S/B/L (App. B.1), "
@@ -141,7 +141,7 @@ class CrossAttention(nn.Module):
 class RegressorBlock(nn.Module):
     """One block of H (CAE Sec. 2.1, CAE v2 Sec. 2.2): X <- X + g1 * CA(q = LN_q(X + P_m), k = LN_k([Z_v; X] +
     [P_v; P_m]), v = LN_v([Z_v; X])), X <- LN2(X), X <- X + g2 * MLP(X). Positions in q and k only; Z_v is read
-    in every block, never written."""
+    in every block, never written. Uses common.LayerScale, common.Mlp, common.drop_path."""
     def __init__(self, dim, num_heads, drop_path=0.0, layer_scale=0.1, mlp_ratio=4.0):
         super().__init__()
         self.norm_q, self.norm_k, self.norm_v = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
@@ -158,7 +158,8 @@ class RegressorBlock(nn.Module):
 
 class LatentContextualRegressor(nn.Module):
     """CAE v2 Sec. 2.2: H predicts Z_m [B, M, R] from Z_v [B, n, R]; the queries start as one learned mask token
-    shared by all masked patches. No final LN (the shared head's LN follows, App. B.1; as released)."""
+    shared by all masked patches. No final LN (the shared head's LN follows, App. B.1; as released). Uses
+    common.sincos_pos_embed and common.gather."""
     def __init__(self, dim, depth, num_heads, grid, drop_path=0.0, layer_scale=0.1):
         super().__init__()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))

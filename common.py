@@ -2,11 +2,17 @@
 MILAN Eq. 3's class-token attention, masking, pixel targets), then, behind one divider, the machinery. Whatever an
 ablation could change (sampler, decoder, loss, recipe) lives in the method file. Conventions: mask bool [B, N], True =
 hidden from the encoder; ids_keep sorted ascending; tokens [CLS, patch_1 .. patch_N] in raster order."""
-import argparse, atexit, fcntl, json, logging, math, multiprocessing, os, random, signal, socket, sys, time
-import traceback, unicodedata, warnings, zipfile
-from collections import OrderedDict
+import argparse, atexit, collections, fcntl, json, logging, math, multiprocessing, os, random, signal, socket, sys, time
+import textwrap, threading, traceback, unicodedata, warnings, zipfile
 from contextlib import nullcontext
 
+def early_signal(signum, frame):  # `python milan.py` imports this file first: a Ctrl-C or SIGTERM during the slow
+    print(f"\n{'interrupted' if signum == signal.SIGINT else 'stopped by SIGTERM'}; no checkpoint was written, so a "
+          "relaunch starts from the beginning", file=sys.stderr)  # imports below is cli's line, not a traceback
+    os._exit(128 + signum)  # (nothing is open yet)
+EARLY = {s: signal.signal(s, early_signal) for s in (signal.SIGINT, signal.SIGTERM) if hasattr(sys.modules.get(
+    "__main__"), "__file__") and threading.current_thread() is threading.main_thread() and signal.getsignal(s) in (
+    signal.default_int_handler, signal.SIG_DFL)}  # a script's (not a notebook's) default handlers, until the imports end
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -18,6 +24,8 @@ from torchvision import datasets
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
+for sig, handler in EARLY.items():
+    signal.signal(sig, handler)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -59,8 +67,8 @@ class LayerScale(nn.Module):
     def forward(self, x):
         return x * self.gamma
 
-def Mlp(dim, hidden):
-    return nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
+def Mlp(dim, hidden):  # timm's Mlp, its parameter names
+    return nn.Sequential(collections.OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
 def drop_path(x, p, training):
     """Stochastic depth: zero a sample's residual branch with probability p, rescale the rest."""
@@ -291,10 +299,14 @@ RUN = {"rank": 0, "output_dir": None, "at": None, "saved": None, "stop": None, "
 class Stopped(Exception):
     """SIGTERM or Ctrl-C: the run stops (training: after the update in progress and a checkpoint)."""
 
-def on_signal(signum, frame):  # training finishes its update and saves (Checkpointer.step_done); else, or twice: now
-    if RUN["at"] is None or RUN["stop"]:
+def on_signal(signum, frame):  # recorded: raised here, it could be lost (in an at-fork hook, logging); the run acts on
+    if RUN["stop"]:  # it where it looks (stop_if_asked; training: Checkpointer.step_done, after the update); twice: now
         raise Stopped(signal.Signals(signum).name)
     RUN["stop"] = signal.Signals(signum).name
+
+def stop_if_asked():  # before the first training step (start-up, --eval): a signal recorded so far stops the run here
+    if RUN["stop"] and RUN["at"] is None:
+        raise Stopped(RUN["stop"])
 
 def cli(main, argv=None):
     """Every script's entry point: a UserError is one line (exit 2; under torchrun once a node); SIGTERM / Ctrl-C one
@@ -319,12 +331,10 @@ def cli(main, argv=None):
     except Exception:
         if argv is not None:
             raise
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):  # a signal now ends it (SIGCHLD: torch's handler
-            signal.signal(sig, signal.SIG_DFL)  # would raise again for the workers killed below)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL), signal.signal(signal.SIGINT, signal.SIG_DFL)  # a signal: now
         traceback.print_exc()
         sys.stdout.flush(), sys.stderr.flush()
-        for worker in multiprocessing.active_children():
-            worker.kill()
+        kill_workers()
         os._exit(1)
 
 # ---- Teacher weights: open_clip names, OpenAI's TorchScript files, DINO, no network ------------------------------
@@ -424,14 +434,14 @@ def decode(img, box, size):
     return to_rgb(img), (left / s, top / s, (left + w) / s, (top + h) / s), s
 
 def to_rgb(img):
-    """A decoded image as 8-bit RGB: RGB as it is (convert would copy it); 16-bit greyscale (PIL modes I;16*, I: PNG,
+    """A decoded PIL Image in 8-bit RGB: RGB as it is (convert would copy it); 16-bit grey (PIL modes I;16*, I: PNG,
     TIFF) scaled to 0..255 first, x / 257 rounded (the inverse of 8 -> 16 bit's 257 x; convert clips it at 255)."""
     if img.mode.startswith("I"):
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     return img if img.mode == "RGB" else img.convert("RGB")
 
 def resize(img, box, s, size, resample=Image.BICUBIC):
-    """decode()'s box resized to size x size: at full scale crop, resize (torchvision's resized_crop); else from the box."""
+    """decode()'s box, size x size (PIL Image): at full scale crop + resize (torchvision's resized_crop), else from it."""
     if s == 1:
         return img.crop(tuple(int(v) for v in box)).resize((size, size), resample)
     return img.resize((size, size), resample, box=box)
@@ -480,8 +490,8 @@ class FakeImages(torch.utils.data.Dataset):
 def build_dataset(args, transform, split="train"):
     """DIR/<split> (train: DIR itself if it has no train or val folder) as an ImageFolder of opened, not decoded images,
     or FakeImages. Refused: DIR/val without DIR/train, and class folders beside DIR/val (val would be trained on)."""
-    if args.data == "fake":  # deterministic random images; 'val' uses other indices
-        n = args.fake_size if split == "train" else max(args.fake_size // 4, args.batch_size)
+    if args.data == "fake":  # deterministic random images; 'val': 64 others, the same whatever the batch or --fake_size
+        n = args.fake_size if split == "train" else 64
         return FakeImages(n, args.input_size, transform, 0 if split == "train" else 10 ** 6)
     layout = "pass an ImageNet-style folder (DIR/train/<class>/<image>, DIR/val/<class>/<image>) or --data fake"
     if not os.path.isdir(args.data):
@@ -494,8 +504,12 @@ def build_dataset(args, transform, split="train"):
             raise UserError(f"--data {args.data}: has " + (f"no '{split}' folder" if split != "train" else f"a '{odd}' "
                             f"folder but no 'train' folder, so {odd} would be trained on as a class") + f"; {layout}")
         root = args.data  # DIR/<class>/<image>: pre-training needs no val split
-    try:
-        return datasets.ImageFolder(root, transform=transform, loader=Image.open)  # the header read; the view decodes
+    met, again = {}, []  # each image file once, by (inode, device): one reached again through a link is passed over
+    def once(p):  # ImageFolder's is_valid_file (a broken link is kept: Samples names it unreadable)
+        key = os.stat(p)[1:3] if os.path.exists(p) else p
+        return p.lower().endswith(datasets.folder.IMG_EXTENSIONS) and (met.setdefault(key, p) == p or again.append(p))
+    try:  # the header read; the view decodes
+        dataset = datasets.ImageFolder(root, transform=transform, loader=Image.open, is_valid_file=once)
     except FileNotFoundError:
         names = datasets.folder.find_classes(root)[0] if any(e.is_dir() for e in os.scandir(root)) else []
         empty = [c for c in names if not any(datasets.folder.has_file_allowed_extension(f, datasets.folder.IMG_EXTENSIONS)
@@ -503,6 +517,11 @@ def build_dataset(args, transform, split="train"):
         what = f"class folder(s) {', '.join(empty[:3])} of {root} hold no image file" if names and len(empty) < len(names) \
             else f"no images under {root}; expected {root}/<class>/<image>.jpg"
         raise UserError(f"--data {args.data}: {what}") from None
+    loops = [os.path.join(t, d) for t, dirs, _ in (os.walk(root) if again else ()) for d in dirs  # (following no link)
+             if (os.path.realpath(t) + os.sep).startswith(os.path.realpath(os.path.join(t, d)) + os.sep)]
+    if loops:  # a folder linked inside itself: ImageFolder's walk went round it until the path grew too long
+        raise UserError(f"--data {args.data}: {loops[0]} links to a folder that holds it (a loop); remove the link")
+    return dataset
 
 class SeededSampler(torch.utils.data.Sampler):
     """Training: DistributedSampler's order (seeded by seed + epoch, split across ranks), whole batches only, able to
@@ -533,26 +552,21 @@ class Samples(torch.utils.data.Dataset):
     def __init__(self, dataset, seed, train=True):
         self.dataset, self.seed, self.train = dataset, seed, train
         self.bad = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
-    def __len__(self):
-        return len(self.dataset)
-    @property
-    def failed(self):  # the distinct unreadable files met this epoch
-        return int(self.bad.sum())
     def __getitem__(self, key):
-        epoch, i = key
+        (epoch, i), n = key, len(self.dataset)
         main = torch.utils.data.get_worker_info() is None  # num_workers 0: keep the training RNGs intact
         saved = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if main else None
         s = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, np.uint64)[0] >> 1)
         torch.default_generator.manual_seed(s), np.random.seed(s % 2 ** 32), random.seed(s)
         try:
-            for j in range(i, i + len(self)) if self.train else [i]:
+            for j in ((i + d) % n for d in range(n)) if self.train else [i]:  # training: the next readable image
                 try:
-                    return self.dataset[j % len(self)]
+                    return self.dataset[j]
                 except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: unidentified, truncated, broken
                     # file, or over twice Image.MAX_IMAGE_PIXELS (a decompression bomb, not an OSError)
-                    if not self.bad[j % len(self)]:
-                        self.bad[j % len(self)] = True
-                        path = getattr(self.dataset, "samples", [[f"#{j}"]] * len(self))[j % len(self)][0]
+                    if not self.bad[j]:
+                        self.bad[j] = True
+                        path = getattr(self.dataset, "samples", [[f"#{j}"]] * n)[j][0]
                         print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
             if self.train:
                 raise UserError("no image of --data could be read")
@@ -560,6 +574,11 @@ class Samples(torch.utils.data.Dataset):
         finally:
             if main:
                 torch.set_rng_state(saved[0]), np.random.set_state(saved[1]), random.setstate(saved[2])
+
+def kill_workers():  # at exit (registered by build_loader) and on cli's error path: the daemonic children (our
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader workers) killed before multiprocessing's exit handler
+    for child in multiprocessing.active_children():  # SIGTERMs them (ignored: ignore_signals) and waits on them forever
+        child.kill() if child.daemon else None  # (SIGCHLD: torch's handler would raise for the workers killed here)
 
 def ignore_signals(worker_id):  # DataLoader workers: Ctrl-C and SIGTERM are the main process's to handle
     signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -582,6 +601,7 @@ def build_loader(dataset, args, train=True):
                         f"images, batch {args.batch_size} x {args.world_size} process(es)): the weights would never be "
                         f"updated; lower --accum_iter or --batch_size")
     # its own generator: making an iterator must not draw from the training RNG (exact resume)
+    atexit.unregister(kill_workers), atexit.register(kill_workers)  # registered last: run before multiprocessing's
     return DataLoader(Samples(dataset, args.seed, train), args.batch_size, sampler=SeededSampler(len(dataset), args, train),
                       num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"), worker_init_fn=ignore_signals,
                       persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))
@@ -590,6 +610,8 @@ def build_loader(dataset, args, train=True):
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # a None default: the help says what it resolves to
         return action.help if action.default is None else super()._get_help_string(action)
+    def _split_lines(self, text, width):  # a flag or a name (--batch_size, MR-MAE) is never broken at its hyphen
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
@@ -619,21 +641,21 @@ class Range:
 COUNT, SIZE, NONNEG, POS, FRACTION = (Range(int, "[1, inf)"), Range(int, "[0, inf)"), Range(float, "[0, inf)"),
                                       Range(float, "(0, inf)"), Range(float, "[0, 1)"))
 
-def get_parser(description, pretrain=True, helps=None):
-    """The shared flags (MAE's spelling), each with its domain; helps={flag: text}: a file's own help for one of them."""
+def get_parser(description, pretrain=True, helps=None, ratios="(0, 1)"):
+    """The shared flags (MAE's spelling), each with its domain (ratios: --mask_ratio's); helps={flag: the file's help}."""
     p, helps = Parser(description=description, formatter_class=DefaultsHelpFormatter), helps or {}
     a = lambda *names, **kw: p.add_argument(*names, **dict(kw, help=helps.get(names[0], kw.get("help"))))
     a("--data", "--data_path", dest="data", help="ImageFolder root (DIR/train/<class>/<image>, or DIR/<class>/...), "
       "or 'fake' (generated images); required to train")
     a("--fake_size", type=COUNT, default=256, help="number of images of --data fake")
-    a("--input_size", type=COUNT, default=224, help="image side in pixels")
+    a("--input_size", type=Range(int, "[1, 1024]"), default=224, help="image side in pixels (1024: 4096 patches)")
     a("--model", **dict(default="vit_base_patch16", help=", ".join(VIT_CONFIGS)) if pretrain else dict(
         default=argparse.SUPPRESS, help="default: the --finetune file's own (" + ", ".join(VIT_CONFIGS) + ")"))
     a("--drop_path", type=FRACTION, default=0.0, help="stochastic depth of the last block")
     if pretrain:
         a("--teacher", default="ViT-B-16", help="open_clip ViT name, dino_vitb16, or tiny (a 2-block CLIP tower)")
         a("--teacher_weights", default="openai", help="'openai' (downloads), a local file, or 'none' (random)")
-        a("--mask_ratio", type=FRACTION, default=0.75, help="fraction of patches hidden from the encoder")
+        a("--mask_ratio", type=Range(float, ratios), default=0.75, help=f"fraction of patches hidden, in {ratios}")
     a("--batch_size", type=COUNT, default=64, help="per process")
     a("--accum_iter", type=COUNT, default=1, help="gradient accumulation steps")
     a("--epochs", type=COUNT, default=400, help="training epochs")
@@ -654,8 +676,8 @@ def get_parser(description, pretrain=True, helps=None):
       "many minutes have passed since the last one (checked every --log_every updates; 0: off)")
     a("--save_every_steps", type=SIZE, default=0, help="also write checkpoint-last.pth every this many steps (0: off)")
     if pretrain:
-        a("--visualize", type=SIZE, default=0, metavar="N", help="write OUTPUT_DIR/visualize.png for N images (with "
-          "--resume CKPT or auto: that model) and exit")
+        a("--visualize", type=Range(int, "[0, 32]"), default=0, metavar="N", help="0: off (train); else write "
+          "OUTPUT_DIR/visualize.png for N images, a row each (with --resume CKPT or auto: that model), and exit")
     a("--seed", type=Range(int, "[0, 2147483647]"), default=0, help="each process uses seed + rank")
     a("--num_workers", type=SIZE, default=None, help="DataLoader workers per process (default: the node's cores per "
       "process, minus one, at least 1 and at most 10)")
@@ -807,7 +829,8 @@ def save_checkpoint(path, **state):
     """Atomic (temp file + rename): a crash mid-write never damages the previous file, nor leaves a temp file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:  # (a file object: a failed write's OSError, e.g. a full disk, reaches the caller)
+            torch.save(state, f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -848,7 +871,7 @@ def flag_changes(old, args):
     old = dict(old, per_update=old.get("batch_size", 0) * old.get("accum_iter", 1) * old.get("world_size", 1))
     plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     diff = {k: ("the batch per update " if k == "per_update" else f"--{k} ") + f"{old[k]} (now {v})"
-            for k, v in new.items() if k in old and plain(old[k]) != plain(v)}
+            for k, v in new.items() if k in old and plain(old[k]) != plain(v) and k not in ("resume", "resume_changes")}
     return list(diff.values()), [d for k, d in diff.items() if k not in RUN_MECHANICS]
 
 def rng_state():
@@ -875,10 +898,8 @@ def agree(problem):
 
 def resume_path(args):
     """--resume ('auto': OUTPUT_DIR/checkpoint-last.pth if any, else ''), as rank 0 sees it, for every rank."""
-    path = args.resume
-    if path == "auto":
-        path = os.path.join(args.output_dir, "checkpoint-last.pth") if os.path.isfile(
-            os.path.join(args.output_dir, "checkpoint-last.pth")) else ""
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    path = (last if os.path.isfile(last) else "") if args.resume == "auto" else args.resume
     if dist.is_initialized():
         choice = [path]
         dist.broadcast_object_list(choice, 0)
@@ -917,9 +938,9 @@ class Checkpointer:
             changes, trained = flag_changes(ckpt.get("args", {}), args) if not fresh_ok else ([], [])
             if trained and not args.resume_changes:  # the same on every rank
                 rest = [c for c in changes if c not in trained]
-                raise UserError(f"--resume {path}: {', '.join(trained)} change what is trained (the run would be neither "
-                                f"its checkpoint's nor a new one); pass its values, or --resume_changes to go on with them"
-                                + (f" (also changed: {', '.join(rest)})" if rest else ""))
+                raise UserError(f"--resume {path}: {', '.join(trained)} change{'s' * (len(trained) == 1)} what is trained "
+                                f"(the run would be neither its checkpoint's nor a new one); pass its values, or "
+                                f"--resume_changes to go on with them" + (f" (also changed: {', '.join(rest)})" if rest else ""))
         own = bool(path) and os.path.abspath(path) == os.path.abspath(self.last)
         live = hold_output_dir(args, make=False) if not fresh_ok and args.rank == 0 else None  # a live run's, first
         taken, other = run_of(args.output_dir) if not (fresh_ok or own or live) and args.rank == 0 else ([], None)
@@ -957,9 +978,16 @@ class Checkpointer:
                          epoch=epoch, step=step, rng=[r for r, _ in ranks], progress=[p for _, p in ranks],
                          args=dict(vars(self.args)), method=self.method)
             state.update({"extra": self.extra} if self.extra else {})
-            save_checkpoint(self.last, **state)
-            if keep:
-                save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth"), **state)
+            for path in [os.path.join(self.args.output_dir, f"checkpoint-{epoch - 1}.pth")] * keep + [self.last]:
+                try:  # (the kept copy first: whichever write fails, the previous checkpoint-last.pth is whole)
+                    save_checkpoint(path, **state)
+                except (OSError, RuntimeError) as e:  # a full disk: torch's writer says "unexpected pos", the OSError
+                    if not isinstance(err := e if isinstance(e, OSError) else e.__context__, OSError):  # its context
+                        raise
+                    kept = "the previous checkpoint-last.pth (epoch {}, step {}) is kept".format(*RUN["saved"]) \
+                        if RUN["saved"] else "no checkpoint was written yet"
+                    raise UserError(f"cannot write {path}: {err.strerror}; {kept}: make room on that device, then "
+                                    f"relaunch with --resume auto") from None
         self.saved_at, RUN["saved"] = time.time(), (epoch, step)
     def due(self, step):
         """(save, stop) after `step` steps: --save_every_steps, --save_every_minutes (rank 0's clock) or a signal; with
@@ -1015,9 +1043,15 @@ class Meter:
         self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=args.rank != 0, dynamic_ncols=True, mininterval=1.0,
                         initial=self.start, total=self.steps)
     def __iter__(self):
-        for step, batch in enumerate(self.bar, self.start):
-            RUN["at"] = (self.epoch, step)  # for the line SIGTERM or Ctrl-C prints
-            yield step, batch
+        try:
+            for step, batch in enumerate(self.bar, self.start):
+                stop_if_asked()  # (a signal during start-up, or the workers' start: before the first step)
+                RUN["at"] = (self.epoch, step)  # for the line SIGTERM or Ctrl-C prints
+                yield step, batch
+        except BaseException:  # the loop left by an error or a stop: its workers end now (a notebook's kernel lives on)
+            it, self.loader._iterator = self.loader._iterator, None  # (persistent workers: torch has no public call)
+            getattr(it, "_shutdown_workers", lambda: None)()
+            raise
     def update(self, step, loss, lr, images):
         self.sum, self.count = self.sum + loss.detach().float(), self.count + 1
         self.images, self.seen = self.images + images, self.seen + images
@@ -1035,7 +1069,7 @@ class Meter:
             hint = f"resume with --resume {last}" if os.path.isfile(last) else "no checkpoint yet"
             raise UserError(f"loss is {loss} at step {step} of this epoch; {hint} and a lower --lr or --amp none",
                             local=not final)
-        failed, seen = (self.loader.dataset.failed, self.seen) if failed is None else (failed, seen)
+        failed, seen = (int(self.loader.dataset.bad.sum()), self.seen) if failed is None else (failed, seen)  # distinct
         if too_many_unreadable(failed, seen, final):
             raise UserError(f"--data {self.args.data}: {failed} of the {seen + failed} images looked at could not be read "
                             "(over 1%); fix or remove the files named in the warnings above", local=not final)
@@ -1085,9 +1119,9 @@ VIS_TITLE, VIS_CAPTION, VIS_SCALE, VIS_GAP = 16, 14, 34, 4  # --visualize sheet:
 
 @torch.no_grad()
 def visualize(args, dataset, model, teacher, forward_step, method):
-    """OUTPUT_DIR/visualize.png: column titles; a row per image (N readable images taking the classes in turn, each
-    captioned with its class and file): the image, the visible patches (hidden ones dimmed), the teacher's CLS attention
-    (where the method uses it), the per-patch loss (MILAN Fig. 5); a colour scale. The model of --resume, if given."""
+    """OUTPUT_DIR/visualize.png, a row per image (N readable ones, the classes in turn, captioned with class and file):
+    the image, the visible patches (hidden ones dimmed), the teacher's CLS attention (where the method uses it), the
+    per-patch loss (MILAN Fig. 5); column titles, a colour scale. The model of --resume, if given."""
     path = resume_path(args)
     if args.resume == "auto" and not path:
         raise UserError(f"--resume auto: {args.output_dir} holds no checkpoint-last.pth to draw; pass --resume CKPT, "
@@ -1122,17 +1156,15 @@ def visualize(args, dataset, model, teacher, forward_step, method):
     step, row = size + VIS_GAP, VIS_CAPTION + size + VIS_GAP
     sheet = Image.new("RGB", (len(titles) * step, VIS_TITLE + len(rows) * row + VIS_SCALE + 12 * bool(note)), "white")
     draw = ImageDraw.Draw(sheet)
-    for c, title in enumerate(titles):
-        draw_text(draw, (c * step + 2, 2), title)
     for r, cells in enumerate(rows):
-        draw_text(draw, (2, VIS_TITLE + r * row), names[r])
         for c, cell in enumerate(cells):
             sheet.paste(cell, (c * step, VIS_TITLE + r * row + VIS_CAPTION))
     y, width = VIS_TITLE + len(rows) * row, min(size, 160)  # the maps' colour scale, and the grey of "not in the loss"
     sheet.paste(Image.fromarray((colormap(torch.linspace(0, 1, width)) * 255).byte()[None].expand(10, -1, -1).numpy()), (2, y))
     sheet.paste(Image.new("RGB", (10, 10), (127, 127, 127)), (width + 12, y))
-    for xy, text in (((2, y + 12), "low"), ((width - 22, y + 12), "high"), ((width + 26, y - 1), "not in the loss"),
-                     ((width + 12, y + 12), "maps: each image's min..max"), ((2, y + 24), note or "")):
+    captions = [((c * step + 2, 2), t) for c, t in enumerate(titles)] + [((2, VIS_TITLE + r * row), n) for r, n in enumerate(names)]
+    for xy, text in captions + [((2, y + 12), "low"), ((width - 22, y + 12), "high"), ((width + 26, y - 1), "not in the loss"),
+                                ((width + 12, y + 12), "maps: each image's min..max"), ((2, y + 24), note or "")]:
         draw_text(draw, xy, text)
     if args.rank == 0:
         make_output_dir(args)
@@ -1140,5 +1172,6 @@ def visualize(args, dataset, model, teacher, forward_step, method):
         while os.path.exists(path := os.path.join(args.output_dir, f"visualize{f'-{k}' if k else ''}.png")):
             k += 1  # beside an earlier picture, never over it
         sheet.save(path)
-        print(f"wrote {path}: {len(rows)} images ({', '.join(names)}), columns " + " | ".join(titles)
+        asked = f", all the readable ones of the {args.visualize} asked" if len(rows) < args.visualize else ""
+        print(f"wrote {path}: {len(rows)} images{asked} ({', '.join(names)}), columns " + " | ".join(titles)
               + (f" ({note})" if note else ""))

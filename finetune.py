@@ -40,6 +40,7 @@ import math
 import os
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -47,8 +48,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
-
-import common
 
 
 # ---- Arguments: MAE's ViT-B protocols as defaults (each paper's flags in README) -----------------
@@ -70,12 +69,14 @@ def get_args(argv=None):
         "--data": "ImageNet-style root: DIR/train/<class>/<image> and DIR/val/<class>/<image> (val scored every epoch), "
                   "or 'fake' (generated images); required to train or --eval",
         "--betas": "AdamW betas (--mode finetune; the probes' LARS and SGD have none)",
-        "--weight_decay": "weight decay: AdamW's (finetune), LARS's (linprobe) or SGD's (attnprobe); unset: the mode's"})
+        "--weight_decay": "weight decay: AdamW's (finetune), LARS's (linprobe) or SGD's (attnprobe); unset: the mode's",
+        "--drop_path": "stochastic depth of the last block; unset: the mode's (" + ", ".join(
+            f"{m} {r['drop_path']:g}" for m, r in RECIPES.items()) + ")"})
     p.set_defaults(**{k: None for k in RECIPES["finetune"]}, betas=(0.9, 0.999), crop_min=0.08)  # MAE / timm crop (0.08, 1)
     a = p.add_argument
     a("--mode", choices=list(RECIPES), help="end to end (MAE/BEiT), linear probe (MAE), or attentive probe (CAE Sec. "
-      "4.2); default: finetune, or with --eval that of the --finetune checkpoint; unset --batch_size/--blr/--epochs/"
-      "--warmup_epochs/--weight_decay/--min_lr/--drop_path take the mode's recipe: " +
+      "4.2); default: finetune, or with --eval that of the --finetune checkpoint; the recipe flags left unset take the "
+      "mode's: " +
       "; ".join(f"{m}: " + " ".join(f"{k}={v:g}" for k, v in r.items()) for m, r in RECIPES.items()))
     a("--finetune", required=True, metavar="CKPT", help="a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or "
       "mask_align.py (its encoder is loaded), a finetune.py checkpoint (encoder and head), or a timm ViT state dict")
@@ -232,7 +233,8 @@ def infer_model(enc, flag_value):
 def new_encoder(args, src):
     """The encoder's architecture rebuilt from the file: mr_mae's ConvViT when its args say so, else common.ViT
     with layer scale when the file has ls1.gamma (CAE, CAE v2) and the head count of its args (CAE v2's ViT-T: 12),
-    at --input_size, with --drop_path, and relative position bias when args.rel_pos_bias (else: if the file has it)."""
+    at --input_size, with --drop_path, relative position bias when args.rel_pos_bias (else: if the file has it);
+    args.layer_scale: the pre-training's (for the timm hint; the gammas are loaded)."""
     if args.arch != "vit":
         try:
             import mr_mae
@@ -240,9 +242,10 @@ def new_encoder(args, src):
             raise common.UserError(f"--finetune {args.finetune}: a --arch {args.arch} encoder needs mr_mae.py") from None
         return mr_mae.build_encoder(argparse.Namespace(**dict(src["args"], drop_path=args.drop_path,
                                                                input_size=args.input_size)))
-    ls = 0.1 if "blocks.0.ls1.gamma" in src["encoder"] else None  # value irrelevant: loaded from the file
+    args.layer_scale = src["args"].get("layer_scale", 0.1) if "blocks.0.ls1.gamma" in src["encoder"] else None
     heads = src["args"].get("num_heads") or common.VIT_CONFIGS[args.model][3]  # (timm files: the name's)
-    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=ls, num_heads=heads)
+    encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path, init_values=args.layer_scale,
+                               num_heads=heads)
     own = "blocks.0.attn.relative_position_bias_table" in src["encoder"]  # (a caller without the flag: the file's)
     for blk in encoder.blocks if getattr(args, "rel_pos_bias", own) else []:
         blk.attn = RelPosAttention(blk.attn, encoder.grid)  # same qkv / proj, plus the table
@@ -363,7 +366,7 @@ def export_timm(args, src):
         raise common.UserError(f"--export_timm {out}: cannot be written ({type(e).__name__}); pass a writable path") from None
     (p, dim, depth, _), heads = common.VIT_CONFIGS[args.model], args.num_heads
     kw = f"num_classes={sd['head.weight'].shape[0]}, global_pool='avg'" if "head.weight" in sd else "num_classes=0"
-    kw += ", init_values=0.1" if {"blocks.0.ls1.gamma", "blocks.0.gamma_1"} & set(sd) else ""
+    kw += f", init_values={args.layer_scale:g}" if {"blocks.0.ls1.gamma", "blocks.0.gamma_1"} & set(sd) else ""
     net, kw = ("beit.Beit", kw + ", use_rel_pos_bias=True" + ("" if "head.weight" in sd else ", global_pool=''")) \
         if args.rel_pos_bias else ("vision_transformer.VisionTransformer", kw)  # (Beit's default 'avg': no final norm)
     print(f"wrote {len(sd)} tensors to {args.export_timm}; load with timm.models.{net}("
@@ -498,11 +501,13 @@ def train_one_epoch(model, trained, loader, optimizer, scaler, mix, epoch, args,
 
 @torch.no_grad()
 def evaluate(model, loader, args, teacher=None, others=()):
-    """Top-1 / top-5 accuracy (%) and cross-entropy on the val split, summed over all processes. others: (model, teacher)
-    pairs to ensemble with it (MR-MAE Table 4 "Sep."): the mean of the models' softmax outputs is scored."""
+    """Top-1 / top-5 (only above 5 classes: else 100% by construction) accuracy (%) and cross-entropy on the val split,
+    summed over all processes. others: (model, teacher) pairs to ensemble with it (MR-MAE Table 4 "Sep."): the mean of
+    the models' softmax outputs is scored."""
     models = [(m.eval(), t) for m, t in [(model, teacher), *others]]
     total = torch.zeros(5, device=args.device)  # loss sum, top-1 hits, top-5 hits, images scored, unreadable
     for images, labels in loader:
+        common.stop_if_asked()  # --eval: a SIGTERM or Ctrl-C (during training one waits for the epoch's checkpoint)
         images, labels = common.to_device(images, args.device), labels.to(args.device, non_blocking=True)
         read = labels >= 0  # an unreadable image comes as a stand-in labelled -1: not scored
         with common.autocast(args):
@@ -517,8 +522,8 @@ def evaluate(model, loader, args, teacher=None, others=()):
     loss, top1, top5, n, unreadable = total.tolist()
     if n == 0:
         raise common.UserError(f"--data {args.data}: no val image could be read")
-    return {"val_loss": loss / n, "acc1": 100 * top1 / n, "acc5": 100 * top5 / n, "val_images": int(n),
-            "val_unreadable": int(unreadable)}
+    return {"val_loss": loss / n, "acc1": 100 * top1 / n, **({"acc5": 100 * top5 / n} if args.nb_classes > 5 else {}),
+            "val_images": int(n), "val_unreadable": int(unreadable)}
 
 
 def with_classes(ds, classes, args, whose="train's"):
@@ -538,8 +543,9 @@ def with_classes(ds, classes, args, whose="train's"):
 
 
 def scored(stats):
-    unreadable = f" ({stats['val_unreadable']} unreadable, not scored)" if stats["val_unreadable"] else ""
-    return f"{stats['val_images']} images{unreadable}"
+    top5, unreadable = f" top-5 {stats['acc5']:.2f}%" if "acc5" in stats else "", f" ({stats['val_unreadable']} " \
+        "unreadable, not scored)" if stats["val_unreadable"] else ""
+    return f"top-1 {stats['acc1']:.2f}%{top5} loss {stats['val_loss']:.4f} on {stats['val_images']} images{unreadable}"
 
 
 def num_classes(dataset):
@@ -595,6 +601,8 @@ def main(argv=None):
     val = with_classes(common.build_dataset(args, build_transform(args, train=False), split="val"), args.classes, args,
                        whose)
     data_classes = num_classes(train or val)
+    if data_classes < 2:  # one class: every image is right, a metric that cannot fail
+        raise common.UserError(f"--data {args.data}: 1 class ({', '.join(args.classes)}); a classifier needs 2 or more")
     args.nb_classes = args.nb_classes or data_classes
     if data_classes > args.nb_classes:
         raise common.UserError(f"--nb_classes {args.nb_classes}: the data has {data_classes} classes; pass at least that")
@@ -607,8 +615,7 @@ def main(argv=None):
     if args.eval:
         stats = evaluate(model, val_loader, args, teacher, [ensemble_member(args)] if args.ensemble else [])
         if args.rank == 0:  # MR-MAE Table 4 (Sep.): the ensemble's
-            print(f"eval {args.resume or args.finetune}{' + ' + args.ensemble if args.ensemble else ''}: top-1 "
-                  f"{stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['val_loss']:.4f} on {scored(stats)}")
+            print(f"eval {args.resume or args.finetune}{' + ' + args.ensemble if args.ensemble else ''}: {scored(stats)}")
         return stats
     loader = common.build_loader(train, args)
     common.announce(args, f"finetune.py --mode {args.mode}", train, loader.sampler.steps, start_epoch)
@@ -624,8 +631,7 @@ def main(argv=None):
         ckpt.epoch_done(epoch)
         common.log_epoch(args, stats)
         if args.rank == 0:
-            print(f"epoch {epoch}: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['val_loss']:.4f} "
-                  f"on {scored(stats)} (best top-1 {best:.2f}%)")
+            print(f"epoch {epoch}: {scored(stats)} (best top-1 {best:.2f}%)")
 
 
 if __name__ == "__main__":

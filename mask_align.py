@@ -33,12 +33,11 @@ Smoke run, no downloads: python mask_align.py --data fake --model vit_nano_patch
 import argparse
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import common
 
 
 # ---- Arguments: Sec. 4.1 recipe as defaults ----------------------------------------------------------------
@@ -49,7 +48,7 @@ def get_args(argv=None):
         "--drop_path": "stochastic depth of the last block (default: 0.1; 0.2 for vit_large_patch16, Sec. 4.1 + "
                        "released README)",
         "--mask_ratio": "fraction of patches hidden from the student, in [0, 1): Table 4 (0 = the student sees all "
-                        "196 patches, Table 4's first row)"})
+                        "196 patches, Table 4's first row)"}, ratios="[0, 1)")
     # MaskAlign Sec. 4.1: AdamW (0.9, 0.95), base lr 1.5e-4, wd 0.05, batch 1024 (released README: 128 per GPU x 8),
     # cosine with 10% warmup (20 of 200 epochs, README), min lr 1e-5 (README), drop path 0.1 (0.2 for ViT-L, README),
     # RandomResizedCrop + flip (MAE's crop scale (0.2, 1)); Table 4: mask ratio 0.7; CLIP ViT-B/16 teacher.
@@ -60,8 +59,8 @@ def get_args(argv=None):
     p.add_argument("--align", choices=["dynamic", "layerwise"], default="dynamic",
                    help="Sec. 3.3 Dynamic Alignment (Eq. 1), or Layer-wise: each target level from the student "
                         "block at the same relative depth, no matrix (Table 3)")
-    p.add_argument("--top_k", type=common.COUNT, default=5, help="align with the teacher's last K levels (Table 3: K = 5); "
-                   "clipped to the teacher depth")
+    p.add_argument("--top_k", type=common.COUNT, help="align with the teacher's last K levels, at most its depth; default: "
+                   "5 (Table 3), or the teacher's depth if smaller (tiny: 2)")
     p.add_argument("--align_cls", action=argparse.BooleanOptionalAction, default=True,
                    help="put the CLS token in the loss (Table 6 best row); --no-align_cls is Tables 3-5's setting")
     p.add_argument("--adaptor", choices=["linear", "mlp"], default="linear", help="Table 6: a Linear adaptor per "
@@ -174,6 +173,10 @@ def build_model(args):
     """-> (model, teacher): the trained student (encoder + DA module) and the frozen teacher."""
     encoder = common.build_vit(args.model, args.input_size, drop_path=args.drop_path)
     teacher = common.Teacher(args.teacher, args.teacher_weights, encoder.grid).to(args.device)
+    if (args.top_k or 0) > teacher.depth:
+        raise common.UserError(f"--top_k {args.top_k}: --teacher {args.teacher} has {teacher.depth} levels (blocks) to "
+                               f"align with; pass at most {teacher.depth}")
+    args.top_k = args.top_k or min(5, teacher.depth)  # Table 3: K = 5 (the tiny teacher has 2); saved as used
     model = MaskAlign(encoder, teacher.depth, teacher.width, args.top_k, args.align, args.adaptor)
     return model.to(args.device), teacher
 
@@ -191,7 +194,8 @@ def forward_step(model, teacher, batch, args, per_patch=False):
     else:
         mask = common.random_masking(len(images), N, n_keep, images.device)
     ids_keep, _ = common.ids_from_mask(mask, n_keep)  # [B, 58], ascending
-    target = alignment_targets(out["hidden"], ids_keep, min(args.top_k, teacher.depth), args.target_norm)  # [K, B, 59, W]
+    K = args.top_k or min(5, teacher.depth)  # (unset: build_model's K, for a caller that did not build through it)
+    target = alignment_targets(out["hidden"], ids_keep, K, args.target_norm)  # [K, B, 59, W]
     loss, pred = model(images, ids_keep, target, args.align_cls)
     patch_loss = None
     if per_patch:
@@ -232,7 +236,8 @@ def main(argv=None):
     optimizer = common.build_optimizer(model, args, no_decay=("align_matrix",))  # released: no decay on w
     ckpt = common.Checkpointer(args, "mask_align", model, optimizer)  # exact resume: model, optimizer, RNGs, position
     start_epoch, start_step = ckpt.resume()  # --resume (auto: OUTPUT_DIR's last); another run's folder is refused
-    common.announce(args, "mask_align", dataset, loader.sampler.steps, start_epoch)
+    common.announce(args, "mask_align", dataset, loader.sampler.steps, start_epoch,
+                    f"teacher {args.teacher} ({args.teacher_weights}), its last {args.top_k} levels (--top_k)")
     teacher.prepare(args)  # frozen, outside DDP; on a GPU in the autocast dtype
     student = DDP(model) if args.world_size > 1 else model  # the trained student only
     student = torch.compile(student) if args.compile else student

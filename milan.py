@@ -34,12 +34,11 @@ Smoke run, no downloads: python milan.py --data fake --model vit_nano_patch16 --
 """
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import common
 
 
 # ---- Arguments: App. A.1 recipe as defaults ----------------------------------------------------------------
@@ -104,7 +103,7 @@ class PromptingAttention(nn.Module):
 
 class PromptingBlock(nn.Module):
     """MILAN Fig. 1(c): X <- X + MHA(LN1(X), Z), X <- X + FFN(LN2(X)). Only X is updated; Z is
-    neither written nor re-normalised (as released)."""
+    neither written nor re-normalised (as released). Uses common.Mlp."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), PromptingAttention(dim, num_heads)
@@ -116,7 +115,8 @@ class PromptingBlock(nn.Module):
 
 
 class MILAN(nn.Module):
-    """Encoder + decoder ('prompting': Sec. 2.3; 'mae': MAE's, Table 5) + loss ('clip': Eq. 1; 'pixel': MAE's)."""
+    """Encoder + decoder ('prompting': Sec. 2.3; 'mae': MAE's, Table 5) + loss ('clip': Eq. 1; 'pixel': MAE's). Uses
+    common.Block (MAE's decoder), common.sincos_pos_embed and common.gather."""
     def __init__(self, encoder, target_dim, decoder_dim=512, decoder_depth=8, decoder_heads=16, decoder="prompting",
                  target="clip"):
         super().__init__()

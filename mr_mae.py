@@ -56,11 +56,10 @@ import os
 from collections import OrderedDict
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C or SIGTERM during the slow imports is then one line (common.py's top)
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import common
 
 
 # ---- Arguments: Sec. 4.1 recipe as defaults ----------------------------------------------------------------
@@ -170,7 +169,7 @@ class CBlock(nn.Module):
     x <- x + conv2(dwconv5x5(m * conv1(LN(x)))),  x <- x + MLP(LN(x)), with m = 1 on visible positions and
     0 on masked ones. The depthwise conv is the only op that mixes positions, and it reads zeros at
     every masked position, so nothing from a masked patch reaches a visible one. LN, 1x1 convs and the
-    MLP act per position."""
+    MLP act per position. Uses common.drop_path."""
     def __init__(self, dim, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.norm1, self.conv1, self.conv2 = nn.LayerNorm(dim, eps=1e-6), nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)
@@ -192,7 +191,8 @@ class ConvViT(nn.Module):
     (56x56 at 224 px), CBlocks; stage 2: stride-2 conv to 2G x 2G (28x28), CBlocks; stage 3: stride-2 conv
     to the G x G patch grid (14x14), Linear, fixed sin-cos positions, then [CLS] + the visible tokens
     only through transformer blocks and the final norm. Stages 1-2 run densely with the mask multiplied
-    in. forward(x, ids_keep [B, n] or None, return_hidden) -> [B, 1+n, D] (and per-block outputs)."""
+    in. forward(x, ids_keep [B, n] or None, return_hidden) -> [B, 1+n, D] (and per-block outputs). Uses common.Block,
+    common.sincos_pos_embed, common.gather and common.mask_from_ids."""
     def __init__(self, img_size=224, dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, mlp_ratios=(4, 4, 4),
                  drop_path=0.0):
         super().__init__()
@@ -285,7 +285,8 @@ class MRMAE(nn.Module):
     """MR-MAE Fig. 2: encoder on the visible patches -> E_v (fused blocks, final LN); E_v -> mimic head L
     (visible mimic, L_M) and E_v -> MAE decoder (masked reconstruct, L_R). high_level 'reconstruct' (Table 3 row 5,
     Fig. 1b): no mimic head; a feature head on the decoder output reconstructs the teacher's masked features.
-    target_dim: the teacher's C, or a list of them (Table 4 Joint: one mimic head per teacher)."""
+    target_dim: the teacher's C, or a list of them (Table 4 Joint: one mimic head per teacher). Uses common.Block,
+    common.sincos_pos_embed and common.gather."""
     def __init__(self, encoder, target_dim, fusion_layers, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                  loss_weights=(0.5, 0.5), high_level="mimic"):
         super().__init__()

@@ -6,8 +6,8 @@ after warm-up), peak memory, and on CUDA the model FLOP utilisation against the 
       --teacher_weights none --batch_size 8 --json out.json
 
 Each method runs in its own process (clean peak-memory numbers) through the interface every method
-file shares: get_args, build_transform, build_model, forward_step. `milan_mae_decoder` is MILAN with
-an MAE-style decoder in place of the prompting decoder (the MILAN Sec. 2.3 cost comparison).
+file shares: get_args, build_transform, build_model, forward_step. `milan_mae_decoder` is milan.py's
+--decoder mae arm: MAE's decoder in place of the prompting decoder (the MILAN Sec. 2.3 cost comparison).
 `--variant` re-creates the code as it would be without one speed measure, to measure before/after:
   teacher_grad     the teacher is not frozen and runs with autograd (no requires_grad_(False), no no_grad)
   eager_attention  attention as softmax(q k^T / sqrt(d)) v instead of F.scaled_dot_product_attention
@@ -36,42 +36,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
 import common  # noqa: E402
-import milan  # noqa: E402
 
 METHODS = {  # method -> (module, extra flags)
     "milan": ("milan", []),
-    "milan_mae_decoder": ("milan", []),
+    "milan_mae_decoder": ("milan", ["--decoder", "mae"]),
     "cae": ("cae", ["--target", "dalle", "--dalle_weights", "none"]),
     "cae_v2": ("cae_v2", []),
     "mr_mae": ("mr_mae", []),
     "mask_align": ("mask_align", []),
 }
+PYTHON = [sys.executable]  # how each method's process is started (the tests start it through their fork server)
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense, no sparsity
-
-
-# ---- The MAE-style decoder baseline (MILAN Sec. 2.3 compares the prompting decoder with it) -------
-class MAEStyleMILAN(milan.MILAN):
-    """MILAN with MAE's decoder: self-attention blocks over all 1 + N tokens (CLS, the embedded visible
-    latents and one mask token per masked patch), so visible tokens are updated too and every block
-    attends over 197 tokens, where the prompting decoder only updates (and queries with) the masked ones."""
-    def __init__(self, encoder, target_dim, decoder_dim=512, decoder_depth=8, decoder_heads=16):
-        super().__init__(encoder, target_dim, decoder_dim, decoder_depth, decoder_heads)
-        self.decoder_blocks = nn.ModuleList(common.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
-
-    def forward_decoder(self, latent, ids_keep, ids_mask):
-        B, dim = latent.shape[0], self.mask_token.shape[-1]
-        x = self.decoder_embed(latent)  # [B, 1+n, Dd]
-        x = torch.cat([x[:, 1:], self.mask_token.expand(B, ids_mask.shape[1], -1)], 1)  # [B, N, Dd]
-        ids_restore = torch.argsort(torch.cat([ids_keep, ids_mask], 1), 1)
-        x = x.gather(1, ids_restore[..., None].expand(-1, -1, dim))  # [B, N, Dd], raster order
-        x = torch.cat([self.decoder_embed(latent[:, :1]), x], 1) + self.decoder_pos_embed  # [B, 1+N, Dd]
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x[:, 1:]))  # [B, N, C]
 
 
 def eager_attention_forward(self, x):  # the 'before' of SDPA: materialised [B, H, N, N] attention
@@ -145,12 +123,7 @@ def build(method, opts):
     args = module.get_args(argv)
     args.rank, args.world_size, args.device, args.lr = 0, 1, opts.device, 1e-4
     args.amp = "bf16" if opts.device.startswith("cuda") else "none"
-    if method == "milan_mae_decoder":
-        module.MILAN, milan_cls = MAEStyleMILAN, module.MILAN
-        model, teacher = module.build_model(args)
-        module.MILAN = milan_cls
-    else:
-        model, teacher = module.build_model(args)
+    model, teacher = module.build_model(args)
     batch, _ = next(iter(common.build_loader(common.build_dataset(args, module.build_transform(args)), args)))
     return module, args, model, teacher, common.to_device(batch, opts.device)
 
@@ -161,6 +134,21 @@ def mha_flops(query, key, value, embed_dim, num_head, *args, out_shape=None, **k
     B, L, E = query
     S = key[1]
     return 2 * B * (L * E * E + 2 * S * E * E + 2 * L * S * E + L * E * E)
+
+
+def cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
+    """F.scaled_dot_product_attention's CPU kernel, which torch.utils.flop_counter does not count (its CUDA kernels it
+    does): q k^T and the attention-weighted sum of v."""
+    return sdpa_flop_count(query, key, value)
+
+
+def cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out, query, key, value)  # the gradients of q, k, v and of the weights
+
+
+CUSTOM_FLOPS = {torch.ops.aten._native_multi_head_attention: mha_flops,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flops,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward_flops}
 
 
 def flop_counts(module, model, teacher, batch, args, detach_encoder=False):
@@ -182,7 +170,7 @@ def flop_counts(module, model, teacher, batch, args, detach_encoder=False):
         object.__setattr__(model, "encoder", EncoderWithoutAutograd())
     try:
         with FlopCounterMode(display=False, depth=None,
-                             custom_mapping={torch.ops.aten._native_multi_head_attention: mha_flops}) as fc:
+                             custom_mapping=CUSTOM_FLOPS) as fc:
             with common.autocast(args):
                 loss = module.forward_step(model, teacher, batch, args)["loss"]
             loss.backward()
@@ -293,6 +281,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="print the time shares per kind of kernel (CUDA) or op (CPU)")
     p.add_argument("--json", help="write the records (a JSON list) here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method in this process
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     opts = p.parse_args(argv)
     opts.variant = [v for v in opts.variant.split(",") if v]
     if opts.one:
@@ -303,7 +292,7 @@ def main(argv=None):
         raise common.UserError(f"--methods: unknown method {unknown[0]}; choose from {', '.join(METHODS)}")
     records = []
     for method in opts.methods.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", method] + [a for a in sys.argv[1:]]
+        cmd = PYTHON + [os.path.abspath(__file__), "--one", method] + argv
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RECORD ")]
         if proc.returncode or not line:

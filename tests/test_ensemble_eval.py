@@ -8,7 +8,7 @@ import torch
 import common
 import finetune
 
-FAKE = ["--data", "fake", "--fake_size", "32", "--batch_size", "8", "--num_workers", "0"]  # 8 val images, 10 classes
+FAKE = ["--data", "fake", "--fake_size", "32", "--batch_size", "8", "--num_workers", "0"]  # 64 val images (a fixed set), 10 classes
 
 
 def save(path, mode, scale, nb_classes=10, **extra):
@@ -52,7 +52,7 @@ def test_ensemble_is_the_mean_of_the_two_models_softmax_outputs(tmp_path, capsys
     result = finetune.main(FAKE + ["--finetune", str(tmp_path / "a.pth"), "--ensemble", str(tmp_path / "b.pth"),
                                    "--output_dir", str(tmp_path / "eval")])  # (--ensemble: --eval implied)
     want = hand_stats(mean, labels)
-    assert result["val_images"] == 8 and {k: result[k] for k in want} == pytest.approx(want, abs=1e-4)
+    assert result["val_images"] == 64 and {k: result[k] for k in want} == pytest.approx(want, abs=1e-4)
     for alone in (hand_stats(probs_a, labels), hand_stats(probs_b, labels)):  # neither model alone gives it
         assert alone["val_loss"] != pytest.approx(want["val_loss"], abs=1e-3)
     logit_mean = [[(x + y) / 2 for x, y in zip(ra, rb)] for ra, rb in zip(

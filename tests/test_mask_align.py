@@ -40,7 +40,9 @@ def test_defaults_are_the_paper_recipe():
     a = mask_align.get_args(["--data", "fake"])
     assert (a.batch_size, a.accum_iter, a.blr, tuple(a.betas), a.weight_decay) == (128, 1, 1.5e-4, (0.9, 0.95), 0.05)
     assert (a.epochs, a.warmup_epochs, a.min_lr, a.crop_min, a.mask_ratio) == (200, 20, 1e-5, 0.2, 0.7)
-    assert (a.drop_path, a.mask_type, a.align, a.top_k, a.align_cls) == (0.1, "attention", "dynamic", 5, True)
+    assert (a.drop_path, a.mask_type, a.align, a.top_k, a.align_cls) == (0.1, "attention", "dynamic", None, True)
+    a.teacher, a.teacher_weights, a.model, a.device = "tiny", "none", "vit_nano_patch16", "cpu"
+    assert mask_align.build_model(a)[0].num_levels == a.top_k == 2  # unset: Table 3's K = 5, or a shallower teacher's depth
     assert a.batch_size * 8 * 1.5e-4 / 256 == pytest.approx(6e-4)  # Sec. 4.1 batch 1024 on 8 GPUs
     assert mask_align.get_args(["--data", "fake", "--model", "vit_large_patch16"]).drop_path == 0.2
     assert mask_align.get_args(["--data", "fake", "--drop_path", "0"]).drop_path == 0.0

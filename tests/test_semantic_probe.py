@@ -110,7 +110,7 @@ def test_a_semantic_probe_trains_saves_and_eval_repeats_it_with_the_teacher(mila
                                    str(tmp_path / "eval")])
     assert {k: result[k] for k in ("acc1", "acc5", "val_loss")} == pytest.approx(
         {k: stats[k] for k in ("acc1", "acc5", "val_loss")}, abs=1e-6)
-    assert len(calls) == 1 and calls[0].name == "tiny"  # 8 val images: one batch
+    assert len(calls) == 8 and {t.name for t in calls} == {"tiny"}  # 64 val images: 8 batches of 8
     assert f"teacher tiny: weights loaded from {weights}" in capsys.readouterr().out
     finetune.main(TINY + ["--finetune", str(out / "checkpoint-last.pth"), "--eval", "--teacher_weights", "none",
                           "--output_dir", str(tmp_path / "eval2")])  # weights elsewhere (here: none) for the same teacher

@@ -151,7 +151,7 @@ def test_mask_align_targets_are_the_teachers_features_of_each_visible_patch(tiny
         out = mask_align.forward_step(model, tiny_teacher, x, args)
         ids_keep, _ = common.ids_from_mask(out["mask"], n_keep)
         hidden = tiny_teacher(x, tokens=False, hidden=True)["hidden"]
-        K = min(args.top_k, tiny_teacher.depth)
+        K = min(5, tiny_teacher.depth)  # --top_k unset: Table 3's K = 5, at most the teacher's depth
         every = mask_align.alignment_targets(hidden, torch.arange(N).expand(B, N), K, args.target_norm)  # [K, B, 1+N, W]
         target = torch.stack([torch.cat([every[k][:, :1], at(every[k][:, 1:], ids_keep)], 1) for k in range(K)])
         expected, _ = model(x, ids_keep, target, args.align_cls)
