@@ -140,8 +140,13 @@ def get_args(argv=None):
       "CLS token (MAE's protocol), or the mean patch token; measured: the CLS probe hides what MILAN, CAE v2 and MR-MAE "
       "learn, since only MaskAlign trains the CLS token directly (README)")
     a("--finetune_epochs", type=common.SIZE, default=0, help="0: no fine-tuning column; N: also fine-tune the "
-      "random student and every pre-trained one with finetune.py --mode finetune for N epochs (its defaults, the "
-      "batch and crop of the probe, warmup N/10), val top-1 after the last epoch (finetune_top1)")
+      "random student and every pre-trained one with finetune.py --mode finetune for N epochs (its defaults: MAE's "
+      "recipe, AdamW, layer decay 0.65, drop path 0.1, RandAugment, mixup / cutmix, label smoothing; the batch and "
+      "crop of the probe, warmup 5/100 of the epochs as MAE's, lr --finetune_lr), val top-1 after the last epoch")
+    a("--finetune_lr", type=POS, default=2e-3, help="fine-tuning peak lr: MAE's ViT-B recipe (blr 5e-4 x batch 1024 / "
+      "256), kept as the papers' peak lrs are kept for pre-training")
+    a("--attnprobe_lr", type=POS, default=0.4, help="attentive probe (finetune.py --mode attnprobe, ablate.py's CAE "
+      "table) peak lr: CAE App. A's SGD lr 0.4, kept as above; --probe_epochs, warmup 10/90 of them")
     a("--cae_fig4", action="store_true", help="also run CAE Sec. 3 / Fig. 4: cae.py --target pixel pre-trained with "
       "--align_weight 2 and 0 (same recipe and length as the rows) for each of --fig4_seeds; then all patches of the "
       "val images through the encoder and straight to the decoder, the regressor skipped: recon_mse (all "
@@ -472,25 +477,35 @@ def pretrain(row, run_dir, args, data, teacher_path, log, env, extra=(), epochs=
     return run(cmd, run_dir, log, label, env)
 
 
-def linprobe(ckpt, out_dir, args, data, log, label, env):
-    cmd = ["finetune.py", "--mode", "linprobe", "--data", data, "--finetune", ckpt, "--input_size", args.input_size,
-           "--crop_min", args.probe_crop_min, "--pool", args.probe_pool, "--epochs", args.probe_epochs, "--warmup_epochs", f"{args.probe_epochs / 9:.4g}", "--batch_size",
-           args.probe_batch, "--lr", args.probe_lr, "--seed", args.seed, "--num_workers", 1, "--output_dir", out_dir]
+PROTOCOLS = {  # finetune.py --mode: (its epochs flag here, its lr flag here, warmup fraction of its paper's recipe)
+    "linprobe": ("probe_epochs", "probe_lr", 10 / 90),  # MAE's linear probe: 10 of 90 epochs
+    "attnprobe": ("probe_epochs", "attnprobe_lr", 10 / 90),  # CAE App. A: 10 of 90 epochs
+    "finetune": ("finetune_epochs", "finetune_lr", 5 / 100)}  # MAE / BEiT fine-tuning: 5 of 100 epochs
+
+
+def evaluate(mode, ckpt, out_dir, args, data, log, label, env, extra=()):
+    """finetune.py --mode MODE on a checkpoint, the one laptop recipe of that protocol (the same for every row and arm):
+    finetune.py's defaults (its paper recipe: optimiser, layer decay, drop path, augmentation, head), the probe's batch
+    and crop scale, the protocol's epochs, its paper's warmup fraction and its paper's peak lr (--probe_lr,
+    --attnprobe_lr, --finetune_lr), as the recipe rule keeps the pre-training papers' peak lrs; extra: more flags.
+    -> (seconds, val top-1 (%) after the last epoch)."""
+    epochs_flag, lr_flag, warmup = PROTOCOLS[mode]
+    epochs = getattr(args, epochs_flag)
+    cmd = ["finetune.py", "--mode", mode, "--data", data, "--finetune", ckpt, "--input_size", args.input_size,
+           "--crop_min", args.probe_crop_min, *(["--pool", args.probe_pool] if mode == "linprobe" else []),
+           "--epochs", epochs, "--warmup_epochs", f"{epochs * warmup:.4g}", "--batch_size", args.probe_batch,
+           "--lr", getattr(args, lr_flag), "--seed", args.seed, "--num_workers", 1, *extra, "--output_dir", out_dir]
     secs, records = run([str(c) for c in cmd], out_dir, log, label, env)
     return secs, records[-1]["acc1"]
 
 
+def linprobe(ckpt, out_dir, args, data, log, label, env):
+    return evaluate("linprobe", ckpt, out_dir, args, data, log, label, env)
+
+
 def finetune_top1(ckpt, out_dir, args, data, log, label, env):
-    """finetune.py --mode finetune (its recipe: AdamW, layer decay, RandAugment, mixup / cutmix, drop path, lr by its
-    blr x batch / 256) for --finetune_epochs, warmup a tenth of them, the probe's batch and crop scale: top-1 (%)
-    after the last epoch, or None when the column is off."""
-    if not args.finetune_epochs:
-        return None
-    cmd = ["finetune.py", "--mode", "finetune", "--data", data, "--finetune", ckpt, "--input_size", args.input_size,
-           "--crop_min", args.probe_crop_min, "--epochs", args.finetune_epochs, "--warmup_epochs",
-           f"{args.finetune_epochs / 10:.4g}", "--batch_size", args.probe_batch, "--seed", args.seed, "--num_workers", 1,
-           "--output_dir", out_dir]
-    return run([str(c) for c in cmd], out_dir, log, label, env)[1][-1]["acc1"]
+    """The fine-tuning column (evaluate's finetune recipe), or None when --finetune_epochs is 0."""
+    return evaluate("finetune", ckpt, out_dir, args, data, log, label, env)[1] if args.finetune_epochs else None
 
 
 # ---- CAE Sec. 3, Fig. 4: are the regressor's predictions in the encoder's representation space? --------------
