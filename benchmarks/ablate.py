@@ -401,15 +401,16 @@ def report(records, verdicts, randoms):
             continue
         m = spec["metric"]
         print(f"\n{t}: {spec['paper']} {spec['table']}; paper: {spec['paper_metric']}\n"
-              f"| arm | flags | paper | {m} top-1 (%) | linear probe top-1 (%) | seeds | teacher R² | colour R² |\n"
+              f"| arm | flags | paper | {m} top-1 (%) | linear probe top-1 (%) | seeds (each column) | teacher R² | colour R² |\n"
               f"|---|---|---|---|---|---|---|---|")
         for arm, (script, flags, number, *_) in spec["arms"].items():
             rs = [r for r in rows if r["arm"] == arm]
             if rs:
                 on, lp = scores(rows, t, arm, column(arm_measure(t, arm))), scores(rows, t, arm, "probe_top1")
                 r2 = " | ".join(f"{np.mean([r[k] for r in rs]):.2f}" for k in ("teacher_r2", "colour_r2"))
+                seeds = f"{len(on)}" if len(on) == len(lp) else f"{len(on)} / {len(lp)}"  # (yardstick / probe)
                 print(f"| {arm} | `{script}.py {' '.join(flags)}` | {number} | {summary(on)} | "
-                      f"{summary(lp) if arm_measure(t, arm) != 'linprobe' else 'the same'} | {len(rs)} | {r2} |")
+                      f"{summary(lp) if arm_measure(t, arm) != 'linprobe' else 'the same'} | {seeds} | {r2} |")
         for c in (c for c in verdicts if c["table"] == t):
             print(claim_line(c))
 
