@@ -433,20 +433,14 @@ def build_optimizer(model, args):
 
 
 # ---- Training ---------------------------------------------------------------------------------------
-def rgb(img):
-    """The dataset's images are opened, not decoded (common.build_dataset): greyscale (16-bit too), CMYK, palette, RGBA
-    -> 8-bit RGB."""
-    return common.to_rgb(img)
-
-
 def build_transform(args, train=True):
     """Probes: RandomResizedCrop (bicubic) + flip, as pre-training (common.View: uint8, normalised on the device).
-    Val: resize to input/0.875 (256 for 224), centre crop (MAE, BEiT), uint8 too. Finetune mode: crop + flip,
-    RandAugment m9 (2 ops, mean-pixel fill), normalisation and random erasing in the worker (float: the erased
-    pixels are N(0, 1) in normalised units)."""
+    Val: 8-bit RGB (common.to_rgb), resize to input/0.875 (256 for 224), centre crop (MAE, BEiT), uint8 too. Finetune:
+    8-bit RGB, crop + flip, RandAugment m9 (2 ops, mean-pixel fill), normalisation and random erasing in the worker
+    (float: the erased pixels are N(0, 1) in normalised units)."""
     bicubic = InterpolationMode.BICUBIC
     if not train:
-        return v2.Compose([v2.Lambda(rgb), v2.Resize(int(args.input_size / 0.875), interpolation=bicubic),
+        return v2.Compose([v2.Lambda(common.to_rgb), v2.Resize(int(args.input_size / 0.875), interpolation=bicubic),
                            v2.CenterCrop(args.input_size), v2.PILToTensor()])
     if args.mode != "finetune":  # probes: no other augmentation (CAE App. A, MILAN App. A.1)
         return common.View(args.input_size, args.crop_min)
@@ -455,7 +449,7 @@ def build_transform(args, train=True):
     fill = [round(255 * m) for m in common.IMAGENET_MEAN]
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
     erase = [v2.RandomErasing(args.reprob, value="random")] if args.reprob > 0 else []  # N(0, 1) pixels, timm 'pixel'
-    return v2.Compose([v2.Lambda(rgb)] + crop + [v2.RandAugment(2, 9, interpolation=bicubic, fill=fill)] + tail + erase)
+    return v2.Compose([v2.Lambda(common.to_rgb)] + crop + [v2.RandAugment(2, 9, interpolation=bicubic, fill=fill)] + tail + erase)
 
 
 def build_mixup(args):
