@@ -31,9 +31,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 class UserError(Exception):
-    """A wrong flag, path or file: reported as one line on stderr, exit code 2, no traceback. local: met by this rank
-    alone (its images, its loss), which then reports it; otherwise every rank meets it and each node's local rank 0
-    reports it (once in each node's log)."""
+    """A wrong flag, path or file: one line on stderr, exit 2, no traceback. local: met by this rank alone (its images,
+    its loss), which reports it; otherwise every rank meets it and each node's local rank 0 reports it."""
     def __init__(self, message, local=False):
         super().__init__(message)
         self.local = local
@@ -310,8 +309,7 @@ def stop_if_asked():  # before the first training step (start-up, --eval): a sig
 
 def cli(main, argv=None):
     """Every script's entry point: a UserError is one line (exit 2; under torchrun once a node); SIGTERM / Ctrl-C one
-    line on how to go on; any other error its traceback, then the process and its DataLoader workers end at once (exit 1; the
-    workers ignore SIGTERM, so the interpreter's exit would wait on them forever). argv given (a test): raised."""
+    line on how to go on; any other error its traceback, then the process and its workers end at once (exit 1)."""
     signal.signal(signal.SIGTERM, on_signal), signal.signal(signal.SIGINT, on_signal)
     try:
         main(argv)
@@ -329,7 +327,7 @@ def cli(main, argv=None):
             print(f"\n{'interrupted' if name == 'SIGINT' else 'stopped by ' + name}{where}{how}", file=sys.stderr)
         sys.exit(130 if name == "SIGINT" else 143)
     except Exception:
-        if argv is not None:
+        if argv is not None:  # (a test: raised)
             raise
         signal.signal(signal.SIGTERM, signal.SIG_DFL), signal.signal(signal.SIGINT, signal.SIG_DFL)  # a signal: now
         traceback.print_exc()
@@ -373,10 +371,9 @@ def load_teacher(name, weights):
         except RuntimeError as e:
             raise UserError(f"--teacher_weights {weights} does not fit --teacher {name} "
                             f"({str(e).splitlines()[-1].strip()[:150]}); pass the file of that architecture") from None
-    if weights == "none" and RUN["rank"] == 0 and name == "tiny":  # the tests' and smoke runs' tower: random by design
-        print("teacher tiny: random weights (--teacher_weights none), the smoke runs' tower", file=sys.stderr)
-    elif weights == "none" and RUN["rank"] == 0:
-        print(f"WARNING: teacher {name} has RANDOM weights (--teacher_weights none): fine for tests and smoke runs, "
+    if weights == "none" and RUN["rank"] == 0:  # tiny: the tests' and smoke runs' tower, random by design
+        print("teacher tiny: random weights (--teacher_weights none), the smoke runs' tower" if name == "tiny" else
+              f"WARNING: teacher {name} has RANDOM weights (--teacher_weights none): fine for tests and smoke runs, "
               f"meaningless for pre-training", file=sys.stderr)
     elif RUN["rank"] == 0:
         what = f"{weights} ({'OpenAI TorchScript archive, ' if is_torchscript(weights) else ''}{len(net.state_dict())} " \
