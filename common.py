@@ -299,8 +299,8 @@ class Stopped(Exception):
     """SIGTERM or Ctrl-C: the run stops (training: after the update in progress and a checkpoint)."""
 
 def on_signal(signum, frame):  # recorded: raised here, it could be lost (in an at-fork hook, logging); the run acts on
-    if RUN["stop"]:  # it where it looks (stop_if_asked; training: Checkpointer.step_done, after the update); twice: now
-        raise Stopped(signal.Signals(signum).name)
+    if RUN["stop"] and signum == signal.SIGINT:  # it where it looks (stop_if_asked, Checkpointer.step_done); Ctrl-C
+        raise Stopped("SIGINT")  # twice: now (not SIGTERM twice: under torchrun the scheduler's and torchrun's own)
     RUN["stop"] = signal.Signals(signum).name
 
 def stop_if_asked():  # before the first training step (start-up, --eval): a signal recorded so far stops the run here

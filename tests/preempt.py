@@ -2,7 +2,8 @@
 a cluster does it. PREEMPT_AT_STEP=k: right after the mid-epoch checkpoint at step k is written, every
 rank SIGKILLs itself (rank 0 first copies that checkpoint to checkpoint-last.pth.at-kill). SIGNAL_AT_UPDATE=k: right
 after the k-th optimiser update the process sends itself SIGNAL (SIGTERM, or SIGINT: Ctrl-C), or with SIGNAL_GROUP=1
-sends it to its whole process group, DataLoader workers included, as a scheduler or a terminal does. RAISE_AT_UPDATE=k:
+sends it to its whole process group, DataLoader workers included, as a scheduler or a terminal does; SIGNAL_COUNT=n: n
+times (a rank under torchrun gets a scheduler's SIGTERM twice: its own, and torchrun's forward). RAISE_AT_UPDATE=k:
 right after the k-th optimiser update the process raises RuntimeError("injected failure at <time.time()> in pid
 <pid>") (on rank RAISE_RANK only, if set), as an unexpected error (a CUDA out-of-memory, a bug) would.
 HOLD_AT_UPDATE=k: right after the k-th update rank 0 writes its pid to the file HOLD_FILE, and every rank waits until
@@ -43,7 +44,8 @@ def step_then_signal(*args):
     updates[0] += 1
     if updates[0] == signal_at:
         sig = getattr(signal, os.environ.get("SIGNAL", "SIGTERM"))
-        os.killpg(os.getpgid(0), sig) if os.environ.get("SIGNAL_GROUP") else os.kill(os.getpid(), sig)
+        for _ in range(int(os.environ.get("SIGNAL_COUNT", 1))):  # 2: a scheduler's SIGTERM and torchrun's forward of it
+            os.killpg(os.getpgid(0), sig) if os.environ.get("SIGNAL_GROUP") else os.kill(os.getpid(), sig)
     if updates[0] == raise_at and raise_rank == os.environ.get("RANK", "0"):
         raise RuntimeError(f"injected failure at {time.time()} in pid {os.getpid()}")
     if updates[0] == hold_at:

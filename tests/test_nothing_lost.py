@@ -176,6 +176,21 @@ def test_sigterm_to_the_whole_process_group_with_workers(tmp_path):
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["step"] == 2
 
 
+def test_a_second_sigterm_still_saves_a_second_ctrl_c_stops_at_once(tmp_path):
+    """Under torchrun a scheduler's SIGTERM reaches each rank twice (its own, and torchrun's forward of the one torchrun
+    got): the run still finishes the update, saves and exits 143 (a second SIGTERM stopped it at once, without a
+    checkpoint: a preempted job lost all since its last save). Ctrl-C twice still stops at once, as the README says."""
+    flags = FAST + ["--accum_iter", "1"]
+    runs = run_forked({sig: (["tests/preempt.py", "milan.py"] + flags + ["--output_dir", tmp_path / sig],
+                             {"SIGNAL_AT_UPDATE": "2", "SIGNAL_COUNT": "2", "SIGNAL": sig}) for sig in ("SIGTERM", "SIGINT")})
+    code, _, err = runs["SIGTERM"]
+    assert code == 143 and err.strip().splitlines()[-1].startswith("stopped by SIGTERM at epoch 0, step 2"), err[-2000:]
+    assert torch.load(tmp_path / "SIGTERM" / "checkpoint-last.pth", weights_only=True)["step"] == 2
+    code, _, err = runs["SIGINT"]
+    assert code == 130 and "no checkpoint was written" in err.strip().splitlines()[-1], err[-2000:]
+    assert not (tmp_path / "SIGINT" / "checkpoint-last.pth").exists()
+
+
 # ---- The unreadable-image limit -------------------------------------------------------------------------------
 def test_unreadable_limit_does_not_depend_on_batch_log_interval_or_order():
     """Simulated epochs of 1,000 images in random orders, at batch sizes 4 to 64, checked every update: with 8 bad
