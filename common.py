@@ -699,7 +699,9 @@ def setup(args, allow_zero_mask=False):
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such file; pass a checkpoint-*.pth written by this script")
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    RUN.update(rank=args.rank, output_dir=args.output_dir)
+    if RUN["lock"] is not None:  # an earlier run in this process (main() from a script or a notebook): not held now
+        os.close(RUN["lock"]), RUN.update(lock=None)
+    RUN.update(rank=args.rank, output_dir=args.output_dir, at=None, saved=None)
     cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
     args.device = f"cuda:{local}" if cuda else "cpu"
     if cuda:
@@ -754,7 +756,6 @@ def hold_output_dir(args, make=True):
     finally:
         if fd is not None:
             os.close(fd)
-    return None
 
 def announce(args, name, dataset, steps, start_epoch=0, targets=None):
     """Rank 0: the run and its lr arithmetic in two lines (every flag is in each checkpoint's 'args'), warnings; for a
@@ -1010,8 +1011,10 @@ class Checkpointer:
         if stop:
             RUN["at"] = (epoch, step)
             raise Stopped(RUN["stop"] or "a signal to another process")
-    def epoch_done(self, epoch):
+    def epoch_done(self, epoch):  # the last one frees --output_dir (a process that ran main() may live on)
         self.save(epoch + 1, 0, keep=(epoch + 1) % self.args.save_freq == 0 or epoch + 1 == self.args.epochs)
+        if epoch + 1 == self.args.epochs and RUN["lock"] is not None:
+            os.close(RUN["lock"]), RUN.update(lock=None)
 
 def log_epoch(args, stats):  # rank 0: one JSON line per epoch in OUTPUT_DIR/log.txt
     if args.rank == 0:

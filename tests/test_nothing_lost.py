@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common
+import milan
 from conftest import ROOT, SMOKE, python, run_forked
 from test_operations import FAST, FT_SMOKE, assert_same_state
 
@@ -100,6 +101,19 @@ def test_a_live_run_holds_its_folder_against_a_second_run(tmp_path):
         _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err[-3000:]
     assert [json.loads(x)["epoch"] for x in (out / "log.txt").read_text().splitlines()] == [0]
+
+
+def test_a_run_started_from_the_users_code_frees_its_folder_when_it_ends(tmp_path):
+    """main() called from a script or a notebook (the process lives on): once the run has ended its --output_dir is not
+    held, so a relaunch from a terminal is not refused as 'in use by a live run' (it was until the process ended); a
+    second run in the same process holds its own folder (it held none: the first run's lock stood for it)."""
+    first, second = tmp_path / "A", tmp_path / "B"
+    milan.main(FAST + ["--output_dir", str(first)])
+    code, _, err = run_forked({"relaunch": ["milan.py"] + FAST + ["--epochs", "2", "--output_dir", first,
+                                                                 "--resume", "auto"]})["relaunch"]
+    assert code == 0 and "in use" not in err, err[-3000:]
+    milan.main(FAST + ["--output_dir", str(second)])
+    assert (second / ".lock").read_text().startswith(f"pid {os.getpid()} ")
 
 
 def test_a_killed_runs_lock_never_blocks_its_relaunch(tmp_path):
