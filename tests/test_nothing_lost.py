@@ -107,12 +107,12 @@ def test_a_run_started_from_the_users_code_frees_its_folder_when_it_ends(tmp_pat
     """main() called from a script or a notebook (the process lives on): once the run has ended its --output_dir is not
     held, so a relaunch from a terminal is not refused as 'in use by a live run' (it was until the process ended); a
     second run in the same process holds its own folder (it held none: the first run's lock stood for it)."""
-    first, second = tmp_path / "A", tmp_path / "B"
-    milan.main(FAST + ["--output_dir", str(first)])
-    code, _, err = run_forked({"relaunch": ["milan.py"] + FAST + ["--epochs", "2", "--output_dir", first,
-                                                                 "--resume", "auto"]})["relaunch"]
+    first, second, flags = tmp_path / "A", tmp_path / "B", SMOKE + ["--fake_size", "16", "--warmup_epochs", "0"]
+    milan.main(flags + ["--output_dir", str(first)])
+    code, _, err = run_forked({"relaunch": ["milan.py"] + flags + ["--epochs", "2", "--output_dir", first,
+                                                                  "--resume", "auto"]})["relaunch"]
     assert code == 0 and "in use" not in err, err[-3000:]
-    milan.main(FAST + ["--output_dir", str(second)])
+    milan.main(flags + ["--output_dir", str(second)])
     assert (second / ".lock").read_text().startswith(f"pid {os.getpid()} ")
 
 
