@@ -24,14 +24,15 @@ probe 6.4), chosen before any arm was measured with them and the same for every 
 
 Seeds vary the student (--seed of the pre-training: initialisation, masks, data order) and its evaluations; the
 dataset and the teacher stay those of --data_seed; both arms of a claim still unresolved after --seeds also run
---close_seeds. The reference is learn.py's random_init row per seed: the randomly initialised student through the same
-yardsticks (dashed lines in the picture). Each (arm, seed) record is complete in one go (pre-training, then every
-yardstick it needs and the R^2) and kept in OUT/runs/<script>-<hash>-s<seed>/result.json, so a table can be extended
-(more --seeds), resumed (a run with a record is not trained again, a cut run goes on from its checkpoint) or re-run
-arm by arm (--rerun: trains again into OUT/reruns/ and says whether the record is reproduced). Records of an earlier
---json at the same scale and recipe (--records, by default the committed benchmarks/ablations.json) are reused, not
-retrained. A run shared by two tables (the same method file and resolved flags: MaskAlign Table 4's 0.7 is Table 6's
-LN; CAE v2 Figure 3's 0.5 is Table 1's No. 3 at the nano size; MILAN Tables 5 and 7) is trained once.
+--close_seeds (and so on, for a claim that an arm's new seeds leave unresolved). The reference is learn.py's
+random_init row per seed: the randomly initialised student through the same yardsticks (dashed lines in the picture).
+Each (arm, seed) record is complete in one go (pre-training, then every yardstick it needs and the R^2) and kept in
+OUT/runs/<script>-<hash>-s<seed>/result.json, so a table can be extended (more --seeds), resumed (a run with a record
+is not trained again, a cut run goes on from its checkpoint) or re-run arm by arm (--rerun: trains again into
+OUT/reruns/ and says whether the record is reproduced). Records of an earlier --json at the same scale and recipe
+(--records, by default the committed benchmarks/ablations.json) are reused, not retrained. A run shared by two tables
+(the same method file and resolved flags: MaskAlign Table 4's 0.7 is Table 6's LN; CAE v2 Figure 3's 0.5 is Table 1's
+No. 3 at the nano size; MILAN Tables 5 and 7) is trained once.
 
 Per claim ("A above B by x points" in the paper), on each yardstick, over the seeds: mean_delta = mean(A) - mean(B),
 se = sqrt(sd_A^2 / n_A + sd_B^2 / n_B) (sample sd), and the verdict: holds (mean_delta > 2 se, the paper's
@@ -381,6 +382,16 @@ def unresolved_arms(verdicts):
     return {(c["table"], x) for c in verdicts if c["verdict"] == "unresolved" for x in (c["better"], c["worse"])}
 
 
+def with_close_seeds(args, records, run_all):
+    """--close_seeds for both arms of every claim unresolved on its yardstick, again until no claim stays unresolved
+    with an arm not yet given them (an arm given more seeds for one claim enters its other claims with them too)."""
+    closed = set()
+    while args.close_seeds and not args.arms and (close := unresolved_arms(claims(records)) - closed):
+        records += run_all(selected(args, seeds=args.close_seeds, arms=close))
+        closed |= close
+    return records
+
+
 def summary(values):
     v = np.array(values, dtype=float)
     return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}" if len(v) else "pending"
@@ -552,9 +563,7 @@ def main(argv=None):
                                     **{k: v for k, v in have.items() if k not in ("script", "flags", "seed", "command")}))
         return records
 
-    records = run_all(selected(args))
-    close = unresolved_arms(claims(records)) if args.close_seeds and not args.arms else set()
-    records += run_all(selected(args, seeds=args.close_seeds, arms=close)) if close else []
+    records = with_close_seeds(args, run_all(selected(args)), run_all)
     measures = {arm_measure(t, arm) for t, arm, *_ in selected(args, seeds=[0])} | {"linprobe"}
     randoms = [r for r in (random_student(seed, out, args, None if args.report else measure_once(), measures, kept, log,
                                           env) for seed in args.seeds) if r]

@@ -77,6 +77,26 @@ def test_verdict_rule_on_each_yardstick():
         {("mask_align_t6", "ln"), ("mask_align_t6", "bn")}  # ln vs bn unresolved; bn > none holds: close seeds for two
 
 
+def test_close_seeds_are_given_again_until_no_claim_they_touch_stays_unresolved():
+    """MaskAlign Table 6 (LN > BN > none, fine-tuning): LN vs BN is unresolved at seeds 0-2 and both get 3-4; BN's new
+    seeds spread it so that BN > none, held at 3 seeds, is unresolved at 5 against 3: none gets 3-4 too, then it stops."""
+    ft = {"ln": [30, 32, 34, 31, 33], "bn": [29, 31, 33, 10, 50], "none": [20, 20.5, 21, 20, 21]}
+    calls = []
+
+    def run_all(todo):
+        calls.append(sorted({(t, arm) for t, arm, *_ in todo}))
+        return [dict(table=t, arm=arm, seed=seed, finetune_top1=ft[arm][seed], probe_top1=ft[arm][seed])
+                for t, arm, _, _, _, seed in todo]
+    args = ablate.get_args(["--tables", "mask_align_t6"])
+    records = ablate.with_close_seeds(args, run_all(ablate.selected(args)), run_all)
+    assert calls == [[("mask_align_t6", a) for a in arms] for arms in (("bn", "ln", "none"), ("bn", "ln"), ("none",))]
+    assert sorted((r["arm"], r["seed"]) for r in records) == sorted((a, s) for a in ft for s in range(5))
+    calls.clear()
+    args = ablate.get_args(["--tables", "mask_align_t6", "--arms", "ln", "bn"])  # chosen arms: no close seeds
+    ablate.with_close_seeds(args, run_all(ablate.selected(args)), run_all)
+    assert len(calls) == 1
+
+
 def test_reduced_tables_on_each_yardstick_keep_complete_records_and_reproduce(tmp_path, capsys):
     """MaskAlign Table 6's LN arm (fine-tuning) and CAE Table 2's full CAE (attentive probe), one seed, a few steps:
     each record holds its pre-training, the linear probe and its paper's yardstick, kept beside its checkpoint; the
