@@ -489,14 +489,15 @@ def plot(records, verdicts, randoms, path):
 def plot_claims(verdicts, path):
     """One point per claim: the paper's difference (x) against ours on the paper's yardstick (y), +- 2 standard errors,
     coloured by the verdict; the axes cross at 0, so a claim that holds sits in the upper right (the papers' deltas
-    are ImageNet points of ViT-B, ours laptop points: only the sign and the order compare)."""
-    cs = [c for c in verdicts if c["mean_delta"] is not None]
-    W, H, m = 760, 560, 60
+    are ImageNet points of ViT-B, ours laptop points: only the sign and the order compare). The names stand in a
+    column beside the plot, in the points' order from the top, each joined to its point by a line."""
+    cs = sorted((c for c in verdicts if c["mean_delta"] is not None), key=lambda c: -c["mean_delta"])
+    W, H, m, P = 1000, 560, 60, 640  # P: the plot's right edge, the names' column right of it
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
     xs = max([abs(c["paper_delta"]) for c in cs] + [1.0]) * 1.1
     ys = max([abs(c["mean_delta"]) + 2 * c["se"] for c in cs] + [1.0]) * 1.1
-    X = lambda v: m + (W - 2 * m) * (v + xs) / (2 * xs)  # noqa: E731
+    X = lambda v: m + (P - 2 * m) * (v + xs) / (2 * xs)  # noqa: E731
     Y = lambda v: H - m - (H - 2 * m) * (v + ys) / (2 * ys)  # noqa: E731
     d.line([(X(-xs), Y(0)), (X(xs), Y(0))], fill=(120, 120, 120)), d.line([(X(0), Y(-ys)), (X(0), Y(ys))], fill=(120, 120, 120))
     common.draw_text(d, (m, 10), f"each claim: paper's difference (x, ImageNet points, +-{xs:.1f}) against ours on the "
@@ -504,12 +505,16 @@ def plot_claims(verdicts, path):
     for i, (name, colour) in enumerate(COLOURS.items()):
         n = sum(c["verdict"] == name for c in verdicts)
         common.draw_text(d, (m + 150 * i, 26), f"{name}: {n}", fill=colour)
-    for c in cs:
+    ly = [Y(c["mean_delta"]) for c in cs]
+    for k in range(1, len(ly)):  # each name at its point's height or just below the name above it
+        ly[k] = max(ly[k], ly[k - 1] + 15)
+    ly = [y - max(0, ly[-1] - (H - 12)) for y in ly] if ly else ly  # the column pushed up to fit
+    for c, y in zip(cs, ly):
         cx, cy = X(c["paper_delta"]), Y(c["mean_delta"])
         d.line([(cx, Y(c["mean_delta"] - 2 * c["se"])), (cx, Y(c["mean_delta"] + 2 * c["se"]))], fill=COLOURS[c["verdict"]])
+        d.line([(cx + 5, cy), (P - 6, y), (P, y)], fill=(215, 215, 215))
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=COLOURS[c["verdict"]])
-        label = f"{c['table']} {c['better']}>{c['worse']}"[:40]
-        common.draw_text(d, (cx + 6 if cx < W - 250 else cx - 6 - 6 * len(label), cy - 6), label, fill=(60, 60, 60))
+        common.draw_text(d, (P + 4, y - 6), f"{c['table']} {c['better']} > {c['worse']}", fill=COLOURS[c["verdict"]])
     im.save(path)
 
 
