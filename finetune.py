@@ -81,8 +81,9 @@ def get_args(argv=None):
     a("--finetune", required=True, metavar="CKPT", help="a checkpoint of milan.py, cae.py, cae_v2.py, mr_mae.py or "
       "mask_align.py (its encoder is loaded), a finetune.py checkpoint (encoder and head), or a timm ViT state dict")
     a("--eval", action="store_true", help="only report top-1/top-5 on the val split for --finetune (or --resume)")
-    a("--pool", choices=["cls", "avg"], default="cls", help="linprobe: the CLS token after the final norm (MAE's "
-      "protocol), or the mean of the patch tokens after it (global pooling, as BEiT's linear probe)")
+    a("--pool", choices=["cls", "avg"], help="linprobe: the CLS token after the final norm (MAE's protocol), or the "
+      "mean of the patch tokens after it (global pooling, as BEiT's linear probe); default: the --finetune checkpoint's, "
+      "else cls")
     a("--probe_patches", choices=["all", "semantic"], help="probes: every patch, or the top 50%% by the --teacher's "
       "class-token attention (MILAN Table 7 #6; unset --mode: linprobe); default: the --finetune checkpoint's, else all")
     a("--teacher", default=argparse.SUPPRESS, help="--probe_patches semantic's (default: the checkpoint's, else ViT-B-16)")
@@ -571,13 +572,14 @@ def main(argv=None):
         args.num_heads = src["args"].get("num_heads") or common.VIT_CONFIGS[own][3]
     if args.export_timm:
         return export_timm(args, src)
-    if src["method"] == "finetune":  # a finetune.py checkpoint brings its head: its mode and classes
-        mode = src["args"]["mode"]
-        if args.mode not in (None, mode):  # (None: --eval without --mode)
-            raise common.UserError(f"--mode {args.mode}: --finetune {args.finetune} is a --mode {mode} checkpoint; pass "
-                                   f"--mode {mode} to train it further (--eval alone takes its mode)")
-        args.mode, args.nb_classes = mode, src["args"]["nb_classes"]
-    args.mode = args.mode or "finetune"
+    if src["method"] == "finetune":  # a finetune.py checkpoint brings its head: its mode, pooling and classes
+        for k, own in (("mode", src["args"]["mode"]), ("pool", src["args"].get("pool", "cls"))):
+            if getattr(args, k) not in (None, own):  # (None: not given; --mode: --eval without it)
+                raise common.UserError(f"--{k} {getattr(args, k)}: --finetune {args.finetune} is a --{k} {own} "
+                                       f"checkpoint; pass --{k} {own} to train it further (--eval alone takes its {k})")
+            setattr(args, k, own)
+        args.nb_classes = src["args"]["nb_classes"]
+    args.mode, args.pool = args.mode or "finetune", args.pool or "cls"
     args.rel_pos_bias = rel_pos_bias(args, src)  # kept in this run's checkpoints' args
     if args.eval and src["method"] != "finetune" and not args.resume:
         why = "is a timm-format file with a classifier head, but without the mode and classes that --eval needs; " \

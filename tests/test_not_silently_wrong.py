@@ -194,8 +194,9 @@ def test_finetune_best_top1_remembers_the_epochs_before_a_resume(linprobe_run):
     assert line.endswith("(best top-1 50.00%)"), line  # it said 20.00%: epoch 0 was forgotten
 
 
-def test_eval_with_another_mode_than_the_checkpoints_is_refused(linprobe_run, capsys):
-    """--eval --mode attnprobe on a linprobe checkpoint evaluated it as a linear probe; --eval alone takes its mode."""
+def test_eval_with_another_mode_or_pool_than_the_checkpoints_is_refused(linprobe_run, capsys):
+    """--eval --mode attnprobe on a linprobe checkpoint evaluated it as a linear probe, and --eval --pool avg on a CLS
+    one read the CLS token; --eval alone takes its mode and pooling."""
     import common
     import finetune
     folder, _ = linprobe_run
@@ -205,4 +206,8 @@ def test_eval_with_another_mode_than_the_checkpoints_is_refused(linprobe_run, ca
         common.cli(finetune.main, base + ["--mode", "attnprobe"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: --mode attnprobe") and "linprobe" in err, err
+    with pytest.raises(SystemExit) as e:
+        common.cli(finetune.main, base + ["--pool", "avg"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --pool avg") and "--pool cls checkpoint" in err, err
     assert common.cli(finetune.main, base) is None and "eval " in capsys.readouterr().out
