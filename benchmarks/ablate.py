@@ -481,8 +481,9 @@ def plot(records, verdicts, randoms, path):
         common.draw_text(d, (x0 + pw - 130, y0 + 12), "dashed: random init", fill=(90, 90, 90))
         for j, c in enumerate(c for c in verdicts if c["table"] == t):
             ours = f"{c['mean_delta']:+.1f} +- {c['se']:.1f}" if c["mean_delta"] is not None else ""
-            common.draw_text(d, (x0, base + 30 + 12 * j), f"{c['better']} > {c['worse']}: {c['verdict']} {ours}; "
-                                                           f"linprobe {c['lp_verdict']}", fill=COLOURS[c["verdict"]])
+            lp = "" if c["metric"] == "linprobe" else f"; linprobe {c['lp_verdict']}"  # (as claim_line)
+            common.draw_text(d, (x0, base + 30 + 12 * j), f"{c['better']} > {c['worse']}: {c['verdict']} {ours}{lp}",
+                             fill=COLOURS[c["verdict"]])
     im.save(path)
 
 
