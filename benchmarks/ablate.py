@@ -350,7 +350,7 @@ def verdict(a, b):
     if len(a) < 2 or len(b) < 2:
         return None
     delta, se = a.mean() - b.mean(), math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
-    return dict(mean_delta=round(float(delta), 2), se=round(se, 2), seeds=[len(a), len(b)],
+    return dict(mean_delta=float(delta), se=se, seeds=[len(a), len(b)],  # unrounded: the report rounds once
                 verdict="holds" if delta > 2 * se else "reversed" if delta < -2 * se else "unresolved")
 
 

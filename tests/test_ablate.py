@@ -63,8 +63,13 @@ def test_verdict_rule_on_each_yardstick():
                    for arm, fs, ps in (("ln", ft_a, lp_a), ("bn", ft_b, lp_b)) for f, p in zip(fs, ps)]
         return next(c for c in ablate.claims(records) if (c["better"], c["worse"]) == ("ln", "bn"))
     c = claim([30.0, 32.0, 34.0], [20.0, 21.0, 22.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0])  # se sqrt(4/3 + 1/3)
-    assert (c["mean_delta"], c["se"], c["verdict"], c["paper_delta"], c["metric"]) == (11.0, 1.29, "holds", 0.6, "finetune")
-    assert (c["lp_mean_delta"], c["lp_se"], c["lp_verdict"], c["changed"]) == (-10.0, 0.82, "reversed", True)
+    assert (c["mean_delta"], c["se"], c["verdict"], c["paper_delta"], c["metric"]) == \
+        (11.0, pytest.approx(math.sqrt(4 / 3 + 1 / 3)), "holds", 0.6, "finetune")
+    assert (c["lp_mean_delta"], c["lp_se"], c["lp_verdict"], c["changed"]) == \
+        (-10.0, pytest.approx(math.sqrt(1 / 3 + 1 / 3)), "reversed", True)
+    assert ablate.claim_line(c).startswith("- ln > bn: paper +0.6, finetune ours +11.0 (se 1.3)")
+    c = claim([5.0, 8.9038], [1.0, 1.0])  # se sqrt(3.9038^2 / 2 / 2) = 1.9519: rounded once 2.0 (through 1.95: 1.9)
+    assert "finetune ours +6.0 (se 2.0)" in ablate.claim_line(c)
     assert claim([20.0, 21.0, 22.0], [30.0, 32.0, 34.0])["verdict"] == "reversed"
     c = claim([30.0, 32.0, 34.0], [29.0, 31.0, 33.0])  # 1 < 2 x 1.63
     assert (c["verdict"], c["lp_verdict"], c["changed"]) == ("unresolved", "unresolved", False)
