@@ -80,7 +80,8 @@ def get_args(argv=None):
                    "else required by --target dalle")
     p.add_argument("--dalle_n_hid", type=common.COUNT, help="width of a random tokenizer (--dalle_weights none); default: "
                    "OpenAI's 256, or 16 with --teacher tiny (smoke runs); a weights file sets its own")
-    p.add_argument("--align_weight", type=common.NONNEG, default=2.0, help="lambda of Eq. 1 (2 in the paper)")
+    p.add_argument("--align_weight", type=common.NONNEG, default=2.0, help="lambda of Eq. 1 (2 in the paper, against "
+                   "DALL-E's cross-entropy; --target clip's cosine loss starts ~9x smaller: benchmarks/README.md, CAE)")
     p.add_argument("--layer_scale", type=common.NONNEG, help="encoder layer scale init, 0: no LayerScale; default: 0.1, "
                    "1e-5 for ViT-L/H (released scripts; the paper follows BEiT)")
     p.add_argument("--regressor_depth", type=common.COUNT, default=4, help="cross-attention blocks of H (Sec. 4.1)")
